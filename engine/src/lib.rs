@@ -1,0 +1,21 @@
+//! The pipeline engine: the pipeline model, the all-or-nothing loader, the
+//! `Stage` trait, the executor and the Rhai host.
+//!
+//! Architecture invariant: nothing here knows about HTTP, SQL or queues.
+//! Side effects reach stages through traits ([`stage::EventSink`]) that the
+//! service implements.
+
+pub mod loader;
+pub mod model;
+pub mod pipeline;
+pub mod script;
+pub mod stage;
+
+pub use loader::{LoadError, LoadErrors, LoadOptions, StageBuildContext, StageFactory, load_set};
+pub use model::{DestinationConfig, PipelineSpec, RetryPolicy, StageConfig};
+pub use pipeline::{Execution, Pipeline, PipelineSet, Violation, normalize_tipo, validate_with};
+pub use script::{CompiledScript, ScriptEvent, ScriptHost, ScriptLimits};
+pub use stage::{
+    DeliveryReport, ErrorClass, EventContext, EventSink, NullSink, Stage, StageError, StageOutcome,
+    StageTrace,
+};

@@ -1,0 +1,194 @@
+//! The `deliver` stage: sends the event to its routed destinations.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use engine::{DeliveryReport, DestinationConfig, EventContext, EventSink, Stage, StageError};
+use serde_json::{Value, json};
+
+use crate::webhook::{self, WebhookCall, WebhookOutcome};
+
+#[derive(Debug, Clone)]
+enum Target {
+    Webhook {
+        url: String,
+        timeout: Duration,
+        secret: Option<String>,
+        headers: Vec<(String, String)>,
+    },
+    Log,
+}
+
+/// Delivers to every routed destination concurrently; destinations that
+/// answered 2xx in an earlier attempt are skipped.
+pub struct DeliverStage {
+    http: reqwest::Client,
+    sink: Arc<dyn EventSink>,
+    targets: BTreeMap<String, Target>,
+}
+
+impl DeliverStage {
+    pub fn new(
+        http: reqwest::Client,
+        sink: Arc<dyn EventSink>,
+        destinations: &BTreeMap<String, DestinationConfig>,
+    ) -> Self {
+        let targets = destinations
+            .iter()
+            .map(|(name, d)| {
+                let t = match d {
+                    DestinationConfig::Webhook {
+                        url,
+                        timeout,
+                        secret,
+                        headers,
+                        ..
+                    } => Target::Webhook {
+                        url: url.clone(),
+                        timeout: *timeout,
+                        secret: secret.clone(),
+                        headers: headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    },
+                    DestinationConfig::Log { .. } => Target::Log,
+                };
+                (name.clone(), t)
+            })
+            .collect();
+        Self { http, sink, targets }
+    }
+
+    async fn deliver_one(
+        &self,
+        name: &str,
+        target: &Target,
+        cx: &EventContext,
+        body: &[u8],
+    ) -> DeliveryReport {
+        let started = Instant::now();
+        let report = |outcome: &str, status_code: Option<u16>, error: Option<String>| DeliveryReport {
+            destination: name.to_owned(),
+            outcome: outcome.to_owned(),
+            status_code,
+            error,
+            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+        };
+        if cx.dry_run {
+            return report("simulated", None, None);
+        }
+        match target {
+            Target::Log => {
+                tracing::info!(
+                    destination = name,
+                    eventId = %cx.event.id,
+                    eventType = %cx.event.tipo,
+                    partnerId = %cx.event.partner_id,
+                    dados = %cx.event.dados,
+                    "event delivered to log destination"
+                );
+                report("delivered", None, None)
+            }
+            Target::Webhook {
+                url,
+                timeout,
+                secret,
+                headers,
+            } => {
+                let outcome = webhook::call(
+                    &self.http,
+                    WebhookCall {
+                        url,
+                        timeout: *timeout,
+                        secret: secret.as_deref(),
+                        headers,
+                        event_id: &cx.event.id,
+                        body: body.to_vec(),
+                    },
+                )
+                .await;
+                match outcome {
+                    WebhookOutcome::Delivered(s) => report("delivered", Some(s), None),
+                    WebhookOutcome::Transient { status, error } => report("failed", status, Some(error)),
+                    WebhookOutcome::Permanent { status, error } => report("rejected", status, Some(error)),
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Stage for DeliverStage {
+    async fn run(&self, cx: &mut EventContext) -> Result<Option<Value>, StageError> {
+        let names: Vec<String> = match &cx.routes {
+            Some(r) => r.clone(),
+            None => self.targets.keys().cloned().collect(),
+        };
+        let payload = json!({
+            "id": cx.event.id,
+            "tipo": cx.event.tipo,
+            "partner_id": cx.event.partner_id,
+            "received_at": cx.event.received_at,
+            "dados": cx.event.dados,
+            "meta": cx.event.meta,
+        });
+        let body =
+            serde_json::to_vec(&payload).map_err(|e| StageError::permanent("internal", e.to_string()))?;
+        let mut pending = Vec::new();
+        let mut reports = Vec::new();
+        for name in &names {
+            if cx.already_delivered.contains(name) {
+                reports.push(DeliveryReport {
+                    destination: name.clone(),
+                    outcome: "skipped".into(),
+                    status_code: None,
+                    error: Some("already delivered in an earlier attempt".into()),
+                    duration_ms: 0.0,
+                });
+                continue;
+            }
+            let Some(target) = self.targets.get(name) else {
+                return Err(StageError::permanent(
+                    "route",
+                    format!("unknown destination {name:?}"),
+                ));
+            };
+            pending.push(self.deliver_one(name, target, cx, &body));
+        }
+        let done = futures::future::join_all(pending).await;
+
+        let mut failure: Option<StageError> = None;
+        for r in &done {
+            match r.outcome.as_str() {
+                "delivered" => {
+                    if let Err(e) = self.sink.record_delivery(&cx.event.id, r).await {
+                        failure.get_or_insert(StageError::transient(
+                            "persist",
+                            format!("could not record delivery to {}: {e}", r.destination),
+                        ));
+                    }
+                    cx.already_delivered.insert(r.destination.clone());
+                }
+                "rejected" => {
+                    let msg = format!("{}: {}", r.destination, r.error.as_deref().unwrap_or("rejected"));
+                    // A permanent failure wins over transient ones: retrying cannot help.
+                    if failure.as_ref().is_none_or(|f| f.is_transient()) {
+                        failure = Some(StageError::permanent("delivery", msg));
+                    }
+                }
+                "failed" => {
+                    let msg = format!("{}: {}", r.destination, r.error.as_deref().unwrap_or("failed"));
+                    failure.get_or_insert(StageError::transient("delivery", msg));
+                }
+                _ => {}
+            }
+        }
+        reports.extend(done);
+        let output = json!({ "deliveries": reports });
+        cx.deliveries.extend(reports);
+        match failure {
+            Some(f) => Err(f),
+            None => Ok(Some(output)),
+        }
+    }
+}

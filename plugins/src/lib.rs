@@ -1,0 +1,198 @@
+//! The built-in stages: `validate`, `script`, `route`, `deliver`, `persist`.
+//!
+//! Architecture invariant: plugins depend on `engine` only; whatever else they
+//! need (an HTTP client, the store behind [`EventSink`]) is handed to
+//! [`BuiltinFactory`] when the service builds it.
+
+mod deliver;
+mod webhook;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use engine::{
+    CompiledScript, EventContext, EventSink, ScriptHost, Stage, StageBuildContext, StageConfig, StageError,
+    StageFactory, script::ScriptError,
+};
+use serde_json::{Value, json};
+
+pub use deliver::DeliverStage;
+pub use webhook::{WebhookOutcome, sign_payload};
+
+/// Builds the built-in stages.
+pub struct BuiltinFactory {
+    http: reqwest::Client,
+    sink: Arc<dyn EventSink>,
+}
+
+impl BuiltinFactory {
+    pub fn new(http: reqwest::Client, sink: Arc<dyn EventSink>) -> Self {
+        Self { http, sink }
+    }
+
+    /// An HTTP client fit for webhooks: no redirects, no proxies from the
+    /// environment surprises, connection pooling on.
+    pub fn default_http_client() -> reqwest::Client {
+        reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("event-orchestrator/", env!("CARGO_PKG_VERSION")))
+            .pool_max_idle_per_host(64)
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new())
+    }
+}
+
+impl StageFactory for BuiltinFactory {
+    fn build(&self, config: &StageConfig, cx: &StageBuildContext<'_>) -> Result<Arc<dyn Stage>, String> {
+        Ok(match config {
+            StageConfig::Validate { .. } => Arc::new(ValidateStage {
+                schema: cx.schema.clone(),
+            }),
+            StageConfig::Script { .. } => Arc::new(ScriptStage {
+                host: cx.scripts.clone(),
+                script: cx.script.clone().ok_or("script stage without a script")?,
+            }),
+            StageConfig::Route { to: Some(to), .. } => Arc::new(RouteStage {
+                kind: RouteKind::Static(to.clone()),
+                destinations: cx.destinations.keys().cloned().collect(),
+            }),
+            StageConfig::Route { .. } => Arc::new(RouteStage {
+                kind: RouteKind::Script(
+                    cx.scripts.clone(),
+                    cx.script.clone().ok_or("route stage without a script")?,
+                ),
+                destinations: cx.destinations.keys().cloned().collect(),
+            }),
+            StageConfig::Deliver { .. } => Arc::new(DeliverStage::new(
+                self.http.clone(),
+                self.sink.clone(),
+                cx.destinations,
+            )),
+            StageConfig::Persist { .. } => Arc::new(PersistStage {
+                sink: self.sink.clone(),
+            }),
+        })
+    }
+}
+
+/// JSON Schema validation of `dados`.
+struct ValidateStage {
+    schema: Arc<jsonschema::Validator>,
+}
+
+#[async_trait]
+impl Stage for ValidateStage {
+    async fn run(&self, cx: &mut EventContext) -> Result<Option<Value>, StageError> {
+        engine::validate_with(&self.schema, &cx.event.dados).map_err(|violations| {
+            let detail: Vec<String> = violations
+                .iter()
+                .map(|v| format!("{}: {}", v.path, v.message))
+                .collect();
+            StageError::permanent("validation", detail.join("; "))
+        })?;
+        Ok(Some(json!({"valid": true})))
+    }
+}
+
+fn script_error(e: ScriptError) -> StageError {
+    match e {
+        ScriptError::Rejected(reason) => StageError::permanent("rejected", reason),
+        e @ ScriptError::Budget { .. } => StageError::permanent("script_budget", e.to_string()),
+        e => StageError::permanent("script", e.to_string()),
+    }
+}
+
+/// Rhai enrichment.
+struct ScriptStage {
+    host: Arc<ScriptHost>,
+    script: CompiledScript,
+}
+
+#[async_trait]
+impl Stage for ScriptStage {
+    async fn run(&self, cx: &mut EventContext) -> Result<Option<Value>, StageError> {
+        self.host.run(&self.script, &mut cx.event).map_err(script_error)?;
+        Ok(Some(json!({"dados": cx.event.dados, "meta": cx.event.meta})))
+    }
+}
+
+enum RouteKind {
+    Static(Vec<String>),
+    Script(Arc<ScriptHost>, CompiledScript),
+}
+
+/// Picks the destinations.
+struct RouteStage {
+    kind: RouteKind,
+    destinations: Vec<String>,
+}
+
+#[async_trait]
+impl Stage for RouteStage {
+    async fn run(&self, cx: &mut EventContext) -> Result<Option<Value>, StageError> {
+        let routes = match &self.kind {
+            RouteKind::Static(to) => to.clone(),
+            RouteKind::Script(host, script) => {
+                let value = host.run(script, &mut cx.event).map_err(script_error)?;
+                routes_from(value)?
+            }
+        };
+        if let Some(unknown) = routes.iter().find(|r| !self.destinations.contains(r)) {
+            return Err(StageError::permanent(
+                "route",
+                format!(
+                    "route returned unknown destination {unknown:?} (known: {})",
+                    self.destinations.join(", ")
+                ),
+            ));
+        }
+        let mut deduped = Vec::with_capacity(routes.len());
+        for r in routes {
+            if !deduped.contains(&r) {
+                deduped.push(r);
+            }
+        }
+        cx.routes = Some(deduped.clone());
+        Ok(Some(json!({"routes": deduped})))
+    }
+}
+
+fn routes_from(value: Value) -> Result<Vec<String>, StageError> {
+    match value {
+        Value::String(s) => Ok(vec![s]),
+        Value::Null => Ok(Vec::new()),
+        Value::Array(items) => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                other => Err(StageError::permanent(
+                    "route",
+                    format!("route script must return destination names, got {other}"),
+                )),
+            })
+            .collect(),
+        other => Err(StageError::permanent(
+            "route",
+            format!("route script must return an array of destination names, got {other}"),
+        )),
+    }
+}
+
+/// Stores the processed form of the event.
+struct PersistStage {
+    sink: Arc<dyn EventSink>,
+}
+
+#[async_trait]
+impl Stage for PersistStage {
+    async fn run(&self, cx: &mut EventContext) -> Result<Option<Value>, StageError> {
+        let routes = cx.routes.clone().unwrap_or_default();
+        if !cx.dry_run {
+            self.sink
+                .persist(&cx.event, &routes)
+                .await
+                .map_err(|e| StageError::transient("persist", e))?;
+        }
+        Ok(Some(json!({"persisted": !cx.dry_run})))
+    }
+}

@@ -1,0 +1,543 @@
+//! The partner-facing event routes.
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+
+use super::AppState;
+use super::auth::Caller;
+use super::error::{ApiError, FieldError};
+use crate::pipelines::queue_name;
+use crate::queue::QueueTask;
+use crate::store::{
+    DeliveryRow, EventRecord, InsertOutcome, LastError, ListFilter, NewEvent, RetryOutcome, Stats, Status,
+};
+
+/// Body of `POST /events`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct EventIn {
+    /// Event type, e.g. `VENDA`.
+    pub tipo: String,
+    /// The payload the type's JSON Schema validates.
+    pub dados: Value,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Links {
+    #[serde(rename = "self")]
+    pub self_: String,
+    pub status: String,
+    pub retry: String,
+}
+
+/// Answer of `POST /events`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Accepted {
+    pub id: String,
+    pub tipo: String,
+    pub status: Status,
+    pub links: Links,
+}
+
+fn links(id: &str) -> Links {
+    Links {
+        self_: format!("/events/{id}"),
+        status: format!("/events/{id}/status"),
+        retry: format!("/events/{id}/retry"),
+    }
+}
+
+fn is_json_content_type(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+}
+
+/// Reads the JSON body ourselves so every failure is a problem+json with its own code.
+pub(crate) async fn parse_json_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Value, ApiError> {
+    if !is_json_content_type(headers) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            || e.to_string().contains("length limit");
+        if too_large {
+            ApiError::PayloadTooLarge(limit)
+        } else {
+            ApiError::MalformedJson(format!("could not read the body: {e}"))
+        }
+    })?;
+    serde_json::from_slice::<Value>(&bytes).map_err(|e| ApiError::MalformedJson(e.to_string()))
+}
+
+fn envelope(value: Value) -> Result<(String, Value), ApiError> {
+    let Value::Object(mut map) = value else {
+        return Err(ApiError::InvalidEnvelope(vec![FieldError {
+            path: String::new(),
+            message: "the body must be a JSON object {\"tipo\": ..., \"dados\": {...}}".into(),
+        }]));
+    };
+    let mut errors = Vec::new();
+    let tipo = match map.remove("tipo") {
+        Some(Value::String(s)) if !s.trim().is_empty() => Some(s),
+        Some(Value::String(_)) => {
+            errors.push(FieldError {
+                path: "/tipo".into(),
+                message: "must not be empty".into(),
+            });
+            None
+        }
+        Some(_) => {
+            errors.push(FieldError {
+                path: "/tipo".into(),
+                message: "must be a string".into(),
+            });
+            None
+        }
+        None => {
+            errors.push(FieldError {
+                path: "/tipo".into(),
+                message: "is required".into(),
+            });
+            None
+        }
+    };
+    let dados = match map.remove("dados") {
+        Some(v @ Value::Object(_)) => Some(v),
+        Some(_) => {
+            errors.push(FieldError {
+                path: "/dados".into(),
+                message: "must be an object".into(),
+            });
+            None
+        }
+        None => {
+            errors.push(FieldError {
+                path: "/dados".into(),
+                message: "is required".into(),
+            });
+            None
+        }
+    };
+    for key in map.keys() {
+        errors.push(FieldError {
+            path: format!("/{key}"),
+            message: "unknown field; the envelope has only tipo and dados".into(),
+        });
+    }
+    match (tipo, dados) {
+        (Some(t), Some(d)) if errors.is_empty() => Ok((t, d)),
+        _ => Err(ApiError::InvalidEnvelope(errors)),
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let s = v
+        .to_str()
+        .map_err(|_| ApiError::InvalidIdempotencyKey("must be visible ASCII"))?
+        .trim();
+    if s.is_empty() || s.len() > 255 {
+        return Err(ApiError::InvalidIdempotencyKey("must be 1 to 255 characters"));
+    }
+    Ok(Some(s.to_owned()))
+}
+
+/// Canonical JSON (object keys sorted) so that key order does not make two
+/// equal bodies "different" for idempotency.
+fn canonical(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<_> = m.keys().collect();
+            keys.sort();
+            Value::Object(
+                keys.into_iter()
+                    .map(|k| (k.clone(), canonical(&m[k])))
+                    .collect::<Map<_, _>>(),
+            )
+        }
+        Value::Array(a) => Value::Array(a.iter().map(canonical).collect()),
+        other => other.clone(),
+    }
+}
+
+pub(crate) fn request_hash(tipo: &str, dados: &Value) -> String {
+    let mut h = Sha256::new();
+    h.update(tipo.as_bytes());
+    h.update([0]);
+    h.update(canonical(dados).to_string().as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// Accept an event: validate, store, queue, then answer.
+#[utoipa::path(post, path = "/events", tag = "events",
+    request_body = EventIn,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Replays return the original event")),
+    responses(
+        (status = 202, description = "Stored and queued", body = Accepted),
+        (status = 200, description = "Idempotent replay", body = Accepted),
+        (status = 400, description = "Malformed JSON", body = super::error::Problem),
+        (status = 401, description = "No or bad credentials", body = super::error::Problem),
+        (status = 409, description = "Idempotency key reused with another body", body = super::error::Problem),
+        (status = 413, description = "Body too large", body = super::error::Problem),
+        (status = 415, description = "Not JSON", body = super::error::Problem),
+        (status = 422, description = "Unknown type or schema violations", body = super::error::Problem),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn create_event(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Caller::Partner(partner) = caller else {
+        return Err(ApiError::Forbidden);
+    };
+    let value = parse_json_body(&headers, body, state.config.max_body_bytes).await?;
+    let (tipo, dados) = envelope(value)?;
+    let idem = idempotency_key(&headers)?;
+    let set = state.pipelines.current();
+    let Some(pipeline) = set.get(&tipo).cloned() else {
+        let known: Vec<_> = set.pipelines().iter().map(|p| p.event_type.clone()).collect();
+        return Err(ApiError::UnknownEventType {
+            tipo,
+            known: known.join(", "),
+        });
+    };
+    pipeline
+        .validate_dados(&dados)
+        .map_err(|violations| ApiError::ValidationFailed {
+            tipo: pipeline.event_type.clone(),
+            errors: violations
+                .into_iter()
+                .map(|v| FieldError {
+                    path: format!("/dados{}", v.path),
+                    message: v.message,
+                })
+                .collect(),
+        })?;
+    let tipo = pipeline.event_type.clone();
+    let new = NewEvent {
+        id: ulid::Ulid::new().to_string(),
+        partner_id: partner.id.clone(),
+        request_hash: request_hash(&tipo, &dados),
+        tipo: tipo.clone(),
+        dados,
+        pipeline_version: pipeline.version.clone(),
+        received_at: Utc::now(),
+        idempotency_key: idem.clone(),
+    };
+    match state.store.insert_event(new).await? {
+        InsertOutcome::Created(ev) => {
+            state.metrics.events_received.with_label_values(&[&tipo]).inc();
+            let task = QueueTask::Process {
+                event_id: ev.id.clone(),
+                pipeline_version: ev.pipeline_version.clone(),
+            };
+            if let Err(e) = state.queue.push(&queue_name(&tipo), task, None).await {
+                // Stored durably: the sweeper queues it once the queue answers.
+                tracing::warn!(eventId = %ev.id, error = %e, "event stored but not queued; the sweeper will");
+            }
+            tracing::info!(eventId = %ev.id, eventType = %tipo, partnerId = %partner.id, "event accepted");
+            Ok((StatusCode::ACCEPTED, Json(accepted(&ev))).into_response())
+        }
+        InsertOutcome::Replayed(ev) => {
+            let mut resp = (StatusCode::OK, Json(accepted(&ev))).into_response();
+            resp.headers_mut()
+                .insert("idempotent-replayed", header::HeaderValue::from_static("true"));
+            Ok(resp)
+        }
+        InsertOutcome::Conflict { .. } => Err(ApiError::IdempotencyConflict(idem.unwrap_or_default())),
+    }
+}
+
+fn accepted(ev: &EventRecord) -> Accepted {
+    Accepted {
+        id: ev.id.clone(),
+        tipo: ev.tipo.clone(),
+        status: ev.status,
+        links: links(&ev.id),
+    }
+}
+
+/// The full event.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EventOut {
+    pub id: String,
+    pub tipo: String,
+    pub partner_id: String,
+    pub status: Status,
+    pub attempts: u32,
+    pub pipeline_version: String,
+    pub received_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processed_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// As received.
+    pub dados: Value,
+    pub meta: Value,
+    /// The processed form: enriched `dados`, `meta` and `routes`.
+    pub result: Option<Value>,
+    pub deliveries: Vec<DeliveryRow>,
+    pub last_error: Option<LastError>,
+    pub links: Links,
+}
+
+async fn visible_event(state: &AppState, caller: &Caller, id: &str) -> Result<EventRecord, ApiError> {
+    if id.len() > 64 {
+        return Err(ApiError::NotFound("event"));
+    }
+    match state.store.get_event(id).await? {
+        Some(ev) if caller.can_see(&ev.partner_id) => Ok(ev),
+        _ => Err(ApiError::NotFound("event")),
+    }
+}
+
+#[utoipa::path(get, path = "/events/{id}", tag = "events",
+    params(("id" = String, Path)),
+    responses((status = 200, body = EventOut), (status = 404, body = super::error::Problem)),
+    security(("api_key" = [])))]
+pub async fn get_event(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<EventOut>, ApiError> {
+    let ev = visible_event(&state, &caller, &id).await?;
+    let deliveries = state.store.deliveries(&id).await?;
+    Ok(Json(EventOut {
+        links: links(&ev.id),
+        id: ev.id,
+        tipo: ev.tipo,
+        partner_id: ev.partner_id,
+        status: ev.status,
+        attempts: ev.attempts,
+        pipeline_version: ev.pipeline_version,
+        received_at: ev.received_at,
+        updated_at: ev.updated_at,
+        processed_at: ev.processed_at,
+        idempotency_key: ev.idempotency_key,
+        dados: ev.dados,
+        meta: ev.meta,
+        result: ev.result,
+        deliveries,
+        last_error: ev.last_error,
+    }))
+}
+
+/// Processing state and the trace of the last attempt.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StatusOut {
+    pub id: String,
+    pub status: Status,
+    pub attempts: u32,
+    /// First attempt plus the pipeline's retries.
+    pub max_attempts: Option<u32>,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub last_error: Option<LastError>,
+    #[schema(value_type = Vec<Object>)]
+    pub trace: Vec<engine::StageTrace>,
+}
+
+#[utoipa::path(get, path = "/events/{id}/status", tag = "events",
+    params(("id" = String, Path)),
+    responses((status = 200, body = StatusOut), (status = 404, body = super::error::Problem)),
+    security(("api_key" = [])))]
+pub async fn get_status(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<StatusOut>, ApiError> {
+    let ev = visible_event(&state, &caller, &id).await?;
+    let max_attempts = state
+        .pipelines
+        .for_event(&ev.tipo, &ev.pipeline_version)
+        .map(|p| p.retry.max_retries + 1);
+    Ok(Json(StatusOut {
+        id: ev.id,
+        status: ev.status,
+        attempts: ev.attempts,
+        max_attempts,
+        next_attempt_at: ev.next_attempt_at,
+        last_error: ev.last_error,
+        trace: ev.last_trace,
+    }))
+}
+
+#[utoipa::path(post, path = "/events/{id}/retry", tag = "events",
+    params(("id" = String, Path)),
+    responses((status = 202, body = Accepted), (status = 404, body = super::error::Problem),
+              (status = 409, body = super::error::Problem)),
+    security(("api_key" = [])))]
+pub async fn retry_event(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    visible_event(&state, &caller, &id).await?;
+    match state.store.manual_retry(&id).await? {
+        RetryOutcome::Requeued(ev) => {
+            let task = QueueTask::Process {
+                event_id: ev.id.clone(),
+                pipeline_version: ev.pipeline_version.clone(),
+            };
+            if let Err(e) = state.queue.push(&queue_name(&ev.tipo), task, None).await {
+                tracing::warn!(eventId = %ev.id, error = %e, "retry stored but not queued; the sweeper will");
+            }
+            tracing::info!(eventId = %ev.id, eventType = %ev.tipo, "manual retry queued");
+            Ok((StatusCode::ACCEPTED, Json(accepted(&ev))).into_response())
+        }
+        RetryOutcome::WrongStatus(s) => Err(ApiError::NotRetryable(s.as_str().to_owned())),
+        RetryOutcome::NotFound => Err(ApiError::NotFound("event")),
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct ListQuery {
+    pub status: Option<String>,
+    pub tipo: Option<String>,
+    /// RFC 3339; received at or after.
+    pub since: Option<String>,
+    /// RFC 3339; received before.
+    pub until: Option<String>,
+    /// 1 to 1000, default 50.
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// Admin only: one partner's events.
+    pub partner_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EventSummary {
+    pub id: String,
+    pub tipo: String,
+    pub partner_id: String,
+    pub status: Status,
+    pub attempts: u32,
+    pub received_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub last_error: Option<LastError>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EventPage {
+    pub items: Vec<EventSummary>,
+    pub next_cursor: Option<String>,
+}
+
+fn parse_time(name: &str, v: &Option<String>) -> Result<Option<DateTime<Utc>>, ApiError> {
+    v.as_deref()
+        .map(|s| {
+            DateTime::parse_from_rfc3339(s)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|e| ApiError::InvalidQuery(format!("{name}: {e} (expected RFC 3339)")))
+        })
+        .transpose()
+}
+
+#[utoipa::path(get, path = "/events", tag = "events", params(ListQuery),
+    responses((status = 200, body = EventPage), (status = 422, body = super::error::Problem)),
+    security(("api_key" = [])))]
+pub async fn list_events(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<EventPage>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
+    let status = q
+        .status
+        .as_deref()
+        .map(|s| {
+            Status::parse(s).ok_or_else(|| {
+                ApiError::InvalidQuery(format!(
+                    "status {s:?}; one of {}",
+                    Status::ALL.map(|s| s.as_str()).join(", ")
+                ))
+            })
+        })
+        .transpose()?;
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::InvalidQuery("limit must be 1 to 1000".into()));
+    }
+    let partner_id = match caller.partner_scope() {
+        Some(p) => Some(p.to_owned()),
+        None => q.partner_id.clone(),
+    };
+    let filter = ListFilter {
+        partner_id,
+        status,
+        tipo: q.tipo.as_deref().map(engine::normalize_tipo),
+        since: parse_time("since", &q.since)?,
+        until: parse_time("until", &q.until)?,
+        before_id: q.cursor.clone(),
+        limit: limit + 1,
+    };
+    let mut rows = state.store.list_events(&filter).await?;
+    let next_cursor = if rows.len() > limit as usize {
+        rows.truncate(limit as usize);
+        rows.last().map(|e| e.id.clone())
+    } else {
+        None
+    };
+    Ok(Json(EventPage {
+        items: rows
+            .into_iter()
+            .map(|e| EventSummary {
+                id: e.id,
+                tipo: e.tipo,
+                partner_id: e.partner_id,
+                status: e.status,
+                attempts: e.attempts,
+                received_at: e.received_at,
+                updated_at: e.updated_at,
+                last_error: e.last_error,
+            })
+            .collect(),
+        next_cursor,
+    }))
+}
+
+#[utoipa::path(get, path = "/events/stats", tag = "events",
+    responses((status = 200, body = Stats)), security(("api_key" = [])))]
+pub async fn stats(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    let s = state.store.stats(caller.partner_scope()).await?;
+    let mut by_status: Map<String, Value> = Status::ALL
+        .iter()
+        .map(|st| (st.as_str().to_owned(), json!(0)))
+        .collect();
+    for (k, v) in s.by_status {
+        by_status.insert(k, json!(v));
+    }
+    Ok(Json(json!({
+        "total": s.total,
+        "by_status": by_status,
+        "by_type": s.by_type,
+        "processing_ms": s.processing_ms,
+    })))
+}

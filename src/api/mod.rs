@@ -1,0 +1,80 @@
+//! The HTTP API (axum): routes, shared state and the layers around them.
+
+pub mod auth;
+pub mod error;
+pub mod events;
+pub mod ops;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::{get, post};
+
+use crate::config::Config;
+use crate::pipelines::Pipelines;
+use crate::queue::Queue;
+use crate::store::Store;
+use crate::telemetry::Metrics;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Arc<dyn Store>,
+    pub queue: Arc<dyn Queue>,
+    pub pipelines: Arc<Pipelines>,
+    pub metrics: Arc<Metrics>,
+    /// Present in processes that run pipelines: reloads start workers for new types.
+    pub workers: Option<Arc<crate::worker::Workers>>,
+}
+
+pub fn router(state: AppState) -> Router {
+    let timeout = state.config.request_timeout;
+    Router::new()
+        .route("/events", post(events::create_event).get(events::list_events))
+        .route("/events/stats", get(events::stats))
+        .route("/events/{id}", get(events::get_event))
+        .route("/events/{id}/status", get(events::get_status))
+        .route("/events/{id}/retry", post(events::retry_event))
+        .route("/health", get(ops::health))
+        .route("/metrics", get(ops::metrics))
+        .route("/admin/pipelines", get(ops::list_pipelines))
+        .route("/admin/pipelines/reload", post(ops::reload_pipelines))
+        .fallback(ops::not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), track))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            timeout,
+        ))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            ops::panic_response,
+        ))
+        .with_state(state)
+}
+
+/// What a worker-only process serves: health and metrics.
+pub fn ops_router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(ops::health))
+        .route("/metrics", get(ops::metrics))
+        .fallback(ops::not_found)
+        .with_state(state)
+}
+
+/// Counts requests by matched route and status.
+async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let resp = next.run(req).await;
+    state
+        .metrics
+        .http_requests
+        .with_label_values(&[&route, resp.status().as_str()])
+        .inc();
+    resp
+}

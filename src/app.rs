@@ -1,0 +1,226 @@
+//! Wires the parts together: store, queue, pipelines, workers, HTTP.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use engine::{LoadOptions, ScriptHost, ScriptLimits};
+use plugins::BuiltinFactory;
+use secrecy::ExposeSecret;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::pipelines::Pipelines;
+use crate::queue::{Queue, RedisQueue, SqliteQueue};
+use crate::store::{NewPartner, SqlStore, Store};
+use crate::telemetry::Metrics;
+use crate::worker::{Processor, StoreSink, Workers};
+
+/// Which parts of the service a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Partner API only; never runs pipelines.
+    Api,
+    /// Pipelines only; serves just /health and /metrics.
+    Worker,
+    /// Both (the embedded default).
+    All,
+}
+
+impl Role {
+    pub fn runs_workers(self) -> bool {
+        matches!(self, Role::Worker | Role::All)
+    }
+    pub fn serves_api(self) -> bool {
+        matches!(self, Role::Api | Role::All)
+    }
+}
+
+/// A running service.
+pub struct App {
+    pub state: AppState,
+    pub workers: Option<Arc<Workers>>,
+    pub role: Role,
+    shutdown: watch::Sender<bool>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+    /// The demo partner's API key when this start created it.
+    pub demo_key: Option<String>,
+}
+
+pub async fn connect_store(config: &Config) -> anyhow::Result<Arc<SqlStore>> {
+    let store = SqlStore::connect(config.database_url.expose_secret(), 16)
+        .await
+        .context("cannot open the database (DATABASE_URL)")?;
+    Ok(Arc::new(store))
+}
+
+async fn connect_queue(config: &Config) -> anyhow::Result<Arc<dyn Queue>> {
+    if let Some(url) = &config.redis_url {
+        let q = RedisQueue::connect(url.expose_secret(), "orchestrator", config.queue_poll_interval)
+            .await
+            .context("cannot connect to Redis (REDIS_URL)")?;
+        return Ok(Arc::new(q));
+    }
+    let opts = sqlx::sqlite::SqliteConnectOptions::from_str(&config.queue_database_url)
+        .context("QUEUE_DATABASE_URL")?
+        .create_if_missing(true)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+        .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(10));
+    if let Some(dir) = opts.get_filename().parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(8)
+        .connect_with(opts)
+        .await
+        .context("cannot open the queue database")?;
+    let q = SqliteQueue::new(pool, config.queue_poll_interval)
+        .await
+        .context("cannot set up the SQLite queue")?;
+    Ok(Arc::new(q))
+}
+
+/// Loads pipelines with the built-in plugins, delivering through `store`.
+pub fn load_pipelines(config: &Config, store: Arc<dyn Store>) -> Result<Pipelines, engine::LoadErrors> {
+    let limits = ScriptLimits {
+        max_operations: config.script_max_operations,
+        max_wall_time: config.script_max_wall_time,
+        ..ScriptLimits::default()
+    };
+    let factory = BuiltinFactory::new(BuiltinFactory::default_http_client(), Arc::new(StoreSink(store)));
+    Pipelines::load(
+        LoadOptions {
+            pipelines_dir: config.pipelines_dir.clone(),
+            schemas_dir: config.schemas_dir.clone(),
+        },
+        Arc::new(ScriptHost::new(limits)),
+        Arc::new(factory),
+    )
+}
+
+/// Creates the `demo` partner on a store with no partners; returns its key.
+pub async fn ensure_demo_partner(store: &dyn Store) -> anyhow::Result<Option<String>> {
+    if store.count_partners().await? > 0 {
+        return Ok(None);
+    }
+    let created = store
+        .create_partner(&NewPartner {
+            id: "demo".into(),
+            name: "Demo partner".into(),
+            password_hash: None,
+            rate_per_minute: None,
+            burst: None,
+        })
+        .await?;
+    if !created {
+        return Ok(None);
+    }
+    let key = api::auth::generate_api_key();
+    store
+        .add_api_key("demo", &api::auth::hash_api_key(&key), &key[..10])
+        .await?;
+    Ok(Some(key))
+}
+
+impl App {
+    /// Starts everything the role needs, except the HTTP listener.
+    pub async fn start(config: Config, role: Role) -> anyhow::Result<App> {
+        let config = Arc::new(config);
+        let sql = connect_store(&config).await?;
+        if config.migrate_on_start {
+            sql.migrate().await.context("migrations failed")?;
+        }
+        let store: Arc<dyn Store> = sql.clone();
+        let pipelines = Arc::new(
+            load_pipelines(&config, store.clone())
+                .map_err(|errors| anyhow::anyhow!("the pipeline set is invalid:\n{errors}"))?,
+        );
+        info!(
+            pipelines = pipelines.current().len(),
+            version = %pipelines.current().version,
+            "pipelines loaded"
+        );
+        let queue = connect_queue(&config).await?;
+        let metrics = Arc::new(Metrics::new());
+        let demo_key = if config.create_demo_partner {
+            ensure_demo_partner(store.as_ref()).await?
+        } else {
+            None
+        };
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut background = Vec::new();
+        let mut workers = None;
+        if role.runs_workers() {
+            if config.is_embedded() {
+                // Only one process can own an embedded database: whatever it
+                // had in flight when it stopped is free to run again now.
+                let n = store.release_leases().await?;
+                if n > 0 {
+                    warn!(count = n, "events interrupted by the last stop will run again");
+                }
+            }
+            let processor = Arc::new(Processor {
+                store: store.clone(),
+                queue: queue.clone(),
+                pipelines: pipelines.clone(),
+                metrics: metrics.clone(),
+                lease: config.processing_lease,
+            });
+            let w = Arc::new(Workers::new(queue.clone(), processor, shutdown_rx.clone()));
+            w.ensure(&pipelines);
+            workers = Some(w);
+            background.push(tokio::spawn(crate::worker::sweeper(
+                store.clone(),
+                queue.clone(),
+                metrics.clone(),
+                config.sweep_interval,
+                config.requeue_after,
+                shutdown_rx.clone(),
+            )));
+        }
+        let state = AppState {
+            config,
+            store,
+            queue,
+            pipelines,
+            metrics,
+            workers: workers.clone(),
+        };
+        Ok(App {
+            state,
+            workers,
+            role,
+            shutdown,
+            background,
+            demo_key,
+        })
+    }
+
+    pub fn router(&self) -> axum::Router {
+        api::router(self.state.clone())
+    }
+
+    /// Reloads pipelines and starts workers for new event types.
+    pub fn reload(&self) -> Result<(), engine::LoadErrors> {
+        self.state.pipelines.reload()?;
+        if let Some(w) = &self.workers {
+            w.ensure(&self.state.pipelines);
+        }
+        Ok(())
+    }
+
+    /// Stops workers (letting in-flight events finish) and background tasks.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        if let Some(w) = &self.workers {
+            w.join().await;
+        }
+        for h in self.background {
+            let _ = h.await;
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Configuration: built-in defaults, then an optional YAML file
+//! (`CONFIG_FILE`, default `orchestrator.yaml` when present), then the
+//! environment. Keys in the file are the environment names, any case.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen_addr: SocketAddr,
+    /// `sqlite://…` or `postgres://…`.
+    pub database_url: SecretString,
+    /// `None` = the embedded SQLite queue.
+    pub redis_url: Option<SecretString>,
+    /// SQLite queue file (embedded mode).
+    pub queue_database_url: String,
+    pub data_dir: PathBuf,
+    pub pipelines_dir: PathBuf,
+    pub schemas_dir: PathBuf,
+    pub jwt_secret: Option<SecretString>,
+    pub admin_api_key: Option<SecretString>,
+    pub log_format: LogFormat,
+    pub rate_limit_ip_per_minute: u32,
+    pub rate_limit_partner_per_minute: u32,
+    pub rate_limit_partner_burst: u32,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    pub queue_poll_interval: Duration,
+    /// How long a worker holds an event before another may take it over.
+    pub processing_lease: Duration,
+    /// A `received` event not picked up for this long is queued again.
+    pub requeue_after: Duration,
+    pub sweep_interval: Duration,
+    pub script_max_operations: u64,
+    pub script_max_wall_time: Duration,
+    /// Create the `demo` partner on first start.
+    pub create_demo_partner: bool,
+    pub migrate_on_start: bool,
+}
+
+/// The keys, for documentation and unknown-key checks.
+pub const KEYS: &[&str] = &[
+    "LISTEN_ADDR",
+    "DATABASE_URL",
+    "REDIS_URL",
+    "QUEUE_DATABASE_URL",
+    "DATA_DIR",
+    "PIPELINES_DIR",
+    "SCHEMAS_DIR",
+    "JWT_SECRET",
+    "ADMIN_API_KEY",
+    "LOG_FORMAT",
+    "RATE_LIMIT_IP_PER_MINUTE",
+    "RATE_LIMIT_PARTNER_PER_MINUTE",
+    "RATE_LIMIT_PARTNER_BURST",
+    "MAX_BODY_BYTES",
+    "REQUEST_TIMEOUT",
+    "QUEUE_POLL_INTERVAL",
+    "PROCESSING_LEASE",
+    "REQUEUE_AFTER",
+    "SWEEP_INTERVAL",
+    "SCRIPT_MAX_OPERATIONS",
+    "SCRIPT_MAX_WALL_TIME",
+    "CREATE_DEMO_PARTNER",
+    "MIGRATE_ON_START",
+];
+
+impl Config {
+    /// Reads the file named by `CONFIG_FILE` (or `orchestrator.yaml` if it
+    /// exists), then the process environment.
+    pub fn load() -> Result<Self, ConfigError> {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        let file = match env.get("CONFIG_FILE") {
+            Some(f) => Some(PathBuf::from(f)),
+            None => Some(PathBuf::from("orchestrator.yaml")).filter(|p| p.exists()),
+        };
+        let mut values = HashMap::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+            let map: HashMap<String, serde_yaml::Value> =
+                serde_yaml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+            for (k, v) in map {
+                let key = k.to_ascii_uppercase();
+                if !KEYS.contains(&key.as_str()) {
+                    return Err(ConfigError(format!("{}: unknown key {k:?}", path.display())));
+                }
+                let v = match v {
+                    serde_yaml::Value::String(s) => s,
+                    other => serde_yaml::to_string(&other)
+                        .unwrap_or_default()
+                        .trim()
+                        .to_owned(),
+                };
+                values.insert(key, v);
+            }
+        }
+        for k in KEYS {
+            if let Some(v) = env.get(*k) {
+                values.insert((*k).to_owned(), v.clone());
+            }
+        }
+        Self::from_map(&values)
+    }
+
+    /// Builds a config from explicit values (tests); missing keys get defaults.
+    pub fn from_map(values: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let get = |k: &str| values.get(k).map(|s| s.trim()).filter(|s| !s.is_empty());
+        fn parse<T: std::str::FromStr>(k: &str, v: Option<&str>, default: T) -> Result<T, ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            match v {
+                None => Ok(default),
+                Some(s) => s.parse().map_err(|e| ConfigError(format!("{k}={s:?}: {e}"))),
+            }
+        }
+        let duration = |k: &str, default: Duration| -> Result<Duration, ConfigError> {
+            match get(k) {
+                None => Ok(default),
+                Some(s) => engine::model::parse_duration(s).map_err(|e| ConfigError(format!("{k}: {e}"))),
+            }
+        };
+        let data_dir = PathBuf::from(get("DATA_DIR").unwrap_or("./data"));
+        let database_url = get("DATABASE_URL")
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("sqlite://{}/orchestrator.db", data_dir.display()));
+        let queue_database_url = get("QUEUE_DATABASE_URL")
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("sqlite://{}/queue.db", data_dir.display()));
+        let log_format = match get("LOG_FORMAT").unwrap_or("json") {
+            "json" => LogFormat::Json,
+            "pretty" => LogFormat::Pretty,
+            other => {
+                return Err(ConfigError(format!(
+                    "LOG_FORMAT must be json or pretty, got {other:?}"
+                )));
+            }
+        };
+        let cfg = Config {
+            listen_addr: parse(
+                "LISTEN_ADDR",
+                get("LISTEN_ADDR"),
+                SocketAddr::from(([0, 0, 0, 0], 3000)),
+            )?,
+            database_url: SecretString::from(database_url),
+            redis_url: get("REDIS_URL").map(|s| SecretString::from(s.to_owned())),
+            queue_database_url,
+            data_dir,
+            pipelines_dir: PathBuf::from(get("PIPELINES_DIR").unwrap_or("./pipelines")),
+            schemas_dir: PathBuf::from(get("SCHEMAS_DIR").unwrap_or("./schemas")),
+            jwt_secret: get("JWT_SECRET").map(|s| SecretString::from(s.to_owned())),
+            admin_api_key: get("ADMIN_API_KEY").map(|s| SecretString::from(s.to_owned())),
+            log_format,
+            rate_limit_ip_per_minute: parse(
+                "RATE_LIMIT_IP_PER_MINUTE",
+                get("RATE_LIMIT_IP_PER_MINUTE"),
+                1000,
+            )?,
+            rate_limit_partner_per_minute: parse(
+                "RATE_LIMIT_PARTNER_PER_MINUTE",
+                get("RATE_LIMIT_PARTNER_PER_MINUTE"),
+                100,
+            )?,
+            rate_limit_partner_burst: parse("RATE_LIMIT_PARTNER_BURST", get("RATE_LIMIT_PARTNER_BURST"), 10)?,
+            max_body_bytes: parse("MAX_BODY_BYTES", get("MAX_BODY_BYTES"), 256 * 1024)?,
+            request_timeout: duration("REQUEST_TIMEOUT", Duration::from_secs(15))?,
+            queue_poll_interval: duration("QUEUE_POLL_INTERVAL", Duration::from_millis(50))?,
+            processing_lease: duration("PROCESSING_LEASE", Duration::from_secs(120))?,
+            requeue_after: duration("REQUEUE_AFTER", Duration::from_secs(60))?,
+            sweep_interval: duration("SWEEP_INTERVAL", Duration::from_secs(5))?,
+            script_max_operations: parse("SCRIPT_MAX_OPERATIONS", get("SCRIPT_MAX_OPERATIONS"), 1_000_000)?,
+            script_max_wall_time: duration("SCRIPT_MAX_WALL_TIME", Duration::from_millis(250))?,
+            create_demo_partner: parse("CREATE_DEMO_PARTNER", get("CREATE_DEMO_PARTNER"), true)?,
+            migrate_on_start: parse("MIGRATE_ON_START", get("MIGRATE_ON_START"), true)?,
+        };
+        if cfg.max_body_bytes < 1024 {
+            return Err(ConfigError("MAX_BODY_BYTES must be at least 1024".into()));
+        }
+        Ok(cfg)
+    }
+
+    pub fn is_embedded(&self) -> bool {
+        use secrecy::ExposeSecret;
+        self.redis_url.is_none() && self.database_url.expose_secret().starts_with("sqlite:")
+    }
+}

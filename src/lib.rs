@@ -1,0 +1,15 @@
+//! The event orchestrator service: HTTP API, store, queue, workers, CLI glue.
+//!
+//! Architecture invariant: dependencies point one way, `orchestrator` →
+//! `plugins` → `engine`. Only this crate knows about HTTP servers, SQL and
+//! queues.
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod pipelines;
+pub mod queue;
+pub mod store;
+pub mod telemetry;
+pub mod worker;

@@ -1,0 +1,270 @@
+//! The store: the source of truth for events, attempts, deliveries and
+//! partners. One trait; [`sql::SqlStore`] implements it for SQLite and
+//! PostgreSQL with the same queries.
+
+pub mod sql;
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeZone, Utc};
+use engine::{DeliveryReport, StageTrace};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use sql::SqlStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("database error: {0}")]
+    Database(String),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+                StoreError::Unavailable(e.to_string())
+            }
+            other => StoreError::Database(other.to_string()),
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Event statuses, as stored and shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Received,
+    Processing,
+    Retrying,
+    Processed,
+    DeadLettered,
+}
+
+impl Status {
+    pub const ALL: [Status; 5] = [
+        Status::Received,
+        Status::Processing,
+        Status::Retrying,
+        Status::Processed,
+        Status::DeadLettered,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Received => "received",
+            Status::Processing => "processing",
+            Status::Retrying => "retrying",
+            Status::Processed => "processed",
+            Status::DeadLettered => "dead_lettered",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Processed | Status::DeadLettered)
+    }
+}
+
+/// The last failure of an event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LastError {
+    pub category: String,
+    pub message: String,
+    pub transient: bool,
+    /// Stage that failed, when a stage did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+}
+
+/// An event as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRecord {
+    pub id: String,
+    pub partner_id: String,
+    pub tipo: String,
+    pub dados: Value,
+    pub meta: Value,
+    pub pipeline_version: String,
+    pub status: Status,
+    pub attempts: u32,
+    /// Attempts made before the last manual retry; the retry budget counts from here.
+    pub attempt_base: u32,
+    pub received_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub processed_at: Option<DateTime<Utc>>,
+    pub processing_ms: Option<i64>,
+    pub last_error: Option<LastError>,
+    pub last_trace: Vec<StageTrace>,
+    /// The processed form (`dados`, `meta`, `routes`) written by `persist`.
+    pub result: Option<Value>,
+    pub idempotency_key: Option<String>,
+}
+
+/// An event to insert.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub id: String,
+    pub partner_id: String,
+    pub tipo: String,
+    pub dados: Value,
+    pub pipeline_version: String,
+    pub received_at: DateTime<Utc>,
+    pub idempotency_key: Option<String>,
+    /// Hash of the request body, to tell a replay from a conflicting reuse of a key.
+    pub request_hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum InsertOutcome {
+    Created(EventRecord),
+    /// Same key, same body: the original event.
+    Replayed(EventRecord),
+    /// Same key, different body.
+    Conflict {
+        existing_id: String,
+    },
+}
+
+/// How one attempt ended.
+#[derive(Debug, Clone)]
+pub struct AttemptFinish {
+    pub status: Status,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub last_error: Option<LastError>,
+    pub trace: Vec<StageTrace>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RetryOutcome {
+    Requeued(EventRecord),
+    WrongStatus(Status),
+    NotFound,
+}
+
+/// Filters of `GET /events`.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub partner_id: Option<String>,
+    pub status: Option<Status>,
+    pub tipo: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    /// Exclusive upper bound on the id (keyset cursor; ids sort by time).
+    pub before_id: Option<String>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct Percentiles {
+    pub p50: Option<i64>,
+    pub p95: Option<i64>,
+    pub p99: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct Stats {
+    pub total: i64,
+    pub by_status: std::collections::BTreeMap<String, i64>,
+    pub by_type: std::collections::BTreeMap<String, i64>,
+    /// Received → processed, milliseconds, over processed events.
+    pub processing_ms: Percentiles,
+}
+
+/// An event that needs a (new) queue task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Requeue {
+    pub id: String,
+    pub tipo: String,
+    pub pipeline_version: String,
+    pub run_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Partner {
+    pub id: String,
+    pub name: String,
+    pub rate_per_minute: Option<u32>,
+    pub burst: Option<u32>,
+    pub disabled: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewPartner {
+    pub id: String,
+    pub name: String,
+    pub password_hash: Option<String>,
+    pub rate_per_minute: Option<u32>,
+    pub burst: Option<u32>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies pending migrations.
+    async fn migrate(&self) -> StoreResult<()>;
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// Inserts a new event, or resolves its idempotency key.
+    async fn insert_event(&self, new: NewEvent) -> StoreResult<InsertOutcome>;
+    async fn get_event(&self, id: &str) -> StoreResult<Option<EventRecord>>;
+    async fn list_events(&self, filter: &ListFilter) -> StoreResult<Vec<EventRecord>>;
+    async fn stats(&self, partner_id: Option<&str>) -> StoreResult<Stats>;
+    async fn deliveries(&self, id: &str) -> StoreResult<Vec<DeliveryRow>>;
+
+    /// Takes the event for one attempt: `received`/`retrying` (due), or
+    /// `processing` whose lease expired. Increments `attempts`. `None` when
+    /// another worker has it or it is finished.
+    async fn claim(
+        &self,
+        id: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Option<EventRecord>>;
+    /// Records an attempt's outcome if this worker still holds the claim.
+    async fn finish_attempt(&self, id: &str, attempt: u32, finish: &AttemptFinish) -> StoreResult<bool>;
+    async fn record_delivery(&self, id: &str, report: &DeliveryReport) -> StoreResult<()>;
+    async fn persist_result(&self, id: &str, result: &Value) -> StoreResult<()>;
+    /// Manual retry: only from `dead_lettered`; back to `received`.
+    async fn manual_retry(&self, id: &str) -> StoreResult<RetryOutcome>;
+    /// Events whose queue task may be lost: `received` not queued since
+    /// `stale_before`, `retrying` overdue, `processing` with an expired lease.
+    /// Marks them queued now.
+    async fn take_stranded(
+        &self,
+        now: DateTime<Utc>,
+        stale_before: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<Requeue>>;
+    /// Ends every lease (only safe when this is the only process: embedded mode).
+    async fn release_leases(&self) -> StoreResult<u64>;
+    async fn count_by_status(&self, status: Status) -> StoreResult<i64>;
+
+    async fn create_partner(&self, p: &NewPartner) -> StoreResult<bool>;
+    async fn add_api_key(&self, partner_id: &str, key_hash: &str, prefix: &str) -> StoreResult<()>;
+    async fn partner_by_key_hash(&self, key_hash: &str) -> StoreResult<Option<Partner>>;
+    async fn count_partners(&self) -> StoreResult<i64>;
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct DeliveryRow {
+    pub destination: String,
+    pub delivered_at: DateTime<Utc>,
+    pub status_code: Option<u16>,
+}
+
+pub(crate) fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+pub(crate) fn from_ms(v: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(v).single().unwrap_or_default()
+}

@@ -1,0 +1,581 @@
+//! [`Store`] on SQLite and PostgreSQL through sqlx's `Any` driver: both
+//! schemas use the same column types (BIGINT epoch milliseconds, TEXT JSON),
+//! so one set of portable queries serves both.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use engine::{DeliveryReport, StageTrace};
+use serde_json::Value;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, AssertSqlSafe, Row};
+
+use super::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Clone)]
+pub struct SqlStore {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+const EVENT_COLUMNS: &str = "id, partner_id, tipo, dados, meta, pipeline_version, status, attempts, attempt_base, received_at, \
+     updated_at, next_attempt_at, processed_at, processing_ms, last_error, last_trace, result, idempotency_key";
+
+impl SqlStore {
+    /// Connects to `url` (`sqlite://path` or `postgres://…`). SQLite files are
+    /// created, put in WAL mode, and never run with `synchronous=OFF`.
+    pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else {
+            return Err(StoreError::Unavailable(
+                "DATABASE_URL must start with sqlite: or postgres://".into(),
+            ));
+        };
+        if backend == Backend::Sqlite {
+            // Create the file and switch it to WAL once (WAL is persistent).
+            let opts = sqlx::sqlite::SqliteConnectOptions::from_str(url)
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?
+                .create_if_missing(true)
+                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
+            if let Some(dir) = opts.get_filename().parent() {
+                std::fs::create_dir_all(dir).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            }
+            use sqlx::{ConnectOptions, Connection};
+            let conn = opts.connect().await?;
+            conn.close().await?;
+        }
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        sqlx::query("PRAGMA busy_timeout = 10000")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA synchronous = NORMAL")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(url)
+            .await?;
+        Ok(Self { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn json_text(v: &Value) -> String {
+    v.to_string()
+}
+
+fn parse_json(s: &str) -> StoreResult<Value> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn event_from_row(row: &AnyRow) -> StoreResult<EventRecord> {
+    let status: String = row.try_get("status")?;
+    let last_error: Option<String> = row.try_get("last_error")?;
+    let last_trace: Option<String> = row.try_get("last_trace")?;
+    let result: Option<String> = row.try_get("result")?;
+    let opt_ms = |c: &str| -> StoreResult<Option<DateTime<Utc>>> {
+        Ok(row.try_get::<Option<i64>, _>(c)?.map(from_ms))
+    };
+    Ok(EventRecord {
+        id: row.try_get("id")?,
+        partner_id: row.try_get("partner_id")?,
+        tipo: row.try_get("tipo")?,
+        dados: parse_json(&row.try_get::<String, _>("dados")?)?,
+        meta: parse_json(&row.try_get::<String, _>("meta")?)?,
+        pipeline_version: row.try_get("pipeline_version")?,
+        status: Status::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("status {status:?}")))?,
+        attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(0),
+        attempt_base: u32::try_from(row.try_get::<i64, _>("attempt_base")?).unwrap_or(0),
+        received_at: from_ms(row.try_get("received_at")?),
+        updated_at: from_ms(row.try_get("updated_at")?),
+        next_attempt_at: opt_ms("next_attempt_at")?,
+        processed_at: opt_ms("processed_at")?,
+        processing_ms: row.try_get("processing_ms")?,
+        last_error: last_error
+            .map(|s| serde_json::from_str::<LastError>(&s).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .transpose()?,
+        last_trace: match last_trace {
+            Some(s) => {
+                serde_json::from_str::<Vec<StageTrace>>(&s).map_err(|e| StoreError::Corrupt(e.to_string()))?
+            }
+            None => Vec::new(),
+        },
+        result: result.map(|s| parse_json(&s)).transpose()?,
+        idempotency_key: row.try_get("idempotency_key")?,
+    })
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    async fn migrate(&self) -> StoreResult<()> {
+        let migrator = match self.backend {
+            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite"),
+            Backend::Postgres => sqlx::migrate!("./migrations/postgres"),
+        };
+        migrator
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Database(format!("migration failed: {e}")))
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn insert_event(&self, new: NewEvent) -> StoreResult<InsertOutcome> {
+        let now = ms(new.received_at);
+        let sql = format!(
+            "INSERT INTO events (id, partner_id, tipo, dados, meta, pipeline_version, status, attempts, \
+             received_at, updated_at, queued_at, idempotency_key, request_hash) \
+             VALUES ($1, $2, $3, $4, '{{}}', $5, 'received', 0, $6, $6, $6, $7, $8) \
+             ON CONFLICT (partner_id, idempotency_key) DO NOTHING RETURNING {EVENT_COLUMNS}"
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(&new.id)
+            .bind(&new.partner_id)
+            .bind(&new.tipo)
+            .bind(json_text(&new.dados))
+            .bind(&new.pipeline_version)
+            .bind(now)
+            .bind(&new.idempotency_key)
+            .bind(&new.request_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        if let Some(row) = row {
+            return Ok(InsertOutcome::Created(event_from_row(&row)?));
+        }
+        // The key exists for this partner: replay or conflict.
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS}, request_hash FROM events WHERE partner_id = $1 AND idempotency_key = $2"
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(&new.partner_id)
+            .bind(&new.idempotency_key)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::Database("idempotency conflict without a row".into()))?;
+        let hash: Option<String> = row.try_get("request_hash")?;
+        let existing = event_from_row(&row)?;
+        if hash.as_deref() == Some(new.request_hash.as_str()) {
+            Ok(InsertOutcome::Replayed(existing))
+        } else {
+            Ok(InsertOutcome::Conflict {
+                existing_id: existing.id,
+            })
+        }
+    }
+
+    async fn get_event(&self, id: &str) -> StoreResult<Option<EventRecord>> {
+        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = $1");
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(event_from_row).transpose()
+    }
+
+    async fn list_events(&self, f: &ListFilter) -> StoreResult<Vec<EventRecord>> {
+        let mut sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE 1 = 1");
+        let mut n = 0;
+        let mut next = |clause: &str| {
+            n += 1;
+            format!(" AND {clause} ${n}")
+        };
+        if f.partner_id.is_some() {
+            sql += &next("partner_id =");
+        }
+        if f.status.is_some() {
+            sql += &next("status =");
+        }
+        if f.tipo.is_some() {
+            sql += &next("tipo =");
+        }
+        if f.since.is_some() {
+            sql += &next("received_at >=");
+        }
+        if f.until.is_some() {
+            sql += &next("received_at <");
+        }
+        if f.before_id.is_some() {
+            sql += &next("id <");
+        }
+        sql += &format!(" ORDER BY id DESC LIMIT {}", f.limit.clamp(1, 1001));
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        if let Some(p) = &f.partner_id {
+            q = q.bind(p);
+        }
+        if let Some(s) = f.status {
+            q = q.bind(s.as_str());
+        }
+        if let Some(t) = &f.tipo {
+            q = q.bind(t);
+        }
+        if let Some(t) = f.since {
+            q = q.bind(ms(t));
+        }
+        if let Some(t) = f.until {
+            q = q.bind(ms(t));
+        }
+        if let Some(c) = &f.before_id {
+            q = q.bind(c);
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    async fn stats(&self, partner_id: Option<&str>) -> StoreResult<Stats> {
+        let (cond, cond_and) = if partner_id.is_some() {
+            ("WHERE partner_id = $1", "AND partner_id = $1")
+        } else {
+            ("", "")
+        };
+        let run = |sql: String| {
+            let pool = self.pool.clone();
+            let partner = partner_id.map(str::to_owned);
+            async move {
+                let mut q = sqlx::query(AssertSqlSafe(sql));
+                if let Some(p) = partner {
+                    q = q.bind(p);
+                }
+                q.fetch_all(&pool).await
+            }
+        };
+        let mut by_status = BTreeMap::new();
+        let mut total = 0;
+        for row in run(format!(
+            "SELECT status, COUNT(*) AS n FROM events {cond} GROUP BY status"
+        ))
+        .await?
+        {
+            let n: i64 = row.try_get("n")?;
+            total += n;
+            by_status.insert(row.try_get::<String, _>("status")?, n);
+        }
+        let mut by_type = BTreeMap::new();
+        for row in run(format!(
+            "SELECT tipo, COUNT(*) AS n FROM events {cond} GROUP BY tipo"
+        ))
+        .await?
+        {
+            by_type.insert(row.try_get::<String, _>("tipo")?, row.try_get::<i64, _>("n")?);
+        }
+        let processed = by_status.get("processed").copied().unwrap_or(0);
+        let pct = |p: f64| {
+            let offset = ((processed as f64 - 1.0) * p).round().max(0.0) as i64;
+            run(format!(
+                "SELECT processing_ms FROM events WHERE processing_ms IS NOT NULL {cond_and} \
+                 ORDER BY processing_ms LIMIT 1 OFFSET {offset}"
+            ))
+        };
+        let percentile = |rows: Vec<AnyRow>| -> StoreResult<Option<i64>> {
+            rows.first()
+                .map(|r| r.try_get::<i64, _>("processing_ms"))
+                .transpose()
+                .map_err(Into::into)
+        };
+        let processing_ms = if processed == 0 {
+            Percentiles {
+                p50: None,
+                p95: None,
+                p99: None,
+            }
+        } else {
+            Percentiles {
+                p50: percentile(pct(0.50).await?)?,
+                p95: percentile(pct(0.95).await?)?,
+                p99: percentile(pct(0.99).await?)?,
+            }
+        };
+        Ok(Stats {
+            total,
+            by_status,
+            by_type,
+            processing_ms,
+        })
+    }
+
+    async fn deliveries(&self, id: &str) -> StoreResult<Vec<DeliveryRow>> {
+        let rows = sqlx::query(
+            "SELECT destination, delivered_at, status_code FROM deliveries WHERE event_id = $1 ORDER BY destination",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(DeliveryRow {
+                    destination: r.try_get("destination")?,
+                    delivered_at: from_ms(r.try_get("delivered_at")?),
+                    status_code: r
+                        .try_get::<Option<i64>, _>("status_code")?
+                        .and_then(|c| u16::try_from(c).ok()),
+                })
+            })
+            .collect()
+    }
+
+    async fn claim(
+        &self,
+        id: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Option<EventRecord>> {
+        let sql = format!(
+            "UPDATE events SET status = 'processing', attempts = attempts + 1, lease_until = $1, updated_at = $2 \
+             WHERE id = $3 AND (status = 'received' \
+               OR (status = 'retrying' AND (next_attempt_at IS NULL OR next_attempt_at <= $4)) \
+               OR (status = 'processing' AND lease_until < $2)) \
+             RETURNING {EVENT_COLUMNS}"
+        );
+        // A task may arrive a little before its due time; do not make it wait another sweep.
+        let due = ms(now) + 250;
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(ms(lease_until))
+            .bind(ms(now))
+            .bind(id)
+            .bind(due)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(event_from_row).transpose()
+    }
+
+    async fn finish_attempt(&self, id: &str, attempt: u32, f: &AttemptFinish) -> StoreResult<bool> {
+        let now = Utc::now();
+        let trace = serde_json::to_string(&f.trace).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let error = f
+            .last_error
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let processed = f.status == Status::Processed;
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "UPDATE events SET status = $1, next_attempt_at = $2, lease_until = NULL, last_error = $3, \
+             last_trace = $4, updated_at = $5, queued_at = $5, \
+             processed_at = CASE WHEN $6 = 1 THEN $5 ELSE processed_at END, \
+             processing_ms = CASE WHEN $6 = 1 THEN $5 - received_at ELSE processing_ms END \
+             WHERE id = $7 AND status = 'processing' AND attempts = $8",
+        )
+        .bind(f.status.as_str())
+        .bind(f.next_attempt_at.map(ms))
+        .bind(&error)
+        .bind(&trace)
+        .bind(ms(now))
+        .bind(i64::from(processed))
+        .bind(id)
+        .bind(i64::from(attempt))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if done {
+            sqlx::query(
+                "INSERT INTO attempts (event_id, attempt, finished_at, outcome, error, trace) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id, attempt) DO NOTHING",
+            )
+            .bind(id)
+            .bind(i64::from(attempt))
+            .bind(ms(now))
+            .bind(f.status.as_str())
+            .bind(&error)
+            .bind(&trace)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    async fn record_delivery(&self, id: &str, report: &DeliveryReport) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO deliveries (event_id, destination, delivered_at, status_code) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (event_id, destination) DO NOTHING",
+        )
+        .bind(id)
+        .bind(&report.destination)
+        .bind(ms(Utc::now()))
+        .bind(report.status_code.map(i64::from))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn persist_result(&self, id: &str, result: &Value) -> StoreResult<()> {
+        let meta = result
+            .get("meta")
+            .cloned()
+            .unwrap_or_else(|| Value::Object(Default::default()));
+        sqlx::query("UPDATE events SET result = $1, meta = $2 WHERE id = $3")
+            .bind(json_text(result))
+            .bind(json_text(&meta))
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn manual_retry(&self, id: &str) -> StoreResult<RetryOutcome> {
+        let now = ms(Utc::now());
+        let sql = format!(
+            "UPDATE events SET status = 'received', next_attempt_at = NULL, updated_at = $1, queued_at = $1, \
+             attempt_base = attempts \
+             WHERE id = $2 AND status = 'dead_lettered' RETURNING {EVENT_COLUMNS}"
+        );
+        if let Some(row) = sqlx::query(AssertSqlSafe(sql))
+            .bind(now)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+        {
+            return Ok(RetryOutcome::Requeued(event_from_row(&row)?));
+        }
+        Ok(match self.get_event(id).await? {
+            Some(e) => RetryOutcome::WrongStatus(e.status),
+            None => RetryOutcome::NotFound,
+        })
+    }
+
+    async fn take_stranded(
+        &self,
+        now: DateTime<Utc>,
+        stale_before: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<Requeue>> {
+        let rows = sqlx::query(
+            "SELECT id, tipo, pipeline_version, status, next_attempt_at FROM events \
+             WHERE (status = 'received' AND queued_at < $1) \
+                OR (status = 'retrying' AND next_attempt_at < $1 AND queued_at < $1) \
+                OR (status = 'processing' AND lease_until < $2) \
+             ORDER BY id LIMIT $3",
+        )
+        .bind(ms(stale_before))
+        .bind(ms(now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let id: String = r.try_get("id")?;
+            sqlx::query("UPDATE events SET queued_at = $1 WHERE id = $2")
+                .bind(ms(now))
+                .bind(&id)
+                .execute(&self.pool)
+                .await?;
+            out.push(Requeue {
+                id,
+                tipo: r.try_get("tipo")?,
+                pipeline_version: r.try_get("pipeline_version")?,
+                run_at: None,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn release_leases(&self) -> StoreResult<u64> {
+        let r = sqlx::query("UPDATE events SET lease_until = 0 WHERE status = 'processing'")
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    async fn count_by_status(&self, status: Status) -> StoreResult<i64> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM events WHERE status = $1")
+            .bind(status.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("n")?)
+    }
+
+    async fn create_partner(&self, p: &NewPartner) -> StoreResult<bool> {
+        let r = sqlx::query(
+            "INSERT INTO partners (id, name, password_hash, rate_per_minute, burst, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&p.id)
+        .bind(&p.name)
+        .bind(&p.password_hash)
+        .bind(p.rate_per_minute.map(i64::from))
+        .bind(p.burst.map(i64::from))
+        .bind(ms(Utc::now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn add_api_key(&self, partner_id: &str, key_hash: &str, prefix: &str) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO api_keys (key_hash, partner_id, prefix, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(key_hash)
+        .bind(partner_id)
+        .bind(prefix)
+        .bind(ms(Utc::now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn partner_by_key_hash(&self, key_hash: &str) -> StoreResult<Option<Partner>> {
+        let row = sqlx::query(
+            "SELECT p.id, p.name, p.rate_per_minute, p.burst, p.disabled_at FROM api_keys k \
+             JOIN partners p ON p.id = k.partner_id WHERE k.key_hash = $1 AND k.revoked_at IS NULL",
+        )
+        .bind(key_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(Partner {
+                id: r.try_get("id")?,
+                name: r.try_get("name")?,
+                rate_per_minute: r
+                    .try_get::<Option<i64>, _>("rate_per_minute")?
+                    .and_then(|v| u32::try_from(v).ok()),
+                burst: r
+                    .try_get::<Option<i64>, _>("burst")?
+                    .and_then(|v| u32::try_from(v).ok()),
+                disabled: r.try_get::<Option<i64>, _>("disabled_at")?.is_some(),
+            })
+        })
+        .transpose()
+    }
+
+    async fn count_partners(&self) -> StoreResult<i64> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM partners")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("n")?)
+    }
+}

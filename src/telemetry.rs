@@ -1,0 +1,143 @@
+//! Logs (one JSON object per line, or pretty for people) and Prometheus metrics.
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+/// Installs the global subscriber; `RUST_LOG` filters (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,apalis=warn,apalis_core=warn,hyper=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    let _ = match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+        LogFormat::Pretty => builder.pretty().try_init(),
+    };
+}
+
+/// Every metric the service exports.
+pub struct Metrics {
+    pub registry: Registry,
+    pub events_received: IntCounterVec,
+    pub events_processed: IntCounterVec,
+    pub events_failed: IntCounterVec,
+    pub events_dead_lettered: IntCounterVec,
+    pub events_retried: IntCounterVec,
+    pub processing_duration: HistogramVec,
+    pub stage_duration: HistogramVec,
+    pub deliveries: IntCounterVec,
+    pub http_requests: IntCounterVec,
+    pub queue_depth: IntGaugeVec,
+    pub events_by_status: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c =
+                IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("{name}: {e}"));
+            registry
+                .register(Box::new(c.clone()))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            c
+        };
+        let events_received = counter(
+            "events_received_total",
+            "Events accepted by POST /events.",
+            &["tipo"],
+        );
+        let events_processed = counter(
+            "events_processed_total",
+            "Events that reached processed.",
+            &["tipo"],
+        );
+        let events_failed = counter(
+            "events_failed_total",
+            "Failed processing attempts, by error category.",
+            &["tipo", "category"],
+        );
+        let events_dead_lettered = counter("events_dead_lettered_total", "Events dead-lettered.", &["tipo"]);
+        let events_retried = counter("events_retried_total", "Retries scheduled.", &["tipo"]);
+        let deliveries = counter(
+            "deliveries_total",
+            "Delivery attempts by destination and outcome.",
+            &["tipo", "destination", "outcome"],
+        );
+        let http_requests = counter(
+            "http_requests_total",
+            "HTTP requests by route and status.",
+            &["route", "status"],
+        );
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            registry
+                .register(Box::new(h.clone()))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            h
+        };
+        let buckets = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ];
+        let processing_duration = histogram(
+            "processing_duration_seconds",
+            "Time to run a pipeline once.",
+            &["tipo"],
+            buckets.clone(),
+        );
+        let stage_duration = histogram(
+            "stage_duration_seconds",
+            "Time spent in each stage.",
+            &["tipo", "stage"],
+            buckets,
+        );
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("{name}: {e}"));
+            registry
+                .register(Box::new(g.clone()))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            g
+        };
+        let queue_depth = gauge("queue_depth", "Pending tasks per pipeline queue.", &["tipo"]);
+        let events_by_status = gauge("events_by_status", "Stored events per status.", &["status"]);
+        Self {
+            registry,
+            events_received,
+            events_processed,
+            events_failed,
+            events_dead_lettered,
+            events_retried,
+            processing_duration,
+            stage_duration,
+            deliveries,
+            http_requests,
+            queue_depth,
+            events_by_status,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        let encoder = prometheus::TextEncoder::new();
+        if encoder.encode(&self.registry.gather(), &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,401 @@
+//! Runs pipelines for queued events and records every outcome in the store.
+//!
+//! Retries are ours, not apalis's: a transient failure with retries left sets
+//! the event to `retrying` and pushes a delayed task; anything else ends in
+//! `processed` or `dead_lettered`. The handler never fails towards the queue.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use engine::{DeliveryReport, EventContext, EventSink, ScriptEvent, StageError, StageOutcome};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use crate::pipelines::{Pipelines, queue_name};
+use crate::queue::{Queue, QueueTask, TaskHandler};
+use crate::store::{AttemptFinish, LastError, Status, Store};
+use crate::telemetry::Metrics;
+
+/// The store seen as the engine's [`EventSink`].
+pub struct StoreSink(pub Arc<dyn Store>);
+
+#[async_trait]
+impl EventSink for StoreSink {
+    async fn record_delivery(&self, event_id: &str, report: &DeliveryReport) -> Result<(), String> {
+        self.0
+            .record_delivery(event_id, report)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn persist(&self, event: &ScriptEvent, routes: &[String]) -> Result<(), String> {
+        let result = json!({"dados": event.dados, "meta": event.meta, "routes": routes});
+        self.0
+            .persist_result(&event.id, &result)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+pub struct Processor {
+    pub store: Arc<dyn Store>,
+    pub queue: Arc<dyn Queue>,
+    pub pipelines: Arc<Pipelines>,
+    pub metrics: Arc<Metrics>,
+    pub lease: Duration,
+}
+
+#[async_trait]
+impl TaskHandler for Processor {
+    async fn handle(&self, task: QueueTask) {
+        let QueueTask::Process {
+            event_id,
+            pipeline_version,
+        } = task;
+        if let Err(e) = self.process(&event_id, &pipeline_version).await {
+            // The event stays claimable; the sweeper queues it again.
+            error!(eventId = %event_id, error = %e, "processing failed before an outcome was recorded");
+        }
+    }
+}
+
+impl Processor {
+    async fn process(&self, event_id: &str, version: &str) -> anyhow::Result<()> {
+        let now = Utc::now();
+        let lease_until = now + chrono::Duration::from_std(self.lease)?;
+        let Some(event) = self.store.claim(event_id, now, lease_until).await? else {
+            debug!(eventId = %event_id, "task skipped: event not claimable");
+            return Ok(());
+        };
+        let attempt = event.attempts;
+        let tipo = event.tipo.clone();
+        let Some(pipeline) = self.pipelines.for_event(&tipo, version) else {
+            let err =
+                StageError::transient("pipeline_missing", format!("no pipeline is loaded for {tipo:?}"));
+            let finish = self.decide(
+                &tipo,
+                attempt,
+                3,
+                &engine::RetryPolicy::default(),
+                err,
+                None,
+                Vec::new(),
+            );
+            return self.finish(event_id, &tipo, version, attempt, finish).await;
+        };
+        // Attempts since the last manual retry count against the policy.
+        let cycle_attempt = attempt.saturating_sub(event.attempt_base);
+        let max_attempts = pipeline.retry.max_retries + 1;
+        if cycle_attempt > max_attempts {
+            // Only a crash mid-attempt (the lease expired) gets here.
+            let err = StageError::permanent(
+                "attempts_exhausted",
+                format!(
+                    "{} attempts started without an outcome (worker crashes?)",
+                    cycle_attempt - 1
+                ),
+            );
+            let finish = self.decide(
+                &tipo,
+                cycle_attempt,
+                max_attempts,
+                &pipeline.retry,
+                err,
+                None,
+                Vec::new(),
+            );
+            return self.finish(event_id, &tipo, version, attempt, finish).await;
+        }
+
+        let already: BTreeSet<String> = self
+            .store
+            .deliveries(event_id)
+            .await?
+            .into_iter()
+            .map(|d| d.destination)
+            .collect();
+        let mut cx = EventContext::new(ScriptEvent {
+            id: event.id.clone(),
+            tipo: tipo.clone(),
+            partner_id: event.partner_id.clone(),
+            received_at: event
+                .received_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            dados: event.dados.clone(),
+            meta: if event.meta.is_object() {
+                event.meta.clone()
+            } else {
+                Value::Object(Default::default())
+            },
+        });
+        cx.already_delivered = already;
+        cx.attempt = attempt;
+
+        let started = std::time::Instant::now();
+        // Stages bound themselves (script budgets, destination timeouts); this
+        // is the backstop so a lease never expires under a live worker.
+        let budget = self.lease.mul_f64(0.8);
+        let execution = match tokio::time::timeout(budget, pipeline.execute(&mut cx)).await {
+            Ok(e) => e,
+            Err(_) => engine::Execution {
+                trace: Vec::new(),
+                error: Some(StageError::transient(
+                    "timeout",
+                    format!("pipeline did not finish within {budget:?}"),
+                )),
+            },
+        };
+        let elapsed = started.elapsed();
+        self.metrics
+            .processing_duration
+            .with_label_values(&[&tipo])
+            .observe(elapsed.as_secs_f64());
+        for t in &execution.trace {
+            if t.outcome != StageOutcome::Skipped {
+                self.metrics
+                    .stage_duration
+                    .with_label_values(&[&tipo, &t.stage])
+                    .observe(t.duration_ms / 1000.0);
+            }
+        }
+        for d in &cx.deliveries {
+            self.metrics
+                .deliveries
+                .with_label_values(&[&tipo, &d.destination, &d.outcome])
+                .inc();
+        }
+
+        let finish = match execution.error {
+            None => AttemptFinish {
+                status: Status::Processed,
+                next_attempt_at: None,
+                last_error: None,
+                trace: execution.trace,
+            },
+            Some(err) => {
+                let stage = execution
+                    .trace
+                    .iter()
+                    .find(|t| t.outcome == StageOutcome::Failed)
+                    .map(|t| t.stage.clone());
+                self.decide(
+                    &tipo,
+                    cycle_attempt,
+                    max_attempts,
+                    &pipeline.retry,
+                    err,
+                    stage,
+                    execution.trace,
+                )
+            }
+        };
+        let processing_ms = elapsed.as_millis();
+        match finish.status {
+            Status::Processed => {
+                self.metrics.events_processed.with_label_values(&[&tipo]).inc();
+                info!(eventId = %event_id, eventType = %tipo, partnerId = %event.partner_id,
+                      processingTime = processing_ms as u64, attempt, "event processed");
+            }
+            Status::Retrying => {
+                warn!(eventId = %event_id, eventType = %tipo, partnerId = %event.partner_id,
+                      processingTime = processing_ms as u64, attempt,
+                      error = finish.last_error.as_ref().map(|e| e.message.as_str()).unwrap_or(""),
+                      "attempt failed; retry scheduled");
+            }
+            _ => {
+                warn!(eventId = %event_id, eventType = %tipo, partnerId = %event.partner_id,
+                      processingTime = processing_ms as u64, attempt,
+                      error = finish.last_error.as_ref().map(|e| e.message.as_str()).unwrap_or(""),
+                      "event dead-lettered");
+            }
+        }
+        self.finish(event_id, &tipo, version, attempt, finish).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decide(
+        &self,
+        tipo: &str,
+        attempt: u32,
+        max_attempts: u32,
+        retry: &engine::RetryPolicy,
+        err: StageError,
+        stage: Option<String>,
+        trace: Vec<engine::StageTrace>,
+    ) -> AttemptFinish {
+        self.metrics
+            .events_failed
+            .with_label_values(&[tipo, &err.category])
+            .inc();
+        let last_error = Some(LastError {
+            category: err.category.clone(),
+            message: err.message.clone(),
+            transient: err.is_transient(),
+            stage,
+        });
+        if err.is_transient() && attempt < max_attempts {
+            let delay = retry.delay_for(attempt);
+            self.metrics.events_retried.with_label_values(&[tipo]).inc();
+            AttemptFinish {
+                status: Status::Retrying,
+                next_attempt_at: Some(Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default()),
+                last_error,
+                trace,
+            }
+        } else {
+            self.metrics.events_dead_lettered.with_label_values(&[tipo]).inc();
+            AttemptFinish {
+                status: Status::DeadLettered,
+                next_attempt_at: None,
+                last_error,
+                trace,
+            }
+        }
+    }
+
+    async fn finish(
+        &self,
+        event_id: &str,
+        tipo: &str,
+        version: &str,
+        attempt: u32,
+        finish: AttemptFinish,
+    ) -> anyhow::Result<()> {
+        if !self.store.finish_attempt(event_id, attempt, &finish).await? {
+            warn!(eventId = %event_id, attempt, "outcome not recorded: the claim was lost (lease expired?)");
+            return Ok(());
+        }
+        if finish.status == Status::Retrying {
+            let delay = finish
+                .next_attempt_at
+                .map(|t| (t - Utc::now()).to_std().unwrap_or_default())
+                .unwrap_or_default();
+            let task = QueueTask::Process {
+                event_id: event_id.to_owned(),
+                pipeline_version: version.to_owned(),
+            };
+            if let Err(e) = self.queue.push(&queue_name(tipo), task, Some(delay)).await {
+                // The sweeper finds overdue `retrying` events.
+                warn!(eventId = %event_id, error = %e, "could not schedule the retry; the sweeper will");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Starts one worker per pipeline queue and keeps that true across reloads.
+pub struct Workers {
+    queue: Arc<dyn Queue>,
+    handler: Arc<dyn TaskHandler>,
+    shutdown: watch::Receiver<bool>,
+    running: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+}
+
+impl Workers {
+    pub fn new(
+        queue: Arc<dyn Queue>,
+        handler: Arc<dyn TaskHandler>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            queue,
+            handler,
+            shutdown,
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Spawns workers for pipelines that have none yet.
+    pub fn ensure(&self, pipelines: &Pipelines) {
+        let Ok(mut running) = self.running.lock() else {
+            return;
+        };
+        for p in pipelines.current().pipelines() {
+            let name = queue_name(&p.event_type);
+            if running.contains_key(&name) {
+                continue;
+            }
+            info!(queue = %name, concurrency = p.concurrency, "starting worker");
+            let handle =
+                self.queue
+                    .spawn_worker(&name, p.concurrency, self.handler.clone(), self.shutdown.clone());
+            running.insert(name, handle);
+        }
+    }
+
+    /// Waits for every worker to stop (after shutdown was signalled).
+    pub async fn join(&self) {
+        let handles: Vec<_> = match self.running.lock() {
+            Ok(mut r) => r.drain().map(|(_, h)| h).collect(),
+            Err(_) => return,
+        };
+        for h in handles {
+            let _ = h.await;
+        }
+    }
+}
+
+/// Queues again what lost its task: crashed pushes, dead workers, lost retries.
+pub async fn sweeper(
+    store: Arc<dyn Store>,
+    queue: Arc<dyn Queue>,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    requeue_after: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        let now = Utc::now();
+        let stale_before = now - chrono::Duration::from_std(requeue_after).unwrap_or_default();
+        loop {
+            match store.take_stranded(now, stale_before, 500).await {
+                Ok(batch) if batch.is_empty() => break,
+                Ok(batch) => {
+                    let n = batch.len();
+                    let mut by_queue: HashMap<String, Vec<QueueTask>> = HashMap::new();
+                    for r in batch {
+                        by_queue
+                            .entry(queue_name(&r.tipo))
+                            .or_default()
+                            .push(QueueTask::Process {
+                                event_id: r.id,
+                                pipeline_version: r.pipeline_version,
+                            });
+                    }
+                    for (q, tasks) in by_queue {
+                        if let Err(e) = queue.push_bulk(&q, tasks).await {
+                            warn!(queue = %q, error = %e, "sweeper could not queue stranded events");
+                        }
+                    }
+                    info!(count = n, "sweeper queued stranded events");
+                    if n < 500 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "sweeper could not read the store");
+                    break;
+                }
+            }
+        }
+        for status in Status::ALL {
+            if let Ok(n) = store.count_by_status(status).await {
+                metrics
+                    .events_by_status
+                    .with_label_values(&[status.as_str()])
+                    .set(n);
+            }
+        }
+    }
+}

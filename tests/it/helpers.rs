@@ -1,0 +1,328 @@
+//! Test harness: the real service on a random port with a fresh SQLite store
+//! and queue per test, and a real webhook receiver on loopback.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use orchestrator::app::{App, Role};
+use orchestrator::config::Config;
+use serde_json::{Value, json};
+
+pub const ADMIN_KEY: &str = "admin-key-for-tests-0123456789";
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A pipeline directory made for one test.
+pub struct PipelineDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl PipelineDir {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("pipelines/scripts")).expect("mkdir");
+        std::fs::create_dir_all(dir.path().join("schemas")).expect("mkdir");
+        Self { dir }
+    }
+
+    /// The shipped `pipelines/` and `schemas/`.
+    pub fn shipped() -> Self {
+        let me = Self::new();
+        copy_dir(&repo_root().join("pipelines"), &me.pipelines());
+        copy_dir(&repo_root().join("schemas"), &me.schemas());
+        me
+    }
+
+    pub fn pipelines(&self) -> PathBuf {
+        self.dir.path().join("pipelines")
+    }
+
+    pub fn schemas(&self) -> PathBuf {
+        self.dir.path().join("schemas")
+    }
+
+    pub fn write(&self, rel: &str, text: &str) -> &Self {
+        let path = self.dir.path().join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(path, text).expect("write");
+        self
+    }
+
+    /// A permissive schema named `any.schema.json`.
+    pub fn any_schema(&self) -> &Self {
+        self.write("schemas/any.schema.json", r#"{"type": "object"}"#)
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).expect("copy");
+        }
+    }
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub http: reqwest::Client,
+    /// The `demo` partner's key.
+    pub key: String,
+    pub app: Option<App>,
+    server: tokio::task::JoinHandle<()>,
+    /// Kept so the store and queue files live as long as the app.
+    pub _data: tempfile::TempDir,
+    pub pipelines: PipelineDir,
+}
+
+pub fn base_config(data: &Path, pipelines: &PipelineDir) -> HashMap<String, String> {
+    let mut m = HashMap::new();
+    m.insert("DATA_DIR".into(), data.display().to_string());
+    m.insert(
+        "PIPELINES_DIR".into(),
+        pipelines.pipelines().display().to_string(),
+    );
+    m.insert("SCHEMAS_DIR".into(), pipelines.schemas().display().to_string());
+    m.insert("ADMIN_API_KEY".into(), ADMIN_KEY.into());
+    m.insert("QUEUE_POLL_INTERVAL".into(), "20ms".into());
+    m.insert("SWEEP_INTERVAL".into(), "200ms".into());
+    m.insert("REQUEUE_AFTER".into(), "5s".into());
+    m.insert("PROCESSING_LEASE".into(), "30s".into());
+    m.insert("SCRIPT_MAX_WALL_TIME".into(), "200ms".into());
+    m
+}
+
+pub async fn spawn_app(pipelines: PipelineDir) -> TestApp {
+    spawn_app_with(pipelines, |_| {}).await
+}
+
+pub async fn spawn_app_with(
+    pipelines: PipelineDir,
+    tweak: impl FnOnce(&mut HashMap<String, String>),
+) -> TestApp {
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut values = base_config(data.path(), &pipelines);
+    tweak(&mut values);
+    let config = Config::from_map(&values).expect("config");
+    let app = App::start(config, Role::All).await.expect("app starts");
+    let key = app.demo_key.clone().expect("demo partner created on first start");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let router = app.router();
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await;
+    });
+    TestApp {
+        addr,
+        http: reqwest::Client::new(),
+        key,
+        app: Some(app),
+        server,
+        _data: data,
+        pipelines,
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn post_event(&self, tipo: &str, dados: Value) -> reqwest::Response {
+        self.post_event_as(&self.key, tipo, dados, None).await
+    }
+
+    pub async fn post_event_as(
+        &self,
+        key: &str,
+        tipo: &str,
+        dados: Value,
+        idem: Option<&str>,
+    ) -> reqwest::Response {
+        let mut req = self
+            .http
+            .post(self.url("/events"))
+            .header("x-api-key", key)
+            .json(&json!({"tipo": tipo, "dados": dados}));
+        if let Some(k) = idem {
+            req = req.header("idempotency-key", k);
+        }
+        req.send().await.expect("request")
+    }
+
+    pub async fn get_json(&self, path: &str, key: &str) -> (StatusCode, Value) {
+        let resp = self
+            .http
+            .get(self.url(path))
+            .header("x-api-key", key)
+            .send()
+            .await
+            .expect("request");
+        let status = StatusCode::from_u16(resp.status().as_u16()).expect("status");
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Creates another partner with a known key.
+    pub async fn add_partner(&self, id: &str) -> String {
+        let store = &self.app.as_ref().expect("running").state.store;
+        store
+            .create_partner(&orchestrator::store::NewPartner {
+                id: id.into(),
+                name: id.into(),
+                password_hash: None,
+                rate_per_minute: None,
+                burst: None,
+            })
+            .await
+            .expect("partner");
+        let key = orchestrator::api::auth::generate_api_key();
+        store
+            .add_api_key(id, &orchestrator::api::auth::hash_api_key(&key), "test")
+            .await
+            .expect("key");
+        key
+    }
+
+    /// Polls `/events/{id}/status` until `pred` holds or `timeout` passes.
+    pub async fn wait_status(&self, id: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (_, body) = self.get_json(&format!("/events/{id}/status"), ADMIN_KEY).await;
+            if pred(&body) {
+                return body;
+            }
+            if Instant::now() > deadline {
+                panic!("event {id} did not reach the expected state in {timeout:?}; last: {body:#}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub async fn wait_for(&self, id: &str, status: &str, timeout: Duration) -> Value {
+        self.wait_status(id, timeout, |b| b["status"] == status).await
+    }
+
+    pub async fn stop(mut self) {
+        self.server.abort();
+        if let Some(app) = self.app.take() {
+            app.shutdown().await;
+        }
+    }
+}
+
+pub async fn accepted_id(resp: reqwest::Response) -> String {
+    let status = resp.status();
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(status, 202, "expected 202, got {status}: {body}");
+    body["id"].as_str().expect("id").to_owned()
+}
+
+/// A request the receiver got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+/// What the receiver answers, per path.
+#[derive(Debug, Clone, Copy)]
+pub enum Behaviour {
+    Status(u16),
+    /// Sleep, then 200.
+    Hang(Duration),
+}
+
+#[derive(Default)]
+struct ReceiverState {
+    received: Vec<Received>,
+    behaviour: HashMap<String, Behaviour>,
+}
+
+/// A real HTTP webhook receiver on loopback.
+#[derive(Clone)]
+pub struct Receiver {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<ReceiverState>>,
+}
+
+impl Receiver {
+    pub async fn start() -> Self {
+        let state = Arc::new(Mutex::new(ReceiverState::default()));
+        let app = axum::Router::new().fallback(receive).with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { addr, state }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn set(&self, path: &str, b: Behaviour) {
+        self.state.lock().expect("lock").behaviour.insert(path.into(), b);
+    }
+
+    pub fn received(&self, path: &str) -> Vec<Received> {
+        self.state
+            .lock()
+            .expect("lock")
+            .received
+            .iter()
+            .filter(|r| r.path == path)
+            .cloned()
+            .collect()
+    }
+
+    pub fn count_for(&self, path: &str, event_id: &str) -> usize {
+        self.received(path)
+            .iter()
+            .filter(|r| r.body["id"] == event_id)
+            .count()
+    }
+}
+
+async fn receive(
+    State(state): State<Arc<Mutex<ReceiverState>>>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> StatusCode {
+    let path = uri.path().to_owned();
+    let behaviour = {
+        let mut s = state.lock().expect("lock");
+        s.received.push(Received {
+            path: path.clone(),
+            headers,
+            body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        });
+        s.behaviour.get(&path).copied().unwrap_or(Behaviour::Status(200))
+    };
+    match behaviour {
+        Behaviour::Status(code) => StatusCode::from_u16(code).expect("status"),
+        Behaviour::Hang(d) => {
+            tokio::time::sleep(d).await;
+            StatusCode::OK
+        }
+    }
+}

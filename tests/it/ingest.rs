@@ -1,0 +1,394 @@
+//! POST /events: validation, errors, idempotency, auth and isolation.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use unicode_normalization::UnicodeNormalization;
+
+use crate::helpers::*;
+
+async fn problem(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body: Value = resp.json().await.expect("problem body is JSON");
+    assert_eq!(ct, "application/problem+json", "status {status}: {body}");
+    assert_eq!(body["status"], status);
+    assert!(body["code"].is_string() && body["title"].is_string() && body["detail"].is_string());
+    (status, body)
+}
+
+fn error_paths(body: &Value) -> Vec<String> {
+    body["errors"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| e["path"].as_str().unwrap_or("").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_types_are_validated_field_by_field() {
+    let app = spawn_app(PipelineDir::shipped()).await;
+    let valid = [
+        (
+            "VENDA",
+            json!({"produto_id": "P-1", "quantidade": 2, "valor": 10.5}),
+        ),
+        (
+            "DEVOLUÇÃO",
+            json!({"venda_id": "V-1", "motivo": "Produto com defeito"}),
+        ),
+        (
+            "ATUALIZAÇÃO_ESTOQUE",
+            json!({"produto_id": "P-1", "quantidade": 0}),
+        ),
+    ];
+    for (tipo, dados) in &valid {
+        // Each required field missing in turn: 422 naming the field.
+        for field in dados.as_object().expect("object").keys() {
+            let mut d = dados.clone();
+            d.as_object_mut().expect("object").remove(field);
+            let (status, body) = problem(app.post_event(tipo, d).await).await;
+            assert_eq!(status, 422, "{tipo} without {field}");
+            assert_eq!(body["code"], "validation_failed");
+            assert!(
+                error_paths(&body).contains(&format!("/dados/{field}")),
+                "{tipo} without {field}: {body}"
+            );
+        }
+        // Every field with a wrong type.
+        for field in dados.as_object().expect("object").keys() {
+            let mut d = dados.clone();
+            d[field] = json!([1]);
+            let (status, body) = problem(app.post_event(tipo, d).await).await;
+            assert_eq!(status, 422);
+            assert!(error_paths(&body).contains(&format!("/dados/{field}")), "{body}");
+        }
+        let resp = app.post_event(tipo, dados.clone()).await;
+        accepted_id(resp).await;
+    }
+    // Range rules of the seed types.
+    for (tipo, dados, path) in [
+        (
+            "VENDA",
+            json!({"produto_id": "P", "quantidade": 0, "valor": 1}),
+            "/dados/quantidade",
+        ),
+        (
+            "VENDA",
+            json!({"produto_id": "P", "quantidade": 1.5, "valor": 1}),
+            "/dados/quantidade",
+        ),
+        (
+            "VENDA",
+            json!({"produto_id": "P", "quantidade": 1, "valor": -0.01}),
+            "/dados/valor",
+        ),
+        (
+            "VENDA",
+            json!({"produto_id": "", "quantidade": 1, "valor": 1}),
+            "/dados/produto_id",
+        ),
+        (
+            "VENDA",
+            json!({"produto_id": "P", "quantidade": "2", "valor": 1}),
+            "/dados/quantidade",
+        ),
+        (
+            "DEVOLUÇÃO",
+            json!({"venda_id": "V", "motivo": "   "}),
+            "/dados/motivo",
+        ),
+        (
+            "ATUALIZAÇÃO_ESTOQUE",
+            json!({"produto_id": "P", "quantidade": -1}),
+            "/dados/quantidade",
+        ),
+    ] {
+        let (status, body) = problem(app.post_event(tipo, dados.clone()).await).await;
+        assert_eq!(status, 422, "{tipo} {dados}");
+        assert!(
+            error_paths(&body).contains(&path.to_owned()),
+            "{tipo} {dados}: {body}"
+        );
+    }
+    // Several violations are all listed.
+    let (_, body) = problem(app.post_event("VENDA", json!({"quantidade": 0})).await).await;
+    let paths = error_paths(&body);
+    for p in ["/dados/produto_id", "/dados/valor", "/dados/quantidade"] {
+        assert!(paths.contains(&p.to_owned()), "{body}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_errors() {
+    let app = spawn_app(PipelineDir::shipped()).await;
+    let post = |body: Vec<u8>, ct: &'static str| {
+        app.http
+            .post(app.url("/events"))
+            .header("x-api-key", &app.key)
+            .header("content-type", ct)
+            .body(body)
+            .send()
+    };
+    let (s, b) = problem(
+        post(b"{\"tipo\": \"VENDA\", ".to_vec(), "application/json")
+            .await
+            .expect("send"),
+    )
+    .await;
+    assert_eq!((s, b["code"].as_str()), (400, Some("malformed_json")));
+    let (s, b) = problem(
+        post(b"tipo=VENDA".to_vec(), "application/x-www-form-urlencoded")
+            .await
+            .expect("send"),
+    )
+    .await;
+    assert_eq!((s, b["code"].as_str()), (415, Some("unsupported_media_type")));
+    let (s, _) = problem(post(b"{}".to_vec(), "text/plain").await.expect("send")).await;
+    assert_eq!(s, 415);
+    let big = format!(
+        r#"{{"tipo":"VENDA","dados":{{"produto_id":"{}","quantidade":1,"valor":1}}}}"#,
+        "x".repeat(300 * 1024)
+    );
+    let (s, b) = problem(post(big.into_bytes(), "application/json").await.expect("send")).await;
+    assert_eq!((s, b["code"].as_str()), (413, Some("payload_too_large")));
+    let (s, b) = problem(app.post_event("CANCELAMENTO", json!({})).await).await;
+    assert_eq!((s, b["code"].as_str()), (422, Some("unknown_event_type")));
+    assert!(
+        b["detail"].as_str().unwrap_or("").contains("VENDA"),
+        "lists the known types: {b}"
+    );
+    let (s, b) = problem(
+        post(br#"{"tipo": 5, "dados": []}"#.to_vec(), "application/json")
+            .await
+            .expect("send"),
+    )
+    .await;
+    assert_eq!((s, b["code"].as_str()), (422, Some("invalid_envelope")));
+    assert_eq!(error_paths(&b), vec!["/tipo", "/dados"]);
+    let (s, _) = problem(post(b"[1,2]".to_vec(), "application/json").await.expect("send")).await;
+    assert_eq!(s, 422);
+    // Nothing above was stored.
+    let (_, page) = app.get_json("/events", ADMIN_KEY).await;
+    assert_eq!(page["items"].as_array().map(Vec::len), Some(0), "{page}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decomposed_unicode_reaches_the_same_pipeline() {
+    let app = spawn_app(PipelineDir::shipped()).await;
+    let nfd: String = "DEVOLUÇÃO".nfd().collect();
+    assert_ne!(nfd, "DEVOLUÇÃO");
+    let id = accepted_id(
+        app.post_event(&nfd, json!({"venda_id": "V-9", "motivo": "Chegou quebrado"}))
+            .await,
+    )
+    .await;
+    let (_, ev) = app.get_json(&format!("/events/{id}"), &app.key).await;
+    assert_eq!(ev["tipo"], "DEVOLUÇÃO");
+    app.wait_for(&id, "processed", Duration::from_secs(10)).await;
+    let (_, ev) = app.get_json(&format!("/events/{id}"), &app.key).await;
+    assert_eq!(ev["result"]["meta"]["categoria"], "defeito", "{ev}");
+    assert_eq!(ev["result"]["dados"]["motivo"], "chegou quebrado", "{ev}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys() {
+    let app = spawn_app(PipelineDir::shipped()).await;
+    let dados = json!({"produto_id": "P-1", "quantidade": 1, "valor": 3});
+    let first = app
+        .post_event_as(&app.key, "VENDA", dados.clone(), Some("k-1"))
+        .await;
+    let id = accepted_id(first).await;
+    // Same body, keys in another order: a replay.
+    let reordered = json!({"valor": 3, "quantidade": 1, "produto_id": "P-1"});
+    let again = app.post_event_as(&app.key, "VENDA", reordered, Some("k-1")).await;
+    assert_eq!(again.status(), 200);
+    assert_eq!(
+        again
+            .headers()
+            .get("idempotent-replayed")
+            .and_then(|v| v.to_str().ok()),
+        Some("true")
+    );
+    let body: Value = again.json().await.expect("json");
+    assert_eq!(body["id"], id.as_str());
+    // Same key, different body.
+    let conflict = app
+        .post_event_as(
+            &app.key,
+            "VENDA",
+            json!({"produto_id": "P-1", "quantidade": 2, "valor": 3}),
+            Some("k-1"),
+        )
+        .await;
+    let (s, b) = problem(conflict).await;
+    assert_eq!((s, b["code"].as_str()), (409, Some("idempotency_conflict")));
+    // Another partner may use the same key.
+    let other = app.add_partner("other").await;
+    let theirs = accepted_id(
+        app.post_event_as(&other, "VENDA", dados.clone(), Some("k-1"))
+            .await,
+    )
+    .await;
+    assert_ne!(theirs, id);
+
+    // 50 concurrent identical requests with one key: exactly one event.
+    let mut handles = Vec::new();
+    for _ in 0..50 {
+        let http = app.http.clone();
+        let url = app.url("/events");
+        let key = app.key.clone();
+        let dados = dados.clone();
+        handles.push(tokio::spawn(async move {
+            let resp = http
+                .post(url)
+                .header("x-api-key", key)
+                .header("idempotency-key", "burst")
+                .json(&json!({"tipo": "VENDA", "dados": dados}))
+                .send()
+                .await
+                .expect("send");
+            let status = resp.status().as_u16();
+            let body: Value = resp.json().await.expect("json");
+            (status, body["id"].as_str().unwrap_or("").to_owned())
+        }));
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    let mut created = 0;
+    for h in handles {
+        let (status, id) = h.await.expect("join");
+        assert!(status == 202 || status == 200, "status {status}");
+        created += usize::from(status == 202);
+        ids.insert(id);
+    }
+    assert_eq!(ids.len(), 1, "one event for one key: {ids:?}");
+    assert_eq!(created, 1);
+    let (_, page) = app.get_json("/events?limit=1000", &app.key).await;
+    assert_eq!(
+        page["items"].as_array().map(Vec::len),
+        Some(2),
+        "k-1 and burst only"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_and_isolation() {
+    let app = spawn_app(PipelineDir::shipped()).await;
+    let id = accepted_id(
+        app.post_event("VENDA", json!({"produto_id": "P", "quantidade": 1, "valor": 1}))
+            .await,
+    )
+    .await;
+    let other = app.add_partner("acme").await;
+    for path in [format!("/events/{id}"), format!("/events/{id}/status")] {
+        let (s, b) = app.get_json(&path, &other).await;
+        assert_eq!(
+            (s.as_u16(), b["code"].as_str()),
+            (404, Some("not_found")),
+            "{path}"
+        );
+        let (s, _) = app.get_json(&path, &app.key).await;
+        assert_eq!(s, 200);
+        let (s, _) = app.get_json(&path, ADMIN_KEY).await;
+        assert_eq!(s, 200);
+    }
+    let retry = app
+        .http
+        .post(app.url(&format!("/events/{id}/retry")))
+        .header("x-api-key", &other)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(retry.status(), 404);
+    // The other partner's listing and stats do not include it.
+    let (_, page) = app.get_json("/events", &other).await;
+    assert_eq!(page["items"].as_array().map(Vec::len), Some(0));
+    let (_, stats) = app.get_json("/events/stats", &other).await;
+    assert_eq!(stats["total"], 0);
+    let (_, stats) = app.get_json("/events/stats", ADMIN_KEY).await;
+    assert_eq!(stats["total"], 1);
+
+    for route in ["/events", "/events/stats", &format!("/events/{id}")] {
+        let none = app.http.get(app.url(route)).send().await.expect("send");
+        assert_eq!(none.status(), 401, "{route} without a key");
+        assert!(none.headers().contains_key("www-authenticate"));
+        let (s, _) = app.get_json(route, "eo_wrong_key_000000000000000000").await;
+        assert_eq!(s, 401, "{route} with a wrong key");
+    }
+    let resp = app
+        .http
+        .post(app.url("/events"))
+        .json(&json!({"tipo": "VENDA", "dados": {}}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 401);
+    // Admin routes refuse partners.
+    let (s, _) = app.get_json("/admin/pipelines", &app.key).await;
+    assert_eq!(s, 403);
+    let (s, b) = app.get_json("/admin/pipelines", ADMIN_KEY).await;
+    assert_eq!(s, 200);
+    assert_eq!(b["pipelines"].as_array().map(Vec::len), Some(3));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_filters_and_pages() {
+    let app = spawn_app(PipelineDir::shipped()).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            accepted_id(
+                app.post_event(
+                    "VENDA",
+                    json!({"produto_id": format!("P{i}"), "quantidade": 1, "valor": 1}),
+                )
+                .await,
+            )
+            .await,
+        );
+    }
+    accepted_id(
+        app.post_event("ATUALIZAÇÃO_ESTOQUE", json!({"produto_id": "P", "quantidade": 3}))
+            .await,
+    )
+    .await;
+    let (_, page) = app.get_json("/events?tipo=VENDA&limit=2", &app.key).await;
+    let first: Vec<_> = page["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|e| e["id"].clone())
+        .collect();
+    assert_eq!(first, vec![json!(ids[4]), json!(ids[3])]);
+    let cursor = page["next_cursor"].as_str().expect("cursor").to_owned();
+    let (_, page) = app
+        .get_json(&format!("/events?tipo=VENDA&limit=2&cursor={cursor}"), &app.key)
+        .await;
+    let second: Vec<_> = page["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|e| e["id"].clone())
+        .collect();
+    assert_eq!(second, vec![json!(ids[2]), json!(ids[1])]);
+    let (s, b) = app.get_json("/events?status=bogus", &app.key).await;
+    assert_eq!((s.as_u16(), b["code"].as_str()), (422, Some("invalid_query")));
+    let (s, _) = app.get_json("/events?limit=abc", &app.key).await;
+    assert_eq!(s, 422);
+    let (s, _) = app.get_json("/events?since=yesterday", &app.key).await;
+    assert_eq!(s, 422);
+    app.stop().await;
+}

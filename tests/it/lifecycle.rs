@@ -1,0 +1,334 @@
+//! The event lifecycle through real pipelines and a real webhook receiver.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// A pipeline `PEDIDO` delivering to two webhooks on `rx`, with fast retries.
+fn two_webhooks(rx: &Receiver, max_retries: u32) -> PipelineDir {
+    let dir = PipelineDir::new();
+    dir.any_schema().write(
+        "pipelines/pedido.yaml",
+        &format!(
+            r#"
+event_type: PEDIDO
+schema: any.schema.json
+retry:
+  max_retries: {max_retries}
+  backoff: exponential
+  initial_delay: 100ms
+  multiplier: 2
+  max_delay: 1s
+stages:
+  - plugin: deliver
+destinations:
+  a:
+    type: webhook
+    url: {a}
+    timeout: 2s
+    secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw
+  b:
+    type: webhook
+    url: {b}
+    timeout: 500ms
+"#,
+            a = rx.url("/a"),
+            b = rx.url("/b")
+        ),
+    );
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_events_are_processed_end_to_end() {
+    let app = spawn_app(PipelineDir::shipped()).await;
+    let cases = [
+        (
+            "VENDA",
+            json!({"produto_id": "P-1", "quantidade": 3, "valor": 5000.0}),
+        ),
+        (
+            "DEVOLUÇÃO",
+            json!({"venda_id": "V-1", "motivo": "  Me ARREPENDI "}),
+        ),
+        (
+            "ATUALIZAÇÃO_ESTOQUE",
+            json!({"produto_id": "P-1", "quantidade": 0}),
+        ),
+    ];
+    let mut ids = Vec::new();
+    for (tipo, dados) in &cases {
+        ids.push(accepted_id(app.post_event(tipo, dados.clone()).await).await);
+    }
+    for id in &ids {
+        let st = app.wait_for(id, "processed", Duration::from_secs(5)).await;
+        assert_eq!(st["attempts"], 1);
+        let stages: Vec<_> = st["trace"]
+            .as_array()
+            .expect("trace")
+            .iter()
+            .map(|t| t["stage"].clone())
+            .collect();
+        assert_eq!(
+            stages,
+            vec![
+                json!("validate"),
+                json!("enrich"),
+                json!("route"),
+                json!("deliver"),
+                json!("persist")
+            ]
+        );
+        assert!(
+            st["trace"]
+                .as_array()
+                .expect("trace")
+                .iter()
+                .all(|t| t["outcome"] == "ok")
+        );
+    }
+    let (_, venda) = app.get_json(&format!("/events/{}", ids[0]), &app.key).await;
+    assert_eq!(venda["result"]["dados"]["total"], 15000.0);
+    assert_eq!(
+        venda["result"]["dados"]["quantidade"], 3,
+        "integers stay integers"
+    );
+    assert_eq!(venda["result"]["meta"]["alto_valor"], true);
+    assert_eq!(venda["result"]["routes"], json!(["erp", "fraude"]));
+    assert_eq!(
+        venda["dados"]["valor"], 5000.0,
+        "the received dados are kept as received"
+    );
+    let delivered: Vec<_> = venda["deliveries"]
+        .as_array()
+        .expect("deliveries")
+        .iter()
+        .map(|d| d["destination"].clone())
+        .collect();
+    assert_eq!(delivered, vec![json!("erp"), json!("fraude")]);
+    let (_, dev) = app.get_json(&format!("/events/{}", ids[1]), &app.key).await;
+    assert_eq!(dev["result"]["meta"]["categoria"], "arrependimento");
+    assert_eq!(dev["result"]["routes"], json!(["erp"]));
+    let (_, est) = app.get_json(&format!("/events/{}", ids[2]), &app.key).await;
+    assert_eq!(est["result"]["routes"], json!(["wms", "compras"]));
+
+    let (_, stats) = app.get_json("/events/stats", &app.key).await;
+    assert_eq!(stats["total"], 3);
+    assert_eq!(stats["by_status"]["processed"], 3);
+    assert_eq!(stats["by_type"]["VENDA"], 1);
+    assert!(stats["processing_ms"]["p50"].is_number(), "{stats}");
+
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(r#"events_received_total{tipo="VENDA"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"events_processed_total{tipo="DEVOLUÇÃO"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("processing_duration_seconds_bucket"));
+    let health = app.http.get(app.url("/health")).send().await.expect("send");
+    assert_eq!(health.status(), 200);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_retry_then_dead_letter_then_manual_retry() {
+    let rx = Receiver::start().await;
+    rx.set("/b", Behaviour::Status(503));
+    let app = spawn_app(two_webhooks(&rx, 2)).await;
+    let id = accepted_id(app.post_event("PEDIDO", json!({"n": 1})).await).await;
+    let st = app.wait_for(&id, "dead_lettered", WAIT).await;
+    assert_eq!(st["attempts"], 3, "first attempt + 2 retries: {st}");
+    assert_eq!(st["last_error"]["category"], "delivery");
+    assert_eq!(st["last_error"]["transient"], true);
+    assert!(
+        st["last_error"]["message"].as_str().unwrap_or("").contains("503"),
+        "{st}"
+    );
+    let deliver = &st["trace"][1];
+    assert_eq!(
+        (deliver["stage"].as_str(), deliver["outcome"].as_str()),
+        (Some("deliver"), Some("failed"))
+    );
+    assert_eq!(rx.count_for("/b", &id), 3);
+    assert_eq!(
+        rx.count_for("/a", &id),
+        1,
+        "a answered 2xx once and is never called again"
+    );
+
+    // Backoff: 100ms then 200ms between the calls to b.
+    let (_, ev) = app.get_json(&format!("/events/{id}"), ADMIN_KEY).await;
+    assert_eq!(ev["status"], "dead_lettered");
+    let (_, dl) = app.get_json("/events?status=dead_lettered", &app.key).await;
+    assert_eq!(dl["items"][0]["id"], id.as_str());
+
+    // Signed per Standard Webhooks, with the event id as idempotency key.
+    let a = &rx.received("/a")[0];
+    assert_eq!(a.headers["idempotency-key"], id.as_str());
+    assert_eq!(a.headers["webhook-id"], id.as_str());
+    assert!(
+        a.headers["webhook-signature"]
+            .to_str()
+            .unwrap_or("")
+            .starts_with("v1,")
+    );
+    assert!(
+        !rx.received("/b")[0].headers.contains_key("webhook-signature"),
+        "b has no secret"
+    );
+    assert_eq!(a.body["tipo"], "PEDIDO");
+    assert_eq!(a.body["dados"], json!({"n": 1}));
+    for k in ["id", "partner_id", "received_at", "meta"] {
+        assert!(a.body.get(k).is_some(), "payload has {k}");
+    }
+
+    // The destination recovers; a manual retry processes the event.
+    rx.set("/b", Behaviour::Status(200));
+    let retry = app
+        .http
+        .post(app.url(&format!("/events/{id}/retry")))
+        .header("x-api-key", &app.key)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(retry.status(), 202);
+    let st = app.wait_for(&id, "processed", WAIT).await;
+    assert_eq!(st["attempts"], 4);
+    assert_eq!(rx.count_for("/a", &id), 1, "still exactly one delivery to a");
+    assert_eq!(rx.count_for("/b", &id), 4);
+    let deliver = &st["trace"][1];
+    let outcomes: Vec<_> = deliver["output"].as_object().map(|_| ()).into_iter().collect();
+    assert!(outcomes.is_empty(), "outputs are only kept for dry runs");
+
+    // A processed event cannot be retried.
+    let again = app
+        .http
+        .post(app.url(&format!("/events/{id}/retry")))
+        .header("x-api-key", &app.key)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(again.status(), 409);
+    let body: Value = again.json().await.expect("json");
+    assert_eq!(body["code"], "not_retryable");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_destination_times_out_and_retries() {
+    let rx = Receiver::start().await;
+    rx.set("/b", Behaviour::Hang(Duration::from_secs(5)));
+    let app = spawn_app(two_webhooks(&rx, 1)).await;
+    let id = accepted_id(app.post_event("PEDIDO", json!({"n": 2})).await).await;
+    let st = app.wait_for(&id, "dead_lettered", WAIT).await;
+    assert_eq!(st["attempts"], 2);
+    assert!(
+        st["last_error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("timed out"),
+        "{st}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_failures_dead_letter_at_once() {
+    let rx = Receiver::start().await;
+    rx.set("/b", Behaviour::Status(400));
+    let app = spawn_app(two_webhooks(&rx, 3)).await;
+    let id = accepted_id(app.post_event("PEDIDO", json!({"n": 3})).await).await;
+    let st = app.wait_for(&id, "dead_lettered", WAIT).await;
+    assert_eq!(st["attempts"], 1, "no retry after a 400: {st}");
+    assert_eq!(st["last_error"]["transient"], false);
+    assert_eq!(rx.count_for("/b", &id), 1);
+    app.stop().await;
+}
+
+fn scripted(script: &str) -> PipelineDir {
+    let dir = PipelineDir::new();
+    dir.any_schema()
+        .write("pipelines/scripts/rule.rhai", script)
+        .write(
+            "pipelines/regra.yaml",
+            r#"
+event_type: REGRA
+schema: any.schema.json
+retry:
+  max_retries: 3
+  initial_delay: 100ms
+concurrency: 2
+stages:
+  - plugin: script
+    name: rule
+    file: scripts/rule.rhai
+  - plugin: route
+    to: [out]
+  - plugin: deliver
+  - plugin: persist
+destinations:
+  out:
+    type: log
+"#,
+        );
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rhai_reject_dead_letters_at_once() {
+    let app = spawn_app(scripted(
+        r#"
+fn check(v) { if v < 0 { reject(`valor negativo: ${v}`); } }
+check(event.dados.valor);
+event.meta.ok = true;
+"#,
+    ))
+    .await;
+    let bad = accepted_id(app.post_event("REGRA", json!({"valor": -5})).await).await;
+    let good = accepted_id(app.post_event("REGRA", json!({"valor": 5})).await).await;
+    let st = app.wait_for(&bad, "dead_lettered", WAIT).await;
+    assert_eq!(st["attempts"], 1);
+    assert_eq!(st["last_error"]["category"], "rejected");
+    assert_eq!(st["last_error"]["message"], "valor negativo: -5");
+    assert_eq!(st["last_error"]["stage"], "rule");
+    app.wait_for(&good, "processed", WAIT).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_script_fails_only_its_event() {
+    let app = spawn_app(scripted(
+        r#"
+if event.dados.infinito { loop { } }
+event.meta.ok = true;
+"#,
+    ))
+    .await;
+    let looping = accepted_id(app.post_event("REGRA", json!({"infinito": true})).await).await;
+    let mut others = Vec::new();
+    for i in 0..20 {
+        others.push(accepted_id(app.post_event("REGRA", json!({"infinito": false, "i": i})).await).await);
+    }
+    let st = app.wait_for(&looping, "dead_lettered", WAIT).await;
+    assert_eq!(st["attempts"], 1, "a budget error is permanent");
+    assert_eq!(st["last_error"]["category"], "script_budget");
+    for id in &others {
+        app.wait_for(id, "processed", WAIT).await;
+    }
+    app.stop().await;
+}

@@ -1,0 +1,7 @@
+//! Integration tests: one binary, many modules (faster to link).
+
+mod helpers;
+mod ingest;
+mod lifecycle;
+mod loading;
+mod process;
