@@ -59,9 +59,13 @@ pub async fn connect_store(config: &Config) -> anyhow::Result<Arc<SqlStore>> {
 
 async fn connect_queue(config: &Config) -> anyhow::Result<Arc<dyn Queue>> {
     if let Some(url) = &config.redis_url {
-        let q = RedisQueue::connect(url.expose_secret(), "orchestrator", config.queue_poll_interval)
-            .await
-            .context("cannot connect to Redis (REDIS_URL)")?;
+        let q = RedisQueue::connect(
+            url.expose_secret(),
+            &config.redis_prefix,
+            config.queue_poll_interval,
+        )
+        .await
+        .context("cannot connect to Redis (REDIS_URL)")?;
         return Ok(Arc::new(q));
     }
     let opts = sqlx::sqlite::SqliteConnectOptions::from_str(&config.queue_database_url)

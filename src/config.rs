@@ -26,6 +26,8 @@ pub struct Config {
     pub database_url: SecretString,
     /// `None` = the embedded SQLite queue.
     pub redis_url: Option<SecretString>,
+    /// Namespace of every Redis key (several deployments can share one Redis).
+    pub redis_prefix: String,
     /// SQLite queue file (embedded mode).
     pub queue_database_url: String,
     pub data_dir: PathBuf,
@@ -57,6 +59,7 @@ pub const KEYS: &[&str] = &[
     "LISTEN_ADDR",
     "DATABASE_URL",
     "REDIS_URL",
+    "REDIS_PREFIX",
     "QUEUE_DATABASE_URL",
     "DATA_DIR",
     "PIPELINES_DIR",
@@ -159,6 +162,7 @@ impl Config {
             )?,
             database_url: SecretString::from(database_url),
             redis_url: get("REDIS_URL").map(|s| SecretString::from(s.to_owned())),
+            redis_prefix: get("REDIS_PREFIX").unwrap_or("orchestrator").to_owned(),
             queue_database_url,
             data_dir,
             pipelines_dir: PathBuf::from(get("PIPELINES_DIR").unwrap_or("./pipelines")),

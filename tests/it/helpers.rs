@@ -86,6 +86,7 @@ pub struct TestApp {
     /// Kept so the store and queue files live as long as the app.
     pub _data: tempfile::TempDir,
     pub pipelines: PipelineDir,
+    isolation: Option<Isolation>,
 }
 
 pub fn base_config(data: &Path, pipelines: &PipelineDir) -> HashMap<String, String> {
@@ -105,16 +106,167 @@ pub fn base_config(data: &Path, pipelines: &PipelineDir) -> HashMap<String, Stri
     m
 }
 
+/// Where a test runs: the embedded default, or PostgreSQL + Redis.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Embedded,
+    Production { database_url: String, redis_url: String },
+}
+
+const SKIP: &str = "skipped: PostgreSQL/Redis not reachable; production-path test not run \
+                    (set ORCH_REQUIRE_SERVICES=1 to require them)";
+
+impl Backend {
+    /// PostgreSQL + Redis when they answer (`ORCH_TEST_DATABASE_URL`,
+    /// `ORCH_TEST_REDIS_URL`, defaults on 127.0.0.1). Otherwise `None` after
+    /// printing a skip line, or a panic when `ORCH_REQUIRE_SERVICES=1`.
+    pub async fn production() -> Option<Backend> {
+        let database_url = std::env::var("ORCH_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let redis_url =
+            std::env::var("ORCH_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let pg = async {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .acquire_timeout(Duration::from_secs(3))
+                .max_connections(1)
+                .connect(&database_url)
+                .await
+                .map_err(|e| e.to_string())?;
+            sqlx::query("SELECT 1")
+                .execute(&pool)
+                .await
+                .map_err(|e| e.to_string())?;
+            pool.close().await;
+            Ok::<_, String>(())
+        };
+        let rd = async {
+            let client = redis::Client::open(redis_url.as_str()).map_err(|e| e.to_string())?;
+            let mut conn =
+                tokio::time::timeout(Duration::from_secs(3), client.get_multiplexed_async_connection())
+                    .await
+                    .map_err(|_| "timeout".to_string())?
+                    .map_err(|e| e.to_string())?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(())
+        };
+        match (pg.await, rd.await) {
+            (Ok(()), Ok(())) => Some(Backend::Production {
+                database_url,
+                redis_url,
+            }),
+            (a, b) => {
+                let why = format!("PostgreSQL: {:?}, Redis: {:?}", a.err(), b.err());
+                if std::env::var("ORCH_REQUIRE_SERVICES").as_deref() == Ok("1") {
+                    panic!("PostgreSQL and Redis are required (ORCH_REQUIRE_SERVICES=1): {why}");
+                }
+                println!("{SKIP} ({why})");
+                None
+            }
+        }
+    }
+}
+
+/// What a production-path test created and must remove.
+pub struct Isolation {
+    admin_url: String,
+    database: String,
+    redis_url: String,
+    pub prefix: String,
+}
+
+impl Isolation {
+    /// A fresh database and Redis prefix; returns the database URL.
+    pub async fn create(database_url: &str, redis_url: &str) -> (Isolation, String) {
+        let name = format!("orch_test_{}", ulid::Ulid::new().to_string().to_lowercase());
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(database_url)
+            .await
+            .expect("connect PostgreSQL");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&pool)
+            .await
+            .expect("create test database");
+        pool.close().await;
+        let (base, _) = database_url.rsplit_once('/').expect("database url has a path");
+        let url = format!("{base}/{name}");
+        let iso = Isolation {
+            admin_url: database_url.to_owned(),
+            database: name.clone(),
+            redis_url: redis_url.to_owned(),
+            prefix: format!("orch-test-{name}"),
+        };
+        (iso, url)
+    }
+
+    pub async fn remove(&self) {
+        if let Ok(pool) = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&self.admin_url)
+            .await
+        {
+            let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database);
+            let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
+            pool.close().await;
+        }
+        let Ok(client) = redis::Client::open(self.redis_url.as_str()) else {
+            return;
+        };
+        let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+            return;
+        };
+        let mut cursor: u64 = 0;
+        loop {
+            let scanned: Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}:*", self.prefix))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await;
+            let Ok((next, keys)) = scanned else { break };
+            if !keys.is_empty() {
+                let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+}
+
 pub async fn spawn_app(pipelines: PipelineDir) -> TestApp {
-    spawn_app_with(pipelines, |_| {}).await
+    spawn_app_on(Backend::Embedded, pipelines).await
+}
+
+pub async fn spawn_app_on(backend: Backend, pipelines: PipelineDir) -> TestApp {
+    spawn_app_with(backend, pipelines, |_| {}).await
 }
 
 pub async fn spawn_app_with(
+    backend: Backend,
     pipelines: PipelineDir,
     tweak: impl FnOnce(&mut HashMap<String, String>),
 ) -> TestApp {
     let data = tempfile::tempdir().expect("tempdir");
     let mut values = base_config(data.path(), &pipelines);
+    let mut isolation = None;
+    if let Backend::Production {
+        database_url,
+        redis_url,
+    } = &backend
+    {
+        let (iso, url) = Isolation::create(database_url, redis_url).await;
+        values.insert("DATABASE_URL".into(), url);
+        values.insert("REDIS_URL".into(), redis_url.clone());
+        values.insert("REDIS_PREFIX".into(), iso.prefix.clone());
+        isolation = Some(iso);
+    }
     tweak(&mut values);
     let config = Config::from_map(&values).expect("config");
     let app = App::start(config, Role::All).await.expect("app starts");
@@ -137,6 +289,7 @@ pub async fn spawn_app_with(
         server,
         _data: data,
         pipelines,
+        isolation,
     }
 }
 
@@ -223,6 +376,12 @@ impl TestApp {
         self.server.abort();
         if let Some(app) = self.app.take() {
             app.shutdown().await;
+        }
+        if let Some(iso) = self.isolation.take() {
+            iso.remove().await;
+        }
+        if let Some(iso) = self.isolation.take() {
+            iso.remove().await;
         }
     }
 }

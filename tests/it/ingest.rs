@@ -33,9 +33,8 @@ fn error_paths(body: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn seed_types_are_validated_field_by_field() {
-    let app = spawn_app(PipelineDir::shipped()).await;
+async fn seed_types_are_validated_field_by_field(backend: Backend) {
+    let app = spawn_app_on(backend, PipelineDir::shipped()).await;
     let valid = [
         (
             "VENDA",
@@ -128,9 +127,8 @@ async fn seed_types_are_validated_field_by_field() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_requests_get_clear_errors() {
-    let app = spawn_app(PipelineDir::shipped()).await;
+async fn bad_requests_get_clear_errors(backend: Backend) {
+    let app = spawn_app_on(backend, PipelineDir::shipped()).await;
     let post = |body: Vec<u8>, ct: &'static str| {
         app.http
             .post(app.url("/events"))
@@ -183,9 +181,8 @@ async fn bad_requests_get_clear_errors() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn decomposed_unicode_reaches_the_same_pipeline() {
-    let app = spawn_app(PipelineDir::shipped()).await;
+async fn decomposed_unicode_reaches_the_same_pipeline(backend: Backend) {
+    let app = spawn_app_on(backend, PipelineDir::shipped()).await;
     let nfd: String = "DEVOLUÇÃO".nfd().collect();
     assert_ne!(nfd, "DEVOLUÇÃO");
     let id = accepted_id(
@@ -202,9 +199,8 @@ async fn decomposed_unicode_reaches_the_same_pipeline() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idempotency_keys() {
-    let app = spawn_app(PipelineDir::shipped()).await;
+async fn idempotency_keys(backend: Backend) {
+    let app = spawn_app_on(backend, PipelineDir::shipped()).await;
     let dados = json!({"produto_id": "P-1", "quantidade": 1, "valor": 3});
     let first = app
         .post_event_as(&app.key, "VENDA", dados.clone(), Some("k-1"))
@@ -283,9 +279,8 @@ async fn idempotency_keys() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn credentials_and_isolation() {
-    let app = spawn_app(PipelineDir::shipped()).await;
+async fn credentials_and_isolation(backend: Backend) {
+    let app = spawn_app_on(backend, PipelineDir::shipped()).await;
     let id = accepted_id(
         app.post_event("VENDA", json!({"produto_id": "P", "quantidade": 1, "valor": 1}))
             .await,
@@ -344,9 +339,8 @@ async fn credentials_and_isolation() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn listing_filters_and_pages() {
-    let app = spawn_app(PipelineDir::shipped()).await;
+async fn listing_filters_and_pages(backend: Backend) {
+    let app = spawn_app_on(backend, PipelineDir::shipped()).await;
     let mut ids = Vec::new();
     for i in 0..5 {
         ids.push(
@@ -392,3 +386,12 @@ async fn listing_filters_and_pages() {
     assert_eq!(s, 422);
     app.stop().await;
 }
+
+crate::both_backends!(
+    seed_types_are_validated_field_by_field,
+    bad_requests_get_clear_errors,
+    decomposed_unicode_reaches_the_same_pipeline,
+    idempotency_keys,
+    credentials_and_isolation,
+    listing_filters_and_pages
+);

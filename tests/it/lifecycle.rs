@@ -43,9 +43,8 @@ destinations:
     dir
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn seed_events_are_processed_end_to_end() {
-    let app = spawn_app(PipelineDir::shipped()).await;
+async fn seed_events_are_processed_end_to_end(backend: Backend) {
+    let app = spawn_app_on(backend, PipelineDir::shipped()).await;
     let cases = [
         (
             "VENDA",
@@ -145,11 +144,10 @@ async fn seed_events_are_processed_end_to_end() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transient_failures_retry_then_dead_letter_then_manual_retry() {
+async fn transient_failures_retry_then_dead_letter_then_manual_retry(backend: Backend) {
     let rx = Receiver::start().await;
     rx.set("/b", Behaviour::Status(503));
-    let app = spawn_app(two_webhooks(&rx, 2)).await;
+    let app = spawn_app_on(backend, two_webhooks(&rx, 2)).await;
     let id = accepted_id(app.post_event("PEDIDO", json!({"n": 1})).await).await;
     let st = app.wait_for(&id, "dead_lettered", WAIT).await;
     assert_eq!(st["attempts"], 3, "first attempt + 2 retries: {st}");
@@ -229,11 +227,10 @@ async fn transient_failures_retry_then_dead_letter_then_manual_retry() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hanging_destination_times_out_and_retries() {
+async fn hanging_destination_times_out_and_retries(backend: Backend) {
     let rx = Receiver::start().await;
     rx.set("/b", Behaviour::Hang(Duration::from_secs(5)));
-    let app = spawn_app(two_webhooks(&rx, 1)).await;
+    let app = spawn_app_on(backend, two_webhooks(&rx, 1)).await;
     let id = accepted_id(app.post_event("PEDIDO", json!({"n": 2})).await).await;
     let st = app.wait_for(&id, "dead_lettered", WAIT).await;
     assert_eq!(st["attempts"], 2);
@@ -247,11 +244,10 @@ async fn hanging_destination_times_out_and_retries() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn permanent_failures_dead_letter_at_once() {
+async fn permanent_failures_dead_letter_at_once(backend: Backend) {
     let rx = Receiver::start().await;
     rx.set("/b", Behaviour::Status(400));
-    let app = spawn_app(two_webhooks(&rx, 3)).await;
+    let app = spawn_app_on(backend, two_webhooks(&rx, 3)).await;
     let id = accepted_id(app.post_event("PEDIDO", json!({"n": 3})).await).await;
     let st = app.wait_for(&id, "dead_lettered", WAIT).await;
     assert_eq!(st["attempts"], 1, "no retry after a 400: {st}");
@@ -289,15 +285,17 @@ destinations:
     dir
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rhai_reject_dead_letters_at_once() {
-    let app = spawn_app(scripted(
-        r#"
+async fn rhai_reject_dead_letters_at_once(backend: Backend) {
+    let app = spawn_app_on(
+        backend,
+        scripted(
+            r#"
 fn check(v) { if v < 0 { reject(`valor negativo: ${v}`); } }
 check(event.dados.valor);
 event.meta.ok = true;
 "#,
-    ))
+        ),
+    )
     .await;
     let bad = accepted_id(app.post_event("REGRA", json!({"valor": -5})).await).await;
     let good = accepted_id(app.post_event("REGRA", json!({"valor": 5})).await).await;
@@ -310,14 +308,16 @@ event.meta.ok = true;
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn endless_script_fails_only_its_event() {
-    let app = spawn_app(scripted(
-        r#"
+async fn endless_script_fails_only_its_event(backend: Backend) {
+    let app = spawn_app_on(
+        backend,
+        scripted(
+            r#"
 if event.dados.infinito { loop { } }
 event.meta.ok = true;
 "#,
-    ))
+        ),
+    )
     .await;
     let looping = accepted_id(app.post_event("REGRA", json!({"infinito": true})).await).await;
     let mut others = Vec::new();
@@ -332,3 +332,12 @@ event.meta.ok = true;
     }
     app.stop().await;
 }
+
+crate::both_backends!(
+    seed_events_are_processed_end_to_end,
+    transient_failures_retry_then_dead_letter_then_manual_retry,
+    hanging_destination_times_out_and_retries,
+    permanent_failures_dead_letter_at_once,
+    rhai_reject_dead_letters_at_once,
+    endless_script_fails_only_its_event
+);

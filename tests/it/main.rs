@@ -1,5 +1,32 @@
 //! Integration tests: one binary, many modules (faster to link).
 
+/// Runs each named `async fn(Backend)` twice: `embedded::name` on SQLite and
+/// the SQLite queue, `production::name` on PostgreSQL and Redis (skipped with a
+/// printed line when they do not answer, unless `ORCH_REQUIRE_SERVICES=1`).
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::helpers::Backend::Embedded).await
+                }
+            )*
+        }
+        mod production {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(backend) = $crate::helpers::Backend::production().await {
+                        super::$name(backend).await
+                    }
+                }
+            )*
+        }
+    };
+}
+
 mod helpers;
 mod ingest;
 mod lifecycle;
