@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use engine::{LoadOptions, ScriptHost, ScriptLimits};
+use engine::{EventSink, LoadOptions, ScriptHost, ScriptLimits};
 use plugins::BuiltinFactory;
 use secrecy::ExposeSecret;
 use tokio::sync::watch;
@@ -88,14 +88,14 @@ async fn connect_queue(config: &Config) -> anyhow::Result<Arc<dyn Queue>> {
     Ok(Arc::new(q))
 }
 
-/// Loads pipelines with the built-in plugins, delivering through `store`.
-pub fn load_pipelines(config: &Config, store: Arc<dyn Store>) -> Result<Pipelines, engine::LoadErrors> {
+/// Loads pipelines with the built-in plugins, recording side effects in `sink`.
+pub fn load_pipelines(config: &Config, sink: Arc<dyn EventSink>) -> Result<Pipelines, engine::LoadErrors> {
     let limits = ScriptLimits {
         max_operations: config.script_max_operations,
         max_wall_time: config.script_max_wall_time,
         ..ScriptLimits::default()
     };
-    let factory = BuiltinFactory::new(BuiltinFactory::default_http_client(), Arc::new(StoreSink(store)));
+    let factory = BuiltinFactory::new(BuiltinFactory::default_http_client(), sink);
     Pipelines::load(
         LoadOptions {
             pipelines_dir: config.pipelines_dir.clone(),
@@ -140,7 +140,7 @@ impl App {
         }
         let store: Arc<dyn Store> = sql.clone();
         let pipelines = Arc::new(
-            load_pipelines(&config, store.clone())
+            load_pipelines(&config, Arc::new(StoreSink(store.clone())))
                 .map_err(|errors| anyhow::anyhow!("the pipeline set is invalid:\n{errors}"))?,
         );
         info!(
@@ -178,11 +178,14 @@ impl App {
             w.ensure(&pipelines);
             workers = Some(w);
             background.push(tokio::spawn(crate::worker::sweeper(
-                store.clone(),
-                queue.clone(),
-                metrics.clone(),
-                config.sweep_interval,
-                config.requeue_after,
+                crate::worker::Sweeper {
+                    store: store.clone(),
+                    queue: queue.clone(),
+                    pipelines: pipelines.clone(),
+                    metrics: metrics.clone(),
+                    interval: config.sweep_interval,
+                    requeue_after: config.requeue_after,
+                },
                 shutdown_rx.clone(),
             )));
         }
@@ -193,6 +196,7 @@ impl App {
             pipelines,
             metrics,
             workers: workers.clone(),
+            queue_down_until: Arc::default(),
         };
         Ok(App {
             state,

@@ -95,7 +95,10 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             {
                 anyhow::bail!("partner id must be 1-64 characters of letters, digits, '-', '_' or '.'");
             }
-            let password_hash = password.map(|p| hash_password(&p)).transpose()?;
+            let password_hash = password
+                .map(|p| crate::api::auth::hash_password(&p))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("cannot hash the password: {e}"))?;
             let created = store
                 .create_partner(&NewPartner {
                     id: id.clone(),
@@ -127,18 +130,6 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
     }
 }
 
-fn hash_password(p: &str) -> anyhow::Result<String> {
-    use argon2::password_hash::{PasswordHasher, SaltString};
-    use rand::RngCore;
-    let mut bytes = [0u8; 16];
-    rand::rng().fill_bytes(&mut bytes);
-    let salt = SaltString::encode_b64(&bytes).map_err(|e| anyhow::anyhow!("salt: {e}"))?;
-    argon2::Argon2::default()
-        .hash_password(p.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| anyhow::anyhow!("cannot hash the password: {e}"))
-}
-
 fn lint(config: &Config, dir: Option<PathBuf>, schemas: Option<PathBuf>) -> anyhow::Result<i32> {
     let pipelines_dir = dir.clone().unwrap_or_else(|| config.pipelines_dir.clone());
     let schemas_dir = schemas.unwrap_or_else(|| {
@@ -150,8 +141,7 @@ fn lint(config: &Config, dir: Option<PathBuf>, schemas: Option<PathBuf>) -> anyh
     let mut cfg = config.clone();
     cfg.pipelines_dir = pipelines_dir.clone();
     cfg.schemas_dir = schemas_dir;
-    let store: Arc<dyn Store> = Arc::new(NoStore);
-    match crate::app::load_pipelines(&cfg, store) {
+    match crate::app::load_pipelines(&cfg, Arc::new(engine::NullSink)) {
         Ok(p) => {
             let set = p.current();
             for pl in set.pipelines() {
@@ -268,93 +258,4 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-}
-
-/// A store for `lint`: loading never touches it.
-struct NoStore;
-
-#[async_trait::async_trait]
-impl Store for NoStore {
-    async fn migrate(&self) -> crate::store::StoreResult<()> {
-        Ok(())
-    }
-    async fn ping(&self) -> crate::store::StoreResult<()> {
-        Ok(())
-    }
-    async fn insert_event(
-        &self,
-        _: crate::store::NewEvent,
-    ) -> crate::store::StoreResult<crate::store::InsertOutcome> {
-        Err(unavailable())
-    }
-    async fn get_event(&self, _: &str) -> crate::store::StoreResult<Option<crate::store::EventRecord>> {
-        Ok(None)
-    }
-    async fn list_events(
-        &self,
-        _: &crate::store::ListFilter,
-    ) -> crate::store::StoreResult<Vec<crate::store::EventRecord>> {
-        Ok(Vec::new())
-    }
-    async fn stats(&self, _: Option<&str>) -> crate::store::StoreResult<crate::store::Stats> {
-        Err(unavailable())
-    }
-    async fn deliveries(&self, _: &str) -> crate::store::StoreResult<Vec<crate::store::DeliveryRow>> {
-        Ok(Vec::new())
-    }
-    async fn claim(
-        &self,
-        _: &str,
-        _: chrono::DateTime<chrono::Utc>,
-        _: chrono::DateTime<chrono::Utc>,
-    ) -> crate::store::StoreResult<Option<crate::store::EventRecord>> {
-        Ok(None)
-    }
-    async fn finish_attempt(
-        &self,
-        _: &str,
-        _: u32,
-        _: &crate::store::AttemptFinish,
-    ) -> crate::store::StoreResult<bool> {
-        Ok(false)
-    }
-    async fn record_delivery(&self, _: &str, _: &engine::DeliveryReport) -> crate::store::StoreResult<()> {
-        Ok(())
-    }
-    async fn persist_result(&self, _: &str, _: &serde_json::Value) -> crate::store::StoreResult<()> {
-        Ok(())
-    }
-    async fn manual_retry(&self, _: &str) -> crate::store::StoreResult<crate::store::RetryOutcome> {
-        Ok(crate::store::RetryOutcome::NotFound)
-    }
-    async fn take_stranded(
-        &self,
-        _: chrono::DateTime<chrono::Utc>,
-        _: chrono::DateTime<chrono::Utc>,
-        _: u32,
-    ) -> crate::store::StoreResult<Vec<crate::store::Requeue>> {
-        Ok(Vec::new())
-    }
-    async fn release_leases(&self) -> crate::store::StoreResult<u64> {
-        Ok(0)
-    }
-    async fn count_by_status(&self, _: crate::store::Status) -> crate::store::StoreResult<i64> {
-        Ok(0)
-    }
-    async fn create_partner(&self, _: &NewPartner) -> crate::store::StoreResult<bool> {
-        Err(unavailable())
-    }
-    async fn add_api_key(&self, _: &str, _: &str, _: &str) -> crate::store::StoreResult<()> {
-        Err(unavailable())
-    }
-    async fn partner_by_key_hash(&self, _: &str) -> crate::store::StoreResult<Option<crate::store::Partner>> {
-        Ok(None)
-    }
-    async fn count_partners(&self) -> crate::store::StoreResult<i64> {
-        Ok(0)
-    }
-}
-
-fn unavailable() -> crate::store::StoreError {
-    crate::store::StoreError::Unavailable("no store in lint".into())
 }

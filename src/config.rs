@@ -34,6 +34,8 @@ pub struct Config {
     pub pipelines_dir: PathBuf,
     pub schemas_dir: PathBuf,
     pub jwt_secret: Option<SecretString>,
+    /// Lifetime of the tokens `POST /auth/login` issues.
+    pub jwt_ttl: Duration,
     pub admin_api_key: Option<SecretString>,
     pub log_format: LogFormat,
     pub rate_limit_ip_per_minute: u32,
@@ -65,6 +67,7 @@ pub const KEYS: &[&str] = &[
     "PIPELINES_DIR",
     "SCHEMAS_DIR",
     "JWT_SECRET",
+    "JWT_TTL",
     "ADMIN_API_KEY",
     "LOG_FORMAT",
     "RATE_LIMIT_IP_PER_MINUTE",
@@ -168,6 +171,7 @@ impl Config {
             pipelines_dir: PathBuf::from(get("PIPELINES_DIR").unwrap_or("./pipelines")),
             schemas_dir: PathBuf::from(get("SCHEMAS_DIR").unwrap_or("./schemas")),
             jwt_secret: get("JWT_SECRET").map(|s| SecretString::from(s.to_owned())),
+            jwt_ttl: duration("JWT_TTL", Duration::from_secs(3600))?,
             admin_api_key: get("ADMIN_API_KEY").map(|s| SecretString::from(s.to_owned())),
             log_format,
             rate_limit_ip_per_minute: parse(
@@ -184,7 +188,7 @@ impl Config {
             max_body_bytes: parse("MAX_BODY_BYTES", get("MAX_BODY_BYTES"), 256 * 1024)?,
             request_timeout: duration("REQUEST_TIMEOUT", Duration::from_secs(15))?,
             queue_poll_interval: duration("QUEUE_POLL_INTERVAL", Duration::from_millis(50))?,
-            processing_lease: duration("PROCESSING_LEASE", Duration::from_secs(120))?,
+            processing_lease: duration("PROCESSING_LEASE", Duration::from_secs(20))?,
             requeue_after: duration("REQUEUE_AFTER", Duration::from_secs(60))?,
             sweep_interval: duration("SWEEP_INTERVAL", Duration::from_secs(5))?,
             script_max_operations: parse("SCRIPT_MAX_OPERATIONS", get("SCRIPT_MAX_OPERATIONS"), 1_000_000)?,

@@ -17,7 +17,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::pipelines::{Pipelines, queue_name};
 use crate::queue::{Queue, QueueTask, TaskHandler};
-use crate::store::{AttemptFinish, LastError, Status, Store};
+use crate::store::{AttemptFinish, LastError, Status, Store, Sweep};
 use crate::telemetry::Metrics;
 
 /// The store seen as the engine's [`EventSink`].
@@ -339,27 +339,56 @@ impl Workers {
     }
 }
 
-/// Queues again what lost its task: crashed pushes, dead workers, lost retries.
-pub async fn sweeper(
-    store: Arc<dyn Store>,
-    queue: Arc<dyn Queue>,
-    metrics: Arc<Metrics>,
-    interval: Duration,
-    requeue_after: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
+/// What the sweeper needs.
+pub struct Sweeper {
+    pub store: Arc<dyn Store>,
+    pub queue: Arc<dyn Queue>,
+    pub pipelines: Arc<Pipelines>,
+    pub metrics: Arc<Metrics>,
+    pub interval: Duration,
+    pub requeue_after: Duration,
+}
+
+/// Queues again what lost its task: crashed pushes, dead workers, lost
+/// retries. A task that is merely waiting in a long queue is not lost, so
+/// waiting events are only queued again when their queue is empty (or after
+/// ten times `requeue_after`): a backlog never multiplies itself.
+pub async fn sweeper(s: Sweeper, mut shutdown: watch::Receiver<bool>) {
+    const BATCH: u32 = 500;
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(s.interval) => {}
             _ = shutdown.changed() => {}
         }
         if *shutdown.borrow() {
             return;
         }
+        let mut idle_types = Vec::new();
+        for p in s.pipelines.current().pipelines() {
+            match s.queue.depth(&queue_name(&p.event_type)).await {
+                Ok(depth) => {
+                    s.metrics
+                        .queue_depth
+                        .with_label_values(&[&p.event_type])
+                        .set(i64::try_from(depth).unwrap_or(i64::MAX));
+                    if depth == 0 {
+                        idle_types.push(p.event_type.clone());
+                    }
+                }
+                Err(e) => debug!(tipo = %p.event_type, error = %e, "queue depth unavailable"),
+            }
+        }
         let now = Utc::now();
-        let stale_before = now - chrono::Duration::from_std(requeue_after).unwrap_or_default();
+        let requeue_after = chrono::Duration::from_std(s.requeue_after).unwrap_or_default();
+        let sweep = Sweep {
+            now,
+            stale_before: now - requeue_after,
+            very_stale_before: now - requeue_after * 10,
+            idle_types: &idle_types,
+            limit: BATCH,
+        };
         loop {
-            match store.take_stranded(now, stale_before, 500).await {
+            match s.store.take_stranded(&sweep).await {
                 Ok(batch) if batch.is_empty() => break,
                 Ok(batch) => {
                     let n = batch.len();
@@ -374,12 +403,12 @@ pub async fn sweeper(
                             });
                     }
                     for (q, tasks) in by_queue {
-                        if let Err(e) = queue.push_bulk(&q, tasks).await {
+                        if let Err(e) = s.queue.push_bulk(&q, tasks).await {
                             warn!(queue = %q, error = %e, "sweeper could not queue stranded events");
                         }
                     }
                     info!(count = n, "sweeper queued stranded events");
-                    if n < 500 {
+                    if n < BATCH as usize {
                         break;
                     }
                 }
@@ -389,9 +418,10 @@ pub async fn sweeper(
                 }
             }
         }
-        for status in Status::ALL {
-            if let Ok(n) = store.count_by_status(status).await {
-                metrics
+        if let Ok(counts) = s.store.status_counts().await {
+            for status in Status::ALL {
+                let n = counts.get(status.as_str()).copied().unwrap_or(0);
+                s.metrics
                     .events_by_status
                     .with_label_values(&[status.as_str()])
                     .set(n);

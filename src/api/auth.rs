@@ -2,7 +2,9 @@
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::AppState;
@@ -50,10 +52,153 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Claims of the tokens `POST /auth/login` issues.
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    iat: i64,
+    exp: i64,
+}
+
+/// Argon2id hash of a partner password.
+pub fn hash_password(password: &str) -> Result<String, String> {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    use rand::RngCore;
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    let salt = SaltString::encode_b64(&bytes).map_err(|e| e.to_string())?;
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn verify_password(password: &str, hash: &str) -> bool {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    PasswordHash::new(hash)
+        .map(|h| {
+            argon2::Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        })
+        .unwrap_or(false)
+}
+
+/// A hash to verify against when the user does not exist, so a missing user
+/// takes as long as a wrong password.
+static DUMMY_HASH: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| hash_password("no such user").unwrap_or_default());
+
+fn jwt_secret(state: &AppState) -> Result<&secrecy::SecretString, ApiError> {
+    state
+        .config
+        .jwt_secret
+        .as_ref()
+        .ok_or_else(|| ApiError::Unavailable("JWT login (JWT_SECRET is not set)".into()))
+}
+
+pub fn issue_token(secret: &str, partner_id: &str, ttl: std::time::Duration) -> Result<String, ApiError> {
+    let now = chrono::Utc::now().timestamp();
+    let claims = Claims {
+        sub: partner_id.to_owned(),
+        iat: now,
+        exp: now + i64::try_from(ttl.as_secs()).unwrap_or(3600),
+    };
+    let key = EncodingKey::from_secret(secret.as_bytes()).map_err(|e| ApiError::Internal(e.to_string()))?;
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key)
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+fn partner_from_token(secret: &str, token: &str) -> Option<String> {
+    let key = DecodingKey::from_secret(secret.as_bytes()).ok()?;
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.leeway = 5;
+    validation.set_required_spec_claims(&["exp", "sub"]);
+    jsonwebtoken::decode::<Claims>(token, &key, &validation)
+        .ok()
+        .map(|d| d.claims.sub)
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct Login {
+    /// The partner id.
+    pub username: String,
+    pub password: String,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TokenOut {
+    pub access_token: String,
+    pub token_type: String,
+    /// Seconds.
+    pub expires_in: u64,
+}
+
+/// Exchange a partner's password for a bearer token.
+#[utoipa::path(post, path = "/auth/login", tag = "auth", request_body = Login,
+    responses((status = 200, body = TokenOut), (status = 401, body = super::error::Problem),
+              (status = 503, description = "JWT_SECRET not configured", body = super::error::Problem)))]
+pub async fn login(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<axum::Json<TokenOut>, ApiError> {
+    let secret = jwt_secret(&state)?.expose_secret().to_owned();
+    let value = super::events::parse_json_body(&headers, body, 16 * 1024).await?;
+    let login: Login = serde_json::from_value(value).map_err(|e| {
+        ApiError::InvalidEnvelope(vec![super::error::FieldError {
+            path: String::new(),
+            message: format!("expected {{\"username\", \"password\"}}: {e}"),
+        }])
+    })?;
+    let found = if login.username.len() <= 64 {
+        state.store.partner_login(&login.username).await?
+    } else {
+        None
+    };
+    let password = login.password;
+    let ok = match found {
+        Some((partner, Some(hash))) if !partner.disabled => {
+            tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+                .await
+                .unwrap_or(false)
+        }
+        _ => {
+            let _ = tokio::task::spawn_blocking(move || verify_password(&password, &DUMMY_HASH)).await;
+            false
+        }
+    };
+    if !ok {
+        tracing::info!(partnerId = %login.username, "login failed");
+        return Err(ApiError::Unauthorized);
+    }
+    let ttl = state.config.jwt_ttl;
+    Ok(axum::Json(TokenOut {
+        access_token: issue_token(&secret, &login.username, ttl)?,
+        token_type: "Bearer".into(),
+        expires_in: ttl.as_secs(),
+    }))
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        if let Some(auth) = parts.headers.get(axum::http::header::AUTHORIZATION) {
+            let token = auth
+                .to_str()
+                .ok()
+                .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+                .map(str::trim)
+                .ok_or(ApiError::Unauthorized)?;
+            let secret = state.config.jwt_secret.as_ref().ok_or(ApiError::Unauthorized)?;
+            let partner_id =
+                partner_from_token(secret.expose_secret(), token).ok_or(ApiError::Unauthorized)?;
+            return match state.store.partner_login(&partner_id).await? {
+                Some((p, _)) if !p.disabled => Ok(Caller::Partner(p)),
+                _ => Err(ApiError::Unauthorized),
+            };
+        }
         let key = parts
             .headers
             .get("x-api-key")

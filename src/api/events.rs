@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
+use std::sync::atomic::Ordering;
 
 use super::AppState;
 use super::auth::Caller;
@@ -257,10 +258,7 @@ pub async fn create_event(
                 event_id: ev.id.clone(),
                 pipeline_version: ev.pipeline_version.clone(),
             };
-            if let Err(e) = state.queue.push(&queue_name(&tipo), task, None).await {
-                // Stored durably: the sweeper queues it once the queue answers.
-                tracing::warn!(eventId = %ev.id, error = %e, "event stored but not queued; the sweeper will");
-            }
+            enqueue(&state, &ev, task).await;
             tracing::info!(eventId = %ev.id, eventType = %tipo, partnerId = %partner.id, "event accepted");
             Ok((StatusCode::ACCEPTED, Json(accepted(&ev))).into_response())
         }
@@ -271,6 +269,31 @@ pub async fn create_event(
             Ok(resp)
         }
         InsertOutcome::Conflict { .. } => Err(ApiError::IdempotencyConflict(idem.unwrap_or_default())),
+    }
+}
+
+/// How long a request waits for the queue before answering anyway.
+const PUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Queues a stored event. The event is already durable, so a queue that is
+/// down or slow does not fail the request: the event is marked unqueued and
+/// the sweeper queues it once the queue answers. After a failure, pushes are
+/// skipped for a moment so an outage does not slow every request down.
+async fn enqueue(state: &AppState, ev: &EventRecord, task: QueueTask) {
+    let now_ms = Utc::now().timestamp_millis();
+    let error = if state.queue_down_until.load(Ordering::Relaxed) > now_ms {
+        "queue recently unavailable".to_owned()
+    } else {
+        match tokio::time::timeout(PUSH_TIMEOUT, state.queue.push(&queue_name(&ev.tipo), task, None)).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {PUSH_TIMEOUT:?}"),
+        }
+    };
+    state.queue_down_until.store(now_ms + 2_000, Ordering::Relaxed);
+    tracing::warn!(eventId = %ev.id, error = %error, "event stored but not queued; the sweeper will queue it");
+    if let Err(e) = state.store.mark_unqueued(&ev.id).await {
+        tracing::warn!(eventId = %ev.id, error = %e, "could not mark the event unqueued");
     }
 }
 
@@ -405,9 +428,7 @@ pub async fn retry_event(
                 event_id: ev.id.clone(),
                 pipeline_version: ev.pipeline_version.clone(),
             };
-            if let Err(e) = state.queue.push(&queue_name(&ev.tipo), task, None).await {
-                tracing::warn!(eventId = %ev.id, error = %e, "retry stored but not queued; the sweeper will");
-            }
+            enqueue(&state, &ev, task).await;
             tracing::info!(eventId = %ev.id, eventType = %ev.tipo, "manual retry queued");
             Ok((StatusCode::ACCEPTED, Json(accepted(&ev))).into_response())
         }

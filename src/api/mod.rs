@@ -1,6 +1,8 @@
 //! The HTTP API (axum): routes, shared state and the layers around them.
 
 pub mod auth;
+pub mod docs;
+pub mod dry_run;
 pub mod error;
 pub mod events;
 pub mod ops;
@@ -28,6 +30,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Present in processes that run pipelines: reloads start workers for new types.
     pub workers: Option<Arc<crate::worker::Workers>>,
+    /// Epoch ms until which pushes are skipped after a queue failure.
+    pub queue_down_until: Arc<std::sync::atomic::AtomicI64>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -38,10 +42,13 @@ pub fn router(state: AppState) -> Router {
         .route("/events/{id}", get(events::get_event))
         .route("/events/{id}/status", get(events::get_status))
         .route("/events/{id}/retry", post(events::retry_event))
+        .route("/auth/login", post(auth::login))
         .route("/health", get(ops::health))
         .route("/metrics", get(ops::metrics))
         .route("/admin/pipelines", get(ops::list_pipelines))
         .route("/admin/pipelines/reload", post(ops::reload_pipelines))
+        .route("/pipelines/{tipo}/dry-run", post(dry_run::dry_run))
+        .merge(docs::swagger())
         .fallback(ops::not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), track))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(

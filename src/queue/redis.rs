@@ -604,7 +604,12 @@ mod tests {
                 if std::env::var("ORCH_REQUIRE_SERVICES").as_deref() == Ok("1") {
                     panic!("Redis at {url} is required (ORCH_REQUIRE_SERVICES=1) but not reachable: {e}");
                 }
-                println!("{SKIP}");
+                // Straight to stderr: libtest captures print!, and this line must be seen.
+                static ONCE: std::sync::Once = std::sync::Once::new();
+                ONCE.call_once(|| {
+                    use std::io::Write;
+                    let _ = writeln!(std::io::stderr(), "{SKIP}");
+                });
                 None
             }
         }

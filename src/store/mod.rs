@@ -180,6 +180,16 @@ pub struct Stats {
     pub processing_ms: Percentiles,
 }
 
+/// What the sweeper asks [`Store::take_stranded`] for.
+#[derive(Debug, Clone)]
+pub struct Sweep<'a> {
+    pub now: DateTime<Utc>,
+    pub stale_before: DateTime<Utc>,
+    pub very_stale_before: DateTime<Utc>,
+    pub idle_types: &'a [String],
+    pub limit: u32,
+}
+
 /// An event that needs a (new) queue task.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Requeue {
@@ -235,23 +245,27 @@ pub trait Store: Send + Sync + 'static {
     async fn persist_result(&self, id: &str, result: &Value) -> StoreResult<()>;
     /// Manual retry: only from `dead_lettered`; back to `received`.
     async fn manual_retry(&self, id: &str) -> StoreResult<RetryOutcome>;
-    /// Events whose queue task may be lost: `received` not queued since
-    /// `stale_before`, `retrying` overdue, `processing` with an expired lease.
-    /// Marks them queued now.
-    async fn take_stranded(
-        &self,
-        now: DateTime<Utc>,
-        stale_before: DateTime<Utc>,
-        limit: u32,
-    ) -> StoreResult<Vec<Requeue>>;
+    /// Events whose queue task may be lost, marked queued now:
+    /// * known unqueued (`queued_at = 0`: a push failed) and `processing`
+    ///   with an expired lease, always;
+    /// * `received`, or `retrying` past due, not queued since `stale_before`,
+    ///   for the event types in `idle_types` (their queue is empty, so the
+    ///   task is not merely waiting);
+    /// * the same, for any type, when not queued since `very_stale_before`.
+    async fn take_stranded(&self, sweep: &Sweep<'_>) -> StoreResult<Vec<Requeue>>;
+    /// Marks an event as not queued, so the next sweep queues it (after a failed push).
+    async fn mark_unqueued(&self, id: &str) -> StoreResult<()>;
     /// Ends every lease (only safe when this is the only process: embedded mode).
     async fn release_leases(&self) -> StoreResult<u64>;
-    async fn count_by_status(&self, status: Status) -> StoreResult<i64>;
+    /// Number of events per status.
+    async fn status_counts(&self) -> StoreResult<std::collections::BTreeMap<String, i64>>;
 
     async fn create_partner(&self, p: &NewPartner) -> StoreResult<bool>;
     async fn add_api_key(&self, partner_id: &str, key_hash: &str, prefix: &str) -> StoreResult<()>;
     async fn partner_by_key_hash(&self, key_hash: &str) -> StoreResult<Option<Partner>>;
     async fn count_partners(&self) -> StoreResult<i64>;
+    /// A partner and its password hash, by id.
+    async fn partner_login(&self, id: &str) -> StoreResult<Option<(Partner, Option<String>)>>;
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]

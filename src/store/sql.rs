@@ -99,6 +99,20 @@ fn parse_json(s: &str) -> StoreResult<Value> {
     serde_json::from_str(s).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+fn partner_from_row(r: &AnyRow) -> StoreResult<Partner> {
+    let limit = |c: &str| -> StoreResult<Option<u32>> {
+        Ok(r.try_get::<Option<i64>, _>(c)?
+            .and_then(|v| u32::try_from(v).ok()))
+    };
+    Ok(Partner {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        rate_per_minute: limit("rate_per_minute")?,
+        burst: limit("burst")?,
+        disabled: r.try_get::<Option<i64>, _>("disabled_at")?.is_some(),
+    })
+}
+
 fn event_from_row(row: &AnyRow) -> StoreResult<EventRecord> {
     let status: String = row.try_get("status")?;
     let last_error: Option<String> = row.try_get("last_error")?;
@@ -468,40 +482,68 @@ impl Store for SqlStore {
         })
     }
 
-    async fn take_stranded(
-        &self,
-        now: DateTime<Utc>,
-        stale_before: DateTime<Utc>,
-        limit: u32,
-    ) -> StoreResult<Vec<Requeue>> {
-        let rows = sqlx::query(
-            "SELECT id, tipo, pipeline_version, status, next_attempt_at FROM events \
-             WHERE (status = 'received' AND queued_at < $1) \
-                OR (status = 'retrying' AND next_attempt_at < $1 AND queued_at < $1) \
-                OR (status = 'processing' AND lease_until < $2) \
-             ORDER BY id LIMIT $3",
-        )
-        .bind(ms(stale_before))
-        .bind(ms(now))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let id: String = r.try_get("id")?;
-            sqlx::query("UPDATE events SET queued_at = $1 WHERE id = $2")
-                .bind(ms(now))
-                .bind(&id)
-                .execute(&self.pool)
-                .await?;
-            out.push(Requeue {
-                id,
-                tipo: r.try_get("tipo")?,
-                pipeline_version: r.try_get("pipeline_version")?,
-                run_at: None,
-            });
+    async fn take_stranded(&self, sweep: &Sweep<'_>) -> StoreResult<Vec<Requeue>> {
+        let waiting = "((status = 'received' AND queued_at < {t}) \
+             OR (status = 'retrying' AND next_attempt_at < {t} AND queued_at < {t}))";
+        let mut sql = format!(
+            "SELECT id, tipo, pipeline_version FROM events \
+             WHERE (status IN ('received', 'retrying') AND queued_at = 0) \
+                OR (status = 'processing' AND lease_until < $1) \
+                OR {}",
+            waiting.replace("{t}", "$2")
+        );
+        if !sweep.idle_types.is_empty() {
+            let params: Vec<String> = (0..sweep.idle_types.len())
+                .map(|i| format!("${}", i + 5))
+                .collect();
+            sql += &format!(
+                " OR (tipo IN ({}) AND {})",
+                params.join(", "),
+                waiting.replace("{t}", "$3")
+            );
+        }
+        sql += " ORDER BY id LIMIT $4";
+        let mut q = sqlx::query(AssertSqlSafe(sql))
+            .bind(ms(sweep.now))
+            .bind(ms(sweep.very_stale_before))
+            .bind(ms(sweep.stale_before))
+            .bind(i64::from(sweep.limit));
+        for t in sweep.idle_types {
+            q = q.bind(t);
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        let out = rows
+            .iter()
+            .map(|r| {
+                Ok(Requeue {
+                    id: r.try_get("id")?,
+                    tipo: r.try_get("tipo")?,
+                    pipeline_version: r.try_get("pipeline_version")?,
+                    run_at: None,
+                })
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        if !out.is_empty() {
+            let params: Vec<String> = (0..out.len()).map(|i| format!("${}", i + 2)).collect();
+            let sql = format!(
+                "UPDATE events SET queued_at = $1 WHERE id IN ({})",
+                params.join(", ")
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql)).bind(ms(sweep.now));
+            for r in &out {
+                q = q.bind(&r.id);
+            }
+            q.execute(&self.pool).await?;
         }
         Ok(out)
+    }
+
+    async fn mark_unqueued(&self, id: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE events SET queued_at = 0 WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn release_leases(&self) -> StoreResult<u64> {
@@ -511,12 +553,13 @@ impl Store for SqlStore {
         Ok(r.rows_affected())
     }
 
-    async fn count_by_status(&self, status: Status) -> StoreResult<i64> {
-        let row = sqlx::query("SELECT COUNT(*) AS n FROM events WHERE status = $1")
-            .bind(status.as_str())
-            .fetch_one(&self.pool)
+    async fn status_counts(&self) -> StoreResult<BTreeMap<String, i64>> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM events GROUP BY status")
+            .fetch_all(&self.pool)
             .await?;
-        Ok(row.try_get("n")?)
+        rows.iter()
+            .map(|r| Ok((r.try_get::<String, _>("status")?, r.try_get::<i64, _>("n")?)))
+            .collect()
     }
 
     async fn create_partner(&self, p: &NewPartner) -> StoreResult<bool> {
@@ -550,24 +593,27 @@ impl Store for SqlStore {
 
     async fn partner_by_key_hash(&self, key_hash: &str) -> StoreResult<Option<Partner>> {
         let row = sqlx::query(
-            "SELECT p.id, p.name, p.rate_per_minute, p.burst, p.disabled_at FROM api_keys k \
+            "SELECT p.id, p.name, p.rate_per_minute, p.burst, p.disabled_at, p.password_hash FROM api_keys k \
              JOIN partners p ON p.id = k.partner_id WHERE k.key_hash = $1 AND k.revoked_at IS NULL",
         )
         .bind(key_hash)
         .fetch_optional(&self.pool)
         .await?;
+        row.as_ref().map(partner_from_row).transpose()
+    }
+
+    async fn partner_login(&self, id: &str) -> StoreResult<Option<(Partner, Option<String>)>> {
+        let row = sqlx::query(
+            "SELECT id, name, rate_per_minute, burst, disabled_at, password_hash FROM partners WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         row.map(|r| {
-            Ok(Partner {
-                id: r.try_get("id")?,
-                name: r.try_get("name")?,
-                rate_per_minute: r
-                    .try_get::<Option<i64>, _>("rate_per_minute")?
-                    .and_then(|v| u32::try_from(v).ok()),
-                burst: r
-                    .try_get::<Option<i64>, _>("burst")?
-                    .and_then(|v| u32::try_from(v).ok()),
-                disabled: r.try_get::<Option<i64>, _>("disabled_at")?.is_some(),
-            })
+            Ok((
+                partner_from_row(&r)?,
+                r.try_get::<Option<String>, _>("password_hash")?,
+            ))
         })
         .transpose()
     }

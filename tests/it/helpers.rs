@@ -162,7 +162,12 @@ impl Backend {
                 if std::env::var("ORCH_REQUIRE_SERVICES").as_deref() == Ok("1") {
                     panic!("PostgreSQL and Redis are required (ORCH_REQUIRE_SERVICES=1): {why}");
                 }
-                println!("{SKIP} ({why})");
+                // Straight to stderr (libtest captures print!), once per run.
+                static ONCE: std::sync::Once = std::sync::Once::new();
+                ONCE.call_once(|| {
+                    use std::io::Write;
+                    let _ = writeln!(std::io::stderr(), "{SKIP} ({why})");
+                });
                 None
             }
         }
@@ -483,5 +488,75 @@ async fn receive(
             tokio::time::sleep(d).await;
             StatusCode::OK
         }
+    }
+}
+
+/// A free TCP port on loopback (for processes that need a fixed address).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Settings every test process shares: fast polling and sweeping, no demo partner.
+pub fn node_env(dir: &PipelineDir) -> Vec<(String, String)> {
+    [
+        ("PIPELINES_DIR", dir.pipelines().display().to_string()),
+        ("SCHEMAS_DIR", dir.schemas().display().to_string()),
+        ("ADMIN_API_KEY", ADMIN_KEY.to_owned()),
+        ("CREATE_DEMO_PARTNER", "false".to_owned()),
+        ("QUEUE_POLL_INTERVAL", "20ms".to_owned()),
+        ("SWEEP_INTERVAL", "300ms".to_owned()),
+        ("REQUEUE_AFTER", "3s".to_owned()),
+        ("RUST_LOG", "info,sqlx=warn".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// The real binary with exactly these environment variables (and PATH).
+pub fn orchestrator_command(vars: &[(String, String)]) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"));
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (k, v) in vars {
+        c.env(k, v);
+    }
+    c
+}
+
+/// Starts the binary with `args`, appending stdout and stderr to `log`.
+pub fn spawn_orchestrator(vars: &[(String, String)], args: &[&str], log: &Path) -> std::process::Child {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log");
+    let err = out.try_clone().expect("clone");
+    orchestrator_command(vars)
+        .args(args)
+        .stdout(std::process::Stdio::from(out))
+        .stderr(std::process::Stdio::from(err))
+        .spawn()
+        .expect("spawn orchestrator")
+}
+
+/// Waits until `/health` on `port` answers 200.
+pub async fn wait_healthy(http: &reqwest::Client, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = http.get(format!("http://127.0.0.1:{port}/health")).send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process on port {port} did not become healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

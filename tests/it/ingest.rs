@@ -395,3 +395,125 @@ crate::both_backends!(
     credentials_and_isolation,
     listing_filters_and_pages
 );
+
+mod jwt {
+    use serde_json::{Value, json};
+
+    use crate::helpers::*;
+
+    fn token(secret: &str, claims: Value, alg: jsonwebtoken::Algorithm) -> String {
+        let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).expect("key");
+        jsonwebtoken::encode(&jsonwebtoken::Header::new(alg), &claims, &key).expect("encode")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn login_and_bearer_tokens() {
+        let secret = "jwt-secret-for-tests-0123456789abcdef";
+        let app = spawn_app_with(Backend::Embedded, PipelineDir::shipped(), |m| {
+            m.insert("JWT_SECRET".into(), secret.into());
+        })
+        .await;
+        let store = &app.app.as_ref().expect("app").state.store;
+        store
+            .create_partner(&orchestrator::store::NewPartner {
+                id: "acme".into(),
+                name: "ACME".into(),
+                password_hash: Some(orchestrator::api::auth::hash_password("s3cret!").expect("hash")),
+                rate_per_minute: None,
+                burst: None,
+            })
+            .await
+            .expect("partner");
+        let login = |u: &str, p: &str| {
+            app.http
+                .post(app.url("/auth/login"))
+                .json(&json!({"username": u, "password": p}))
+                .send()
+        };
+        for (u, p) in [("acme", "wrong"), ("nobody", "s3cret!"), ("demo", "")] {
+            let r = login(u, p).await.expect("send");
+            assert_eq!(r.status(), 401, "{u}/{p}");
+        }
+        let r = login("acme", "s3cret!").await.expect("send");
+        assert_eq!(r.status(), 200);
+        let body: Value = r.json().await.expect("json");
+        assert_eq!(body["token_type"], "Bearer");
+        assert_eq!(body["expires_in"], 3600);
+        let good = body["access_token"].as_str().expect("token").to_owned();
+        let with = |t: String| {
+            app.http
+                .post(app.url("/events"))
+                .header("authorization", format!("Bearer {t}"))
+                .json(&json!({"tipo": "VENDA", "dados": {"produto_id": "P", "quantidade": 1, "valor": 1}}))
+                .send()
+        };
+        let r = with(good.clone()).await.expect("send");
+        assert_eq!(r.status(), 202);
+        let ev: Value = r.json().await.expect("json");
+        let (_, full) = app
+            .get_json(&format!("/events/{}", ev["id"].as_str().expect("id")), ADMIN_KEY)
+            .await;
+        assert_eq!(full["partner_id"], "acme");
+
+        let now = chrono::Utc::now().timestamp();
+        let bad = [
+            token(
+                secret,
+                json!({"sub": "acme", "iat": now - 7200, "exp": now - 3600}),
+                jsonwebtoken::Algorithm::HS256,
+            ),
+            token(
+                "another-secret-0123456789",
+                json!({"sub": "acme", "iat": now, "exp": now + 600}),
+                jsonwebtoken::Algorithm::HS256,
+            ),
+            token(
+                secret,
+                json!({"sub": "ghost", "iat": now, "exp": now + 600}),
+                jsonwebtoken::Algorithm::HS256,
+            ),
+            token(
+                secret,
+                json!({"sub": "acme", "iat": now, "exp": now + 600}),
+                jsonwebtoken::Algorithm::HS512,
+            ),
+            token(
+                secret,
+                json!({"sub": "acme", "iat": now}),
+                jsonwebtoken::Algorithm::HS256,
+            ),
+            // alg: none, unsigned.
+            {
+                use base64::Engine;
+                let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+                format!(
+                    "{}.{}.",
+                    e.encode(br#"{"alg":"none","typ":"JWT"}"#),
+                    e.encode(json!({"sub": "acme", "exp": now + 600}).to_string())
+                )
+            },
+            "not.a.token".to_owned(),
+            good[..good.len() - 2].to_owned(),
+        ];
+        for t in bad {
+            let r = with(t.clone()).await.expect("send");
+            assert_eq!(r.status(), 401, "token {t}");
+            assert!(r.headers().contains_key("www-authenticate"));
+        }
+        app.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn login_without_a_secret_is_unavailable() {
+        let app = spawn_app(PipelineDir::shipped()).await;
+        let r = app
+            .http
+            .post(app.url("/auth/login"))
+            .json(&json!({"username": "demo", "password": "x"}))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 503);
+        app.stop().await;
+    }
+}

@@ -333,7 +333,88 @@ event.meta.ok = true;
     app.stop().await;
 }
 
+async fn dry_run_runs_every_stage_without_side_effects(backend: Backend) {
+    let rx = Receiver::start().await;
+    let app = spawn_app_on(backend, two_webhooks(&rx, 1)).await;
+    let dry = |tipo: &str, body: Value| {
+        app.http
+            .post(app.url(&format!("/pipelines/{tipo}/dry-run")))
+            .header("x-api-key", &app.key)
+            .json(&body)
+            .send()
+    };
+    let resp = dry("PEDIDO", json!({"dados": {"n": 7}})).await.expect("send");
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["outcome"], "processed", "{body}");
+    let stages: Vec<_> = body["trace"]
+        .as_array()
+        .expect("trace")
+        .iter()
+        .map(|t| t["stage"].clone())
+        .collect();
+    assert_eq!(stages, vec![json!("validate"), json!("deliver")]);
+    assert!(
+        body["trace"][1]["output"]["deliveries"].is_array(),
+        "outputs are shown: {body}"
+    );
+    let outcomes: Vec<_> = body["deliveries"]
+        .as_array()
+        .expect("deliveries")
+        .iter()
+        .map(|d| d["outcome"].clone())
+        .collect();
+    assert_eq!(outcomes, vec![json!("simulated"), json!("simulated")]);
+    assert!(
+        rx.received("/a").is_empty() && rx.received("/b").is_empty(),
+        "nothing is sent"
+    );
+    let (_, page) = app.get_json("/events", ADMIN_KEY).await;
+    assert_eq!(
+        page["items"].as_array().map(Vec::len),
+        Some(0),
+        "nothing is stored"
+    );
+
+    let shipped = spawn_app(PipelineDir::shipped()).await;
+    let resp = shipped
+        .http
+        .post(shipped.url("/pipelines/VENDA/dry-run"))
+        .header("x-api-key", &shipped.key)
+        .json(&json!({"dados": {"produto_id": "P", "quantidade": 2, "valor": 6000}}))
+        .send()
+        .await
+        .expect("send");
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["result"]["dados"]["total"], 12000.0, "{body}");
+    assert_eq!(body["result"]["routes"], json!(["erp", "fraude"]));
+    let resp = shipped
+        .http
+        .post(shipped.url("/pipelines/VENDA/dry-run"))
+        .header("x-api-key", &shipped.key)
+        .json(&json!({"dados": {"produto_id": "P"}}))
+        .send()
+        .await
+        .expect("send");
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["outcome"], "dead_lettered");
+    assert_eq!(body["trace"][0]["outcome"], "failed");
+    assert_eq!(body["trace"][1]["outcome"], "skipped");
+    let resp = shipped
+        .http
+        .post(shipped.url("/pipelines/NADA/dry-run"))
+        .header("x-api-key", &shipped.key)
+        .json(&json!({"dados": {}}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 404);
+    shipped.stop().await;
+    app.stop().await;
+}
+
 crate::both_backends!(
+    dry_run_runs_every_stage_without_side_effects,
     seed_events_are_processed_end_to_end,
     transient_failures_retry_then_dead_letter_then_manual_retry,
     hanging_destination_times_out_and_retries,

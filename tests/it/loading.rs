@@ -191,3 +191,54 @@ async fn reload_keeps_the_last_good_set() {
         .await;
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_document_matches_the_router() {
+    let app = spawn_app(PipelineDir::shipped()).await;
+    let doc: serde_json::Value = app
+        .http
+        .get(app.url("/api/openapi.json"))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        doc["openapi"].as_str().unwrap_or("").starts_with("3.1"),
+        "{}",
+        doc["openapi"]
+    );
+    assert!(doc["components"]["securitySchemes"]["api_key"].is_object());
+    let paths = doc["paths"].as_object().expect("paths");
+    assert!(paths.len() >= 10, "{:?}", paths.keys().collect::<Vec<_>>());
+    for (path, ops) in paths {
+        let concrete = path
+            .replace("{id}", "01JNOTANEVENT0000000000000")
+            .replace("{tipo}", "VENDA");
+        for method in ops.as_object().expect("ops").keys() {
+            let m = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
+            let resp = app
+                .http
+                .request(m, app.url(&concrete))
+                .header("x-api-key", ADMIN_KEY)
+                .send()
+                .await
+                .expect("send");
+            let status = resp.status().as_u16();
+            let body = resp.text().await.unwrap_or_default();
+            assert_ne!(status, 405, "{method} {path} is documented but not routed");
+            assert!(
+                !body.contains("route not found"),
+                "{method} {path} is documented but not routed"
+            );
+        }
+    }
+    let ui = app.http.get(app.url("/api/")).send().await.expect("send");
+    assert_eq!(ui.status(), 200);
+    assert!(
+        ui.text().await.unwrap_or_default().contains("swagger"),
+        "Swagger UI is served"
+    );
+    app.stop().await;
+}

@@ -27,6 +27,7 @@ macro_rules! both_backends {
     };
 }
 
+mod cluster;
 mod helpers;
 mod ingest;
 mod lifecycle;

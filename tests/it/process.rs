@@ -1,7 +1,7 @@
 //! The real binary: crash recovery after SIGKILL, and secrets kept out of logs.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -10,60 +10,26 @@ use crate::helpers::*;
 
 const PARTNER_KEY: &str = "eo_process_test_key_5f2c9a7e1b3d";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+fn env(data: &Path, dir: &PipelineDir, port: u16) -> Vec<(String, String)> {
+    let mut vars = vec![
+        ("DATA_DIR".to_owned(), data.display().to_string()),
+        ("LISTEN_ADDR".to_owned(), format!("127.0.0.1:{port}")),
+    ];
+    vars.extend(node_env(dir));
+    // Debug logs too: the secrets check must cover everything a process can log.
+    vars.push((
+        "RUST_LOG".to_owned(),
+        "debug,sqlx=warn,hyper=warn,h2=warn,reqwest=warn,hyper_util=warn".to_owned(),
+    ));
+    vars
 }
 
 fn command(data: &Path, dir: &PipelineDir, port: u16) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_orchestrator"));
-    c.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DATA_DIR", data)
-        .env("PIPELINES_DIR", dir.pipelines())
-        .env("SCHEMAS_DIR", dir.schemas())
-        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
-        .env("ADMIN_API_KEY", ADMIN_KEY)
-        .env("CREATE_DEMO_PARTNER", "false")
-        .env("QUEUE_POLL_INTERVAL", "20ms")
-        .env("SWEEP_INTERVAL", "300ms")
-        .env("REQUEUE_AFTER", "3s")
-        .env(
-            "RUST_LOG",
-            "debug,sqlx=warn,hyper=warn,h2=warn,reqwest=warn,hyper_util=warn",
-        );
-    c
+    orchestrator_command(&env(data, dir, port))
 }
 
 fn start(data: &Path, dir: &PipelineDir, port: u16, log: &Path) -> Child {
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .expect("log");
-    let err = out.try_clone().expect("clone");
-    command(data, dir, port)
-        .arg("serve")
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err))
-        .spawn()
-        .expect("spawn server")
-}
-
-async fn wait_healthy(http: &reqwest::Client, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = http.get(format!("http://127.0.0.1:{port}/health")).send().await
-            && r.status() == 200
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "server did not become healthy");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    spawn_orchestrator(&env(data, dir, port), &["serve"], log)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,104 @@
+//! `POST /pipelines/{tipo}/dry-run`: every stage, no side effects.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use chrono::Utc;
+use engine::{EventContext, ScriptEvent, StageOutcome};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::AppState;
+use super::auth::Caller;
+use super::error::{ApiError, FieldError};
+use super::events::parse_json_body;
+
+/// What a dry run did.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DryRun {
+    pub tipo: String,
+    pub pipeline_version: String,
+    /// `processed`, or `dead_lettered` / `retrying` for the status a real
+    /// event would get after this attempt.
+    pub outcome: String,
+    #[schema(value_type = Option<Object>)]
+    pub error: Option<engine::StageError>,
+    /// Every stage with its outcome, duration and output.
+    #[schema(value_type = Vec<Object>)]
+    pub trace: Vec<engine::StageTrace>,
+    /// `dados` and `meta` after the scripts, and the routes chosen.
+    pub result: Value,
+    /// Deliveries that would be made (none is sent).
+    #[schema(value_type = Vec<Object>)]
+    pub deliveries: Vec<engine::DeliveryReport>,
+}
+
+#[utoipa::path(post, path = "/pipelines/{tipo}/dry-run", tag = "pipelines",
+    params(("tipo" = String, Path, description = "Event type")),
+    request_body(content = Object, description = "`{\"dados\": {...}}`, optionally with `meta`"),
+    responses((status = 200, body = DryRun), (status = 404, body = super::error::Problem),
+              (status = 422, body = super::error::Problem)),
+    security(("api_key" = [])))]
+pub async fn dry_run(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(tipo): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<DryRun>, ApiError> {
+    let pipeline = state
+        .pipelines
+        .current()
+        .get(&tipo)
+        .cloned()
+        .ok_or(ApiError::NotFound("pipeline"))?;
+    let value = parse_json_body(&headers, body, state.config.max_body_bytes).await?;
+    let invalid = |path: &str, message: &str| {
+        ApiError::InvalidEnvelope(vec![FieldError {
+            path: path.into(),
+            message: message.into(),
+        }])
+    };
+    let Value::Object(mut map) = value else {
+        return Err(invalid("", "the body must be an object {\"dados\": {...}}"));
+    };
+    let dados = match map.remove("dados") {
+        Some(d @ Value::Object(_)) => d,
+        _ => return Err(invalid("/dados", "is required and must be an object")),
+    };
+    let meta = match map.remove("meta") {
+        None => Value::Object(Default::default()),
+        Some(m @ Value::Object(_)) => m,
+        Some(_) => return Err(invalid("/meta", "must be an object")),
+    };
+    let mut cx = EventContext::new(ScriptEvent {
+        id: format!("dry-run-{}", ulid::Ulid::new()),
+        tipo: pipeline.event_type.clone(),
+        partner_id: caller.partner_scope().unwrap_or("admin").to_owned(),
+        received_at: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        dados,
+        meta,
+    });
+    cx.dry_run = true;
+    let execution = pipeline.execute(&mut cx).await;
+    let outcome = match &execution.error {
+        None => "processed",
+        Some(e) if e.is_transient() && pipeline.retry.max_retries > 0 => "retrying",
+        Some(_) => "dead_lettered",
+    };
+    debug_assert!(execution.error.is_some() || execution.trace.iter().all(|t| t.outcome == StageOutcome::Ok));
+    Ok(Json(DryRun {
+        tipo: pipeline.event_type.clone(),
+        pipeline_version: pipeline.version.clone(),
+        outcome: outcome.into(),
+        error: execution.error,
+        trace: execution.trace,
+        result: serde_json::json!({
+            "dados": cx.event.dados,
+            "meta": cx.event.meta,
+            "routes": cx.routes,
+        }),
+        deliveries: cx.deliveries,
+    }))
+}
