@@ -197,6 +197,7 @@ impl App {
             metrics,
             workers: workers.clone(),
             queue_down_until: Arc::default(),
+            partner_limits: Arc::default(),
         };
         Ok(App {
             state,

@@ -35,6 +35,7 @@ pub struct Metrics {
     pub stage_duration: HistogramVec,
     pub deliveries: IntCounterVec,
     pub http_requests: IntCounterVec,
+    pub rate_limited: IntCounterVec,
     pub queue_depth: IntGaugeVec,
     pub events_by_status: IntGaugeVec,
 }
@@ -76,6 +77,11 @@ impl Metrics {
             "http_requests_total",
             "HTTP requests by route and status.",
             &["route", "status"],
+        );
+        let rate_limited = counter(
+            "rate_limited_requests_total",
+            "Requests refused with 429, by limit.",
+            &["scope"],
         );
         let histogram = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
             let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
@@ -120,6 +126,7 @@ impl Metrics {
             stage_duration,
             deliveries,
             http_requests,
+            rate_limited,
             queue_depth,
             events_by_status,
         }

@@ -195,7 +195,7 @@ impl FromRequestParts<AppState> for Caller {
             let partner_id =
                 partner_from_token(secret.expose_secret(), token).ok_or(ApiError::Unauthorized)?;
             return match state.store.partner_login(&partner_id).await? {
-                Some((p, _)) if !p.disabled => Ok(Caller::Partner(p)),
+                Some((p, _)) if !p.disabled => limited(state, p),
                 _ => Err(ApiError::Unauthorized),
             };
         }
@@ -212,10 +212,20 @@ impl FromRequestParts<AppState> for Caller {
             return Ok(Caller::Admin);
         }
         match state.store.partner_by_key_hash(&hash_api_key(key)).await? {
-            Some(p) if !p.disabled => Ok(Caller::Partner(p)),
+            Some(p) if !p.disabled => limited(state, p),
             _ => Err(ApiError::Unauthorized),
         }
     }
+}
+
+/// The partner, if within its rate limit.
+fn limited(state: &AppState, partner: Partner) -> Result<Caller, ApiError> {
+    if let Err(e) = state.partner_limits.check(&partner, &state.config) {
+        state.metrics.rate_limited.with_label_values(&["partner"]).inc();
+        tracing::info!(partnerId = %partner.id, "partner rate limit exceeded");
+        return Err(e);
+    }
+    Ok(Caller::Partner(partner))
 }
 
 /// Extractor for admin-only routes.

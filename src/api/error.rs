@@ -44,6 +44,11 @@ pub enum ApiError {
     InvalidQuery(String),
     #[error("the pipeline set is invalid; the previous set keeps serving")]
     InvalidPipelines(Vec<FieldError>),
+    #[error("rate limit exceeded; retry after {retry_after:?}")]
+    RateLimited {
+        retry_after: std::time::Duration,
+        limit: u32,
+    },
     #[error("{0} is unavailable")]
     Unavailable(String),
     #[error("internal error")]
@@ -65,6 +70,7 @@ impl ApiError {
             | ApiError::InvalidQuery(_)
             | ApiError::InvalidPipelines(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::IdempotencyConflict(_) | ApiError::NotRetryable(_) => StatusCode::CONFLICT,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -87,6 +93,7 @@ impl ApiError {
             ApiError::NotRetryable(_) => "not_retryable",
             ApiError::InvalidQuery(_) => "invalid_query",
             ApiError::InvalidPipelines(_) => "invalid_pipelines",
+            ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Unavailable(_) => "service_unavailable",
             ApiError::Internal(_) => "internal_error",
         }
@@ -108,6 +115,7 @@ impl ApiError {
             ApiError::NotRetryable(_) => "Event cannot be retried",
             ApiError::InvalidQuery(_) => "Invalid query",
             ApiError::InvalidPipelines(_) => "Invalid pipeline set",
+            ApiError::RateLimited { .. } => "Too many requests",
             ApiError::Unavailable(_) => "Service unavailable",
             ApiError::Internal(_) => "Internal server error",
         }
@@ -155,6 +163,9 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if let ApiError::RateLimited { retry_after, limit } = &self {
+            super::limits::rate_limit_headers(&mut resp, *retry_after, *limit);
+        }
         if status == StatusCode::PAYLOAD_TOO_LARGE {
             // The unread rest of the body makes the connection unusable: say so,
             // so clients do not send their next request on it.

@@ -5,6 +5,7 @@ pub mod docs;
 pub mod dry_run;
 pub mod error;
 pub mod events;
+pub mod limits;
 pub mod ops;
 
 use std::sync::Arc;
@@ -32,6 +33,7 @@ pub struct AppState {
     pub workers: Option<Arc<crate::worker::Workers>>,
     /// Epoch ms until which pushes are skipped after a queue failure.
     pub queue_down_until: Arc<std::sync::atomic::AtomicI64>,
+    pub partner_limits: Arc<limits::PartnerLimits>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -51,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .merge(docs::swagger())
         .fallback(ops::not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), track))
+        .layer(limits::ip_layer(&state.config, state.metrics.clone()))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             timeout,

@@ -103,6 +103,10 @@ pub fn base_config(data: &Path, pipelines: &PipelineDir) -> HashMap<String, Stri
     m.insert("REQUEUE_AFTER".into(), "5s".into());
     m.insert("PROCESSING_LEASE".into(), "30s".into());
     m.insert("SCRIPT_MAX_WALL_TIME".into(), "200ms".into());
+    // Tests send bursts from one address and one key; the limits have their own test.
+    m.insert("RATE_LIMIT_IP_PER_MINUTE".into(), "10000000".into());
+    m.insert("RATE_LIMIT_PARTNER_PER_MINUTE".into(), "10000000".into());
+    m.insert("RATE_LIMIT_PARTNER_BURST".into(), "100000".into());
     m
 }
 
@@ -510,6 +514,9 @@ pub fn node_env(dir: &PipelineDir) -> Vec<(String, String)> {
         ("QUEUE_POLL_INTERVAL", "20ms".to_owned()),
         ("SWEEP_INTERVAL", "300ms".to_owned()),
         ("REQUEUE_AFTER", "3s".to_owned()),
+        ("RATE_LIMIT_IP_PER_MINUTE", "10000000".to_owned()),
+        ("RATE_LIMIT_PARTNER_PER_MINUTE", "10000000".to_owned()),
+        ("RATE_LIMIT_PARTNER_BURST", "100000".to_owned()),
         ("RUST_LOG", "info,sqlx=warn".to_owned()),
     ]
     .into_iter()

@@ -517,3 +517,107 @@ mod jwt {
         app.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partner_rate_limits_with_the_seed_defaults() {
+    let app = spawn_app_with(Backend::Embedded, PipelineDir::shipped(), |m| {
+        m.remove("RATE_LIMIT_PARTNER_PER_MINUTE");
+        m.remove("RATE_LIMIT_PARTNER_BURST");
+    })
+    .await;
+    let other = app.add_partner("other").await;
+    let started = std::time::Instant::now();
+    let mut accepted = 0;
+    let mut limited = 0;
+    for i in 0..200 {
+        let resp = app
+            .post_event(
+                "VENDA",
+                json!({"produto_id": format!("P{i}"), "quantidade": 1, "valor": 1}),
+            )
+            .await;
+        match resp.status().as_u16() {
+            202 => accepted += 1,
+            429 => {
+                limited += 1;
+                let retry: u64 = resp.headers()["retry-after"]
+                    .to_str()
+                    .expect("ascii")
+                    .parse()
+                    .expect("secs");
+                assert!((1..=60).contains(&retry));
+                assert_eq!(resp.headers()["ratelimit-limit"], "100");
+                let (_, body) = problem(resp).await;
+                assert_eq!(body["code"], "rate_limited");
+            }
+            s => panic!("unexpected {s}"),
+        }
+    }
+    let elapsed = started.elapsed();
+    println!("200 requests in {elapsed:?}: {accepted} accepted, {limited} limited");
+    assert!(
+        elapsed < std::time::Duration::from_secs(2),
+        "the burst must be fast to mean anything"
+    );
+    assert!((10..=20).contains(&accepted), "{accepted} accepted");
+    assert_eq!(accepted + limited, 200);
+    // Another partner in the same second is unaffected.
+    let resp = app
+        .post_event_as(
+            &other,
+            "VENDA",
+            json!({"produto_id": "X", "quantidade": 1, "valor": 1}),
+            None,
+        )
+        .await;
+    assert_eq!(resp.status(), 202);
+    // The admin is not a partner and has no partner limit.
+    let (s, _) = app.get_json("/events/stats", ADMIN_KEY).await;
+    assert_eq!(s, 200);
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(&format!(
+            r#"rate_limited_requests_total{{scope="partner"}} {limited}"#
+        )),
+        "{metrics}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_rate_limit() {
+    let app = spawn_app_with(Backend::Embedded, PipelineDir::shipped(), |m| {
+        m.insert("RATE_LIMIT_IP_PER_MINUTE".into(), "30".into());
+    })
+    .await;
+    assert_eq!(
+        app.app
+            .as_ref()
+            .expect("app")
+            .state
+            .config
+            .rate_limit_ip_per_minute,
+        30
+    );
+    let mut codes = std::collections::BTreeMap::new();
+    for _ in 0..40 {
+        let r = app.http.get(app.url("/health")).send().await.expect("send");
+
+        *codes.entry(r.status().as_u16()).or_insert(0) += 1;
+        if r.status() == 429 {
+            assert!(r.headers().contains_key("retry-after"));
+            assert_eq!(r.headers()["content-type"], "application/problem+json");
+        }
+    }
+    assert_eq!(codes.get(&200), Some(&30), "{codes:?}");
+    assert_eq!(codes.get(&429), Some(&10), "{codes:?}");
+    app.stop().await;
+}
