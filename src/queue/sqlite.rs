@@ -23,8 +23,8 @@ use sqlx::SqlitePool;
 use tracing::{debug, info, warn};
 
 use super::{
-    BoxFut, HEARTBEAT, Incoming, MISSED_HEARTBEATS, Queue, QueueError, QueueTask, TaskCodec, TaskHandler,
-    WorkerBackend, batch_size, dispatch, drive_worker, encode_task, new_task_id, spawn_supervised,
+    BoxFut, Incoming, Queue, QueueError, QueueTask, TaskCodec, TaskHandler, WorkerBackend, batch_size,
+    dispatch, drive_worker, encode_task, new_task_id, spawn_supervised,
 };
 
 /// Migration bookkeeping table for apalis-sqlite's own schema (`Jobs`, `Workers`).
@@ -61,6 +61,9 @@ fn apalis_err(e: apalis_sqlite::Error) -> QueueError {
         other => QueueError::Other(other.to_string()),
     }
 }
+
+const SQLITE_HEARTBEAT: Duration = Duration::from_secs(1);
+const SQLITE_MISSED_HEARTBEATS: usize = 5;
 
 fn epoch_secs_ceil(t: SystemTime) -> u64 {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -246,8 +249,12 @@ impl WorkerBackend for Inner {
             let config = apalis_sqlite::Config::default()
                 .queue(&*queue)
                 .batch_size(batch_size(concurrency))
-                .heartbeat_interval(HEARTBEAT)
-                .missed_heartbeats(MISSED_HEARTBEATS)
+                // apalis-sqlite 1.0 only fetches when the worker wakes for a
+                // heartbeat (the poll interval alone does not trigger a fetch,
+                // measured: new tasks waited up to 5 s), so the heartbeat is
+                // the latency bound here: 1 s, orphans after 5 missed.
+                .heartbeat_interval(SQLITE_HEARTBEAT)
+                .missed_heartbeats(SQLITE_MISSED_HEARTBEATS)
                 // The lock step is only bookkeeping (status 'Running') and costs a write per batch.
                 .lock_tasks(false)
                 // Acks must be written, or finished tasks would look orphaned.

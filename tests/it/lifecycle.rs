@@ -64,7 +64,8 @@ async fn seed_events_are_processed_end_to_end(backend: Backend) {
         ids.push(accepted_id(app.post_event(tipo, dados.clone()).await).await);
     }
     for id in &ids {
-        let st = app.wait_for(id, "processed", Duration::from_secs(5)).await;
+        // The acceptance bound is 2 s on an idle machine; 3 s leaves room for a loaded CI.
+        let st = app.wait_for(id, "processed", Duration::from_secs(3)).await;
         assert_eq!(st["attempts"], 1);
         let stages: Vec<_> = st["trace"]
             .as_array()
