@@ -28,6 +28,24 @@ macro_rules! both_backends {
 }
 
 mod cluster;
+/// Runs each named `async fn(Backend)` on PostgreSQL + Redis only (as
+/// `production::name`), for topologies the embedded mode does not have.
+#[macro_export]
+macro_rules! production_only {
+    ($($name:ident),* $(,)?) => {
+        mod production_only {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(backend) = $crate::helpers::Backend::production().await {
+                        super::$name(backend).await
+                    }
+                }
+            )*
+        }
+    };
+}
+
 mod helpers;
 mod ingest;
 mod lifecycle;
