@@ -617,7 +617,9 @@ async fn ip_rate_limit() {
             assert_eq!(r.headers()["content-type"], "application/problem+json");
         }
     }
-    assert_eq!(codes.get(&200), Some(&30), "{codes:?}");
-    assert_eq!(codes.get(&429), Some(&10), "{codes:?}");
+    // 30 at once, then one every 2 s: a slow run may see one more.
+    let ok = codes.get(&200).copied().unwrap_or(0);
+    assert!((30..=31).contains(&ok), "{codes:?}");
+    assert_eq!(ok + codes.get(&429).copied().unwrap_or(0), 40, "{codes:?}");
     app.stop().await;
 }
