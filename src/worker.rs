@@ -279,8 +279,9 @@ impl Processor {
                 pipeline_version: version.to_owned(),
             };
             if let Err(e) = self.queue.push(&queue_name(tipo), task, Some(delay)).await {
-                // The sweeper finds overdue `retrying` events.
+                // Marked unqueued, the sweeper queues it as soon as it is due.
                 warn!(eventId = %event_id, error = %e, "could not schedule the retry; the sweeper will");
+                self.store.mark_unqueued(event_id).await?;
             }
         }
         Ok(())

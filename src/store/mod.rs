@@ -246,7 +246,8 @@ pub trait Store: Send + Sync + 'static {
     /// Manual retry: only from `dead_lettered`; back to `received`.
     async fn manual_retry(&self, id: &str) -> StoreResult<RetryOutcome>;
     /// Events whose queue task may be lost, marked queued now:
-    /// * known unqueued (`queued_at = 0`: a push failed) and `processing`
+    /// * known unqueued (`queued_at = 0`: a push failed; `retrying` ones once
+    ///   due) and `processing`
     ///   with an expired lease, always;
     /// * `received`, or `retrying` past due, not queued since `stale_before`,
     ///   for the event types in `idle_types` (their queue is empty, so the

@@ -487,7 +487,8 @@ impl Store for SqlStore {
              OR (status = 'retrying' AND next_attempt_at < {t} AND queued_at < {t}))";
         let mut sql = format!(
             "SELECT id, tipo, pipeline_version FROM events \
-             WHERE (status IN ('received', 'retrying') AND queued_at = 0) \
+             WHERE (status = 'received' AND queued_at = 0) \
+                OR (status = 'retrying' AND queued_at = 0 AND next_attempt_at <= $1) \
                 OR (status = 'processing' AND lease_until < $1) \
                 OR {}",
             waiting.replace("{t}", "$2")

@@ -51,3 +51,4 @@ mod ingest;
 mod lifecycle;
 mod loading;
 mod process;
+mod sweep;
