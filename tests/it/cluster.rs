@@ -99,15 +99,7 @@ impl Cluster {
     }
 
     async fn stats(&self, port: u16) -> Value {
-        self.http
-            .get(format!("http://127.0.0.1:{port}/events/stats"))
-            .header("x-api-key", ADMIN_KEY)
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("json")
+        admin_stats(&self.http, port).await
     }
 
     async fn wait_processed(&self, port: u16, n: u64, timeout: Duration) -> Duration {

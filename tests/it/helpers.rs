@@ -329,6 +329,18 @@ impl TestApp {
         req.send().await.expect("request")
     }
 
+    /// The `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("send")
+            .text()
+            .await
+            .expect("text")
+    }
+
     pub async fn get_json(&self, path: &str, key: &str) -> (StatusCode, Value) {
         let resp = self
             .http
@@ -566,4 +578,16 @@ pub async fn wait_healthy(http: &reqwest::Client, port: u16) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// `/events/stats` of the process on `port`, as the admin.
+pub async fn admin_stats(http: &reqwest::Client, port: u16) -> Value {
+    http.get(format!("http://127.0.0.1:{port}/events/stats"))
+        .header("x-api-key", ADMIN_KEY)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json")
 }

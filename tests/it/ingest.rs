@@ -574,15 +574,7 @@ async fn partner_rate_limits_with_the_seed_defaults() {
     // The admin is not a partner and has no partner limit.
     let (s, _) = app.get_json("/events/stats", ADMIN_KEY).await;
     assert_eq!(s, 200);
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.metrics_text().await;
     assert!(
         metrics.contains(&format!(
             r#"rate_limited_requests_total{{scope="partner"}} {limited}"#

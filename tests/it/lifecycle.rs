@@ -122,15 +122,7 @@ async fn seed_events_are_processed_end_to_end(backend: Backend) {
     assert_eq!(stats["by_type"]["VENDA"], 1);
     assert!(stats["processing_ms"]["p50"].is_number(), "{stats}");
 
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.metrics_text().await;
     assert!(
         metrics.contains(r#"events_received_total{tipo="VENDA"} 1"#),
         "{metrics}"

@@ -83,15 +83,7 @@ async fn sigkill_with_a_backlog_loses_nothing_and_logs_no_secret() {
     wait_healthy(&http, port).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let stats: Value = http
-            .get(format!("http://127.0.0.1:{port}/events/stats"))
-            .header("x-api-key", ADMIN_KEY)
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("json");
+        let stats = admin_stats(&http, port).await;
         if stats["by_status"]["processed"] == 300 {
             break;
         }
