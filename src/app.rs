@@ -15,7 +15,7 @@ use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::pipelines::Pipelines;
 use crate::queue::{Queue, RedisQueue, SqliteQueue};
-use crate::store::{NewPartner, SqlStore, Store};
+use crate::store::{SqlStore, Store};
 use crate::telemetry::Metrics;
 use crate::worker::{Processor, StoreSink, Workers};
 
@@ -42,6 +42,8 @@ impl Role {
 /// A running service.
 pub struct App {
     pub state: AppState,
+    /// The pipeline directory watcher, when `WATCH_PIPELINES` is on.
+    watcher: Option<tokio::task::JoinHandle<()>>,
     pub workers: Option<Arc<Workers>>,
     pub role: Role,
     shutdown: watch::Sender<bool>,
@@ -106,27 +108,87 @@ pub fn load_pipelines(config: &Config, sink: Arc<dyn EventSink>) -> Result<Pipel
     )
 }
 
+/// Reloads the pipeline set (all or nothing), records the outcome in the
+/// metrics and the log, and starts workers for new event types. Every reload
+/// trigger goes through here. Blocking: loading reads files and compiles.
+pub fn reload_pipelines(
+    state: &AppState,
+    trigger: &'static str,
+) -> Result<Arc<engine::PipelineSet>, engine::LoadErrors> {
+    let result = state.pipelines.reload(trigger);
+    match &result {
+        Ok(set) => {
+            state.metrics.reloads.with_label_values(&[trigger, "ok"]).inc();
+            if let Some(w) = &state.workers {
+                w.ensure(&state.pipelines);
+            }
+            info!(trigger, version = %set.version, pipelines = set.len(), "pipelines reloaded");
+        }
+        Err(errors) => {
+            state
+                .metrics
+                .reloads
+                .with_label_values(&[trigger, "rejected"])
+                .inc();
+            warn!(trigger, errors = %errors, "pipeline reload rejected; the previous set keeps serving");
+        }
+    }
+    result
+}
+
+/// Reloads when files under `PIPELINES_DIR` or `SCHEMAS_DIR` change, once
+/// they have been quiet for `debounce` (editors write in several steps).
+fn watch_pipelines(
+    state: AppState,
+    debounce: std::time::Duration,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use notify_debouncer_mini::notify::RecursiveMode;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut debouncer = notify_debouncer_mini::new_debouncer(debounce, move |res| {
+        let _ = tx.send(res);
+    })?;
+    for dir in state.pipelines.dirs() {
+        debouncer
+            .watcher()
+            .watch(dir, RecursiveMode::Recursive)
+            .with_context(|| format!("cannot watch {}", dir.display()))?;
+    }
+    Ok(tokio::spawn(async move {
+        let _watching = debouncer;
+        while let Some(res) = rx.recv().await {
+            let res: notify_debouncer_mini::DebounceEventResult = res;
+            match res {
+                Ok(events) if !events.is_empty() => {
+                    let state = state.clone();
+                    let _ = tokio::task::spawn_blocking(move || reload_pipelines(&state, "watch")).await;
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "pipeline directory watch error"),
+            }
+        }
+    }))
+}
+
 /// Creates the `demo` partner on a store with no partners; returns its key.
 pub async fn ensure_demo_partner(store: &dyn Store) -> anyhow::Result<Option<String>> {
     if store.count_partners().await? > 0 {
         return Ok(None);
     }
-    let created = store
-        .create_partner(&NewPartner {
+    let created = crate::partners::create(
+        store,
+        crate::partners::CreatePartner {
             id: "demo".into(),
-            name: "Demo partner".into(),
-            password_hash: None,
-            rate_per_minute: None,
-            burst: None,
-        })
-        .await?;
-    if !created {
-        return Ok(None);
-    }
-    let key = api::auth::generate_api_key();
-    store
-        .add_api_key("demo", &api::auth::hash_api_key(&key), &key[..10])
-        .await?;
+            name: Some("Demo partner".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let key = match created {
+        Ok((_, issued)) => issued.key,
+        // Another process created it first.
+        Err(crate::partners::PartnerError::Exists(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
     Ok(Some(key))
 }
 
@@ -150,6 +212,7 @@ impl App {
         );
         let queue = connect_queue(&config).await?;
         let metrics = Arc::new(Metrics::new());
+        metrics.reloads.with_label_values(&["startup", "ok"]).inc();
         let demo_key = if config.create_demo_partner {
             ensure_demo_partner(store.as_ref()).await?
         } else {
@@ -158,6 +221,7 @@ impl App {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut background = Vec::new();
         let mut workers = None;
+        let mut watcher = None;
         if role.runs_workers() {
             if config.is_embedded() {
                 // Only one process can own an embedded database: whatever it
@@ -190,6 +254,7 @@ impl App {
             )));
         }
         let state = AppState {
+            login_limits: Arc::new(api::limits::LoginLimits::new(&config)),
             config,
             store,
             queue,
@@ -199,8 +264,17 @@ impl App {
             queue_down_until: Arc::default(),
             partner_limits: Arc::default(),
         };
+        if state.config.watch_pipelines {
+            match watch_pipelines(state.clone(), state.config.watch_debounce) {
+                Ok(h) => watcher = Some(h),
+                Err(e) => {
+                    warn!(error = %e, "not watching the pipeline directories; reload with SIGHUP or the admin API")
+                }
+            }
+        }
         Ok(App {
             state,
+            watcher,
             workers,
             role,
             shutdown,
@@ -215,15 +289,14 @@ impl App {
 
     /// Reloads pipelines and starts workers for new event types.
     pub fn reload(&self) -> Result<(), engine::LoadErrors> {
-        self.state.pipelines.reload()?;
-        if let Some(w) = &self.workers {
-            w.ensure(&self.state.pipelines);
-        }
-        Ok(())
+        reload_pipelines(&self.state, "admin").map(|_| ())
     }
 
     /// Stops workers (letting in-flight events finish) and background tasks.
     pub async fn shutdown(self) {
+        if let Some(w) = &self.watcher {
+            w.abort();
+        }
         let _ = self.shutdown.send(true);
         if let Some(w) = &self.workers {
             w.join().await;

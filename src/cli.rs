@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 
 use crate::app::{App, Role};
 use crate::config::Config;
-use crate::store::{NewPartner, Store};
+use crate::store::Store;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -44,6 +44,14 @@ pub enum Command {
         #[arg(long)]
         schemas: Option<PathBuf>,
     },
+    /// Run the pipeline fixtures in DIR/tests/*.yaml as dry runs; non-zero exit on any failure.
+    Test {
+        /// Pipelines directory (default: PIPELINES_DIR).
+        dir: Option<PathBuf>,
+        /// Schemas directory (default: DIR/../schemas if it exists, else SCHEMAS_DIR).
+        #[arg(long)]
+        schemas: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -57,14 +65,56 @@ pub enum PartnerCommand {
         /// Use this API key instead of a generated one.
         #[arg(long)]
         key: Option<String>,
-        /// Password for POST /auth/login.
+        /// Password for POST /auth/login (at least 8 characters).
         #[arg(long)]
         password: Option<String>,
+        /// Requests per minute (default: RATE_LIMIT_PARTNER_PER_MINUTE).
         #[arg(long)]
         rate_per_minute: Option<u32>,
+        /// Burst size (default: RATE_LIMIT_PARTNER_BURST).
         #[arg(long)]
         burst: Option<u32>,
     },
+    /// List partners and their keys (ids and prefixes; never the keys).
+    List {
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a partner's name, password or limits.
+    Update {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, conflicts_with = "no_password")]
+        password: Option<String>,
+        /// Remove the password: POST /auth/login stops working for this partner.
+        #[arg(long)]
+        no_password: bool,
+        #[arg(long, conflicts_with = "default_limits")]
+        rate_per_minute: Option<u32>,
+        #[arg(long, conflicts_with = "default_limits")]
+        burst: Option<u32>,
+        /// Go back to the server's default limits.
+        #[arg(long)]
+        default_limits: bool,
+    },
+    /// Refuse every request of this partner (keys and tokens) until enabled.
+    Disable { id: String },
+    /// Undo `disable`.
+    Enable { id: String },
+    /// Issue a new API key (shown once); old keys keep working unless --revoke-others.
+    RotateKey {
+        id: String,
+        /// Use this key instead of a generated one.
+        #[arg(long)]
+        key: Option<String>,
+        /// Revoke every other active key of the partner.
+        #[arg(long)]
+        revoke_others: bool,
+    },
+    /// Revoke one API key by the id `partner list` shows.
+    RevokeKey { id: String, key_id: String },
 }
 
 pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
@@ -76,9 +126,34 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             println!("migrations applied");
             Ok(0)
         }
-        Command::Partner {
-            command:
-                PartnerCommand::Create {
+        Command::Partner { command } => {
+            let store = crate::app::connect_store(&config).await?;
+            store.migrate().await?;
+            partner(store.as_ref(), command).await
+        }
+        Command::Lint { dir, schemas } => lint(&config, dir, schemas),
+        Command::Test { dir, schemas } => test(&config, dir, schemas).await,
+    }
+}
+
+async fn partner(store: &dyn Store, command: PartnerCommand) -> anyhow::Result<i32> {
+    use crate::partners::{self, ChangePartner, CreatePartner};
+    let changed = |info: crate::store::PartnerInfo, what: &str| {
+        println!("partner {} {what}", info.id);
+        Ok(0)
+    };
+    match command {
+        PartnerCommand::Create {
+            id,
+            name,
+            key,
+            password,
+            rate_per_minute,
+            burst,
+        } => {
+            let (info, issued) = partners::create(
+                store,
+                CreatePartner {
                     id,
                     name,
                     key,
@@ -86,51 +161,107 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
                     rate_per_minute,
                     burst,
                 },
-        } => {
-            let store = crate::app::connect_store(&config).await?;
-            store.migrate().await?;
-            if id.is_empty()
-                || id.len() > 64
-                || !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
-                anyhow::bail!("partner id must be 1-64 characters of letters, digits, '-', '_' or '.'");
-            }
-            let password_hash = password
-                .map(|p| crate::api::auth::hash_password(&p))
-                .transpose()
-                .map_err(|e| anyhow::anyhow!("cannot hash the password: {e}"))?;
-            let created = store
-                .create_partner(&NewPartner {
-                    id: id.clone(),
-                    name: name.unwrap_or_else(|| id.clone()),
-                    password_hash,
-                    rate_per_minute,
-                    burst,
-                })
-                .await?;
-            if !created {
-                anyhow::bail!("partner {id:?} already exists");
-            }
-            let key = key.unwrap_or_else(crate::api::auth::generate_api_key);
-            if key.len() < 16 {
-                anyhow::bail!("an API key must have at least 16 characters");
-            }
-            store
-                .add_api_key(
-                    &id,
-                    &crate::api::auth::hash_api_key(&key),
-                    &key[..key.len().min(10)],
-                )
-                .await?;
-            println!("partner {id} created");
-            println!("API key (shown once, store it now): {key}");
+            )
+            .await?;
+            println!("partner {} created", info.id);
+            println!("key id: {}", issued.key_id);
+            println!("API key (shown once, store it now): {}", issued.key);
             Ok(0)
         }
-        Command::Lint { dir, schemas } => lint(&config, dir, schemas),
+        PartnerCommand::List { json } => {
+            let all = partners::list(store).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+                return Ok(0);
+            }
+            println!(
+                "{:<24} {:<9} {:>9} {:>6}  KEYS (id prefix)",
+                "PARTNER", "STATE", "RATE/MIN", "BURST"
+            );
+            for p in all {
+                let limit = |v: Option<u32>| v.map_or_else(|| "default".to_owned(), |v| v.to_string());
+                let keys: Vec<String> = p
+                    .keys
+                    .iter()
+                    .filter(|k| k.revoked_at.is_none())
+                    .map(|k| format!("{} {}…", k.id, k.prefix))
+                    .collect();
+                println!(
+                    "{:<24} {:<9} {:>9} {:>6}  {}",
+                    p.id,
+                    if p.disabled { "disabled" } else { "active" },
+                    limit(p.rate_per_minute),
+                    limit(p.burst),
+                    if keys.is_empty() {
+                        "(no active key)".to_owned()
+                    } else {
+                        keys.join(", ")
+                    }
+                );
+            }
+            Ok(0)
+        }
+        PartnerCommand::Update {
+            id,
+            name,
+            password,
+            no_password,
+            rate_per_minute,
+            burst,
+            default_limits,
+        } => {
+            let change = ChangePartner {
+                name,
+                password: if no_password {
+                    Some(None)
+                } else {
+                    password.map(Some)
+                },
+                rate_per_minute: if default_limits {
+                    Some(None)
+                } else {
+                    rate_per_minute.map(Some)
+                },
+                burst: if default_limits {
+                    Some(None)
+                } else {
+                    burst.map(Some)
+                },
+                disabled: None,
+            };
+            changed(partners::change(store, &id, change).await?, "updated")
+        }
+        PartnerCommand::Disable { id } => {
+            changed(partners::set_disabled(store, &id, true).await?, "disabled")
+        }
+        PartnerCommand::Enable { id } => changed(partners::set_disabled(store, &id, false).await?, "enabled"),
+        PartnerCommand::RotateKey {
+            id,
+            key,
+            revoke_others,
+        } => {
+            let (issued, revoked) = partners::rotate_key(store, &id, key, revoke_others).await?;
+            println!("new key for partner {id}; key id: {}", issued.key_id);
+            println!("API key (shown once, store it now): {}", issued.key);
+            if revoke_others {
+                println!("{revoked} other key(s) revoked");
+            } else {
+                println!(
+                    "older keys stay active until revoked: orchestrator partner revoke-key {id} <key id>"
+                );
+            }
+            Ok(0)
+        }
+        PartnerCommand::RevokeKey { id, key_id } => {
+            partners::revoke_key(store, &id, &key_id).await?;
+            println!("key {key_id} of partner {id} revoked");
+            Ok(0)
+        }
     }
 }
 
-fn lint(config: &Config, dir: Option<PathBuf>, schemas: Option<PathBuf>) -> anyhow::Result<i32> {
+/// The config with `dir` (and its schemas) in place of the configured directories.
+fn with_dirs(config: &Config, dir: Option<PathBuf>, schemas: Option<PathBuf>) -> Config {
     let pipelines_dir = dir.clone().unwrap_or_else(|| config.pipelines_dir.clone());
     let schemas_dir = schemas.unwrap_or_else(|| {
         dir.as_ref()
@@ -139,30 +270,84 @@ fn lint(config: &Config, dir: Option<PathBuf>, schemas: Option<PathBuf>) -> anyh
             .unwrap_or_else(|| config.schemas_dir.clone())
     });
     let mut cfg = config.clone();
-    cfg.pipelines_dir = pipelines_dir.clone();
+    cfg.pipelines_dir = pipelines_dir;
     cfg.schemas_dir = schemas_dir;
-    match crate::app::load_pipelines(&cfg, Arc::new(engine::NullSink)) {
-        Ok(p) => {
-            let set = p.current();
-            for pl in set.pipelines() {
-                println!(
-                    "ok  {} ({}, version {})",
-                    pl.event_type,
-                    pl.source_file.display(),
-                    pl.version
-                );
-            }
-            println!("{}: {} pipelines, no errors", pipelines_dir.display(), set.len());
-            Ok(0)
-        }
+    cfg
+}
+
+/// Loads the set as the server would, printing every error on failure.
+fn load_or_report(cfg: &Config) -> Option<crate::pipelines::Pipelines> {
+    match crate::app::load_pipelines(cfg, Arc::new(engine::NullSink)) {
+        Ok(p) => Some(p),
         Err(errors) => {
             for e in &errors.0 {
                 eprintln!("error: {e}");
             }
-            eprintln!("{}: {} errors", pipelines_dir.display(), errors.0.len());
-            Ok(1)
+            eprintln!("{}: {} errors", cfg.pipelines_dir.display(), errors.0.len());
+            None
         }
     }
+}
+
+fn lint(config: &Config, dir: Option<PathBuf>, schemas: Option<PathBuf>) -> anyhow::Result<i32> {
+    let cfg = with_dirs(config, dir, schemas);
+    let Some(p) = load_or_report(&cfg) else {
+        return Ok(1);
+    };
+    let set = p.current();
+    for pl in set.pipelines() {
+        println!(
+            "ok  {} ({}, version {})",
+            pl.event_type,
+            pl.source_file.display(),
+            pl.version
+        );
+    }
+    println!(
+        "{}: {} pipelines, no errors",
+        cfg.pipelines_dir.display(),
+        set.len()
+    );
+    Ok(0)
+}
+
+async fn test(config: &Config, dir: Option<PathBuf>, schemas: Option<PathBuf>) -> anyhow::Result<i32> {
+    let cfg = with_dirs(config, dir, schemas);
+    let Some(p) = load_or_report(&cfg) else {
+        return Ok(1);
+    };
+    let files = engine::fixtures::fixture_files(&cfg.pipelines_dir)
+        .with_context(|| format!("cannot read {}/tests", cfg.pipelines_dir.display()))?;
+    if files.is_empty() {
+        eprintln!(
+            "no fixture files in {}/tests (*.yaml); see README \"Testing pipelines\"",
+            cfg.pipelines_dir.display()
+        );
+        return Ok(1);
+    }
+    let (results, errors) = engine::fixtures::run(&p.current(), &files).await;
+    for r in &results {
+        if r.passed() {
+            println!("ok    {}: {}", r.event_type, r.name);
+        } else {
+            println!("FAIL  {}: {} ({})", r.event_type, r.name, r.file.display());
+            for f in &r.failures {
+                println!("        {f}");
+            }
+        }
+    }
+    for e in &errors {
+        println!("ERROR {e}");
+    }
+    let failed = results.iter().filter(|r| !r.passed()).count();
+    println!(
+        "{} cases: {} passed, {failed} failed; {} files, {} could not run",
+        results.len(),
+        results.len() - failed,
+        files.len(),
+        errors.len()
+    );
+    Ok(i32::from(failed > 0 || !errors.is_empty() || results.is_empty()))
 }
 
 async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
@@ -180,8 +365,7 @@ async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
         crate::api::ops_router(app.state.clone())
     };
     tracing::info!(%addr, ?role, "listening");
-    let pipelines = app.state.pipelines.clone();
-    let workers = app.workers.clone();
+    let state = app.state.clone();
     #[cfg(unix)]
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
@@ -189,17 +373,8 @@ async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
             return;
         };
         while hup.recv().await.is_some() {
-            match pipelines.reload() {
-                Ok(set) => {
-                    tracing::info!(version = %set.version, "pipelines reloaded on SIGHUP");
-                    if let Some(w) = &workers {
-                        w.ensure(&pipelines);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(errors = %e, "SIGHUP reload rejected; the previous set keeps serving")
-                }
-            }
+            let state = state.clone();
+            let _ = tokio::task::spawn_blocking(move || crate::app::reload_pipelines(&state, "sighup")).await;
         }
     });
     axum::serve(

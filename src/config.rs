@@ -42,6 +42,16 @@ pub struct Config {
     pub rate_limit_partner_per_minute: u32,
     pub rate_limit_partner_burst: u32,
     pub max_body_bytes: usize,
+    /// Limits on the JSON of request bodies.
+    pub json_limits: engine::json::JsonLimits,
+    /// Largest total size of a request's headers, bytes.
+    pub max_header_bytes: usize,
+    /// Peers whose `X-Forwarded-For` names the client (load balancers).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// `POST /auth/login` attempts per minute for one username.
+    pub login_per_user_per_minute: u32,
+    /// `POST /auth/login` attempts per minute from one client IP.
+    pub login_per_ip_per_minute: u32,
     pub request_timeout: Duration,
     pub queue_poll_interval: Duration,
     /// How long a worker holds an event before another may take it over.
@@ -49,6 +59,10 @@ pub struct Config {
     /// A `received` event not picked up for this long is queued again.
     pub requeue_after: Duration,
     pub sweep_interval: Duration,
+    /// Reload when files under the pipeline or schema directory change.
+    pub watch_pipelines: bool,
+    /// Quiet time after the last change before that reload.
+    pub watch_debounce: Duration,
     pub script_max_operations: u64,
     pub script_max_wall_time: Duration,
     /// Create the `demo` partner on first start.
@@ -74,11 +88,20 @@ pub const KEYS: &[&str] = &[
     "RATE_LIMIT_PARTNER_PER_MINUTE",
     "RATE_LIMIT_PARTNER_BURST",
     "MAX_BODY_BYTES",
+    "MAX_JSON_DEPTH",
+    "MAX_JSON_STRING_BYTES",
+    "MAX_JSON_ITEMS",
+    "MAX_HEADER_BYTES",
+    "TRUSTED_PROXIES",
+    "LOGIN_ATTEMPTS_PER_USER_PER_MINUTE",
+    "LOGIN_ATTEMPTS_PER_IP_PER_MINUTE",
     "REQUEST_TIMEOUT",
     "QUEUE_POLL_INTERVAL",
     "PROCESSING_LEASE",
     "REQUEUE_AFTER",
     "SWEEP_INTERVAL",
+    "WATCH_PIPELINES",
+    "WATCH_DEBOUNCE",
     "SCRIPT_MAX_OPERATIONS",
     "SCRIPT_MAX_WALL_TIME",
     "CREATE_DEMO_PARTNER",
@@ -186,11 +209,30 @@ impl Config {
             )?,
             rate_limit_partner_burst: parse("RATE_LIMIT_PARTNER_BURST", get("RATE_LIMIT_PARTNER_BURST"), 10)?,
             max_body_bytes: parse("MAX_BODY_BYTES", get("MAX_BODY_BYTES"), 256 * 1024)?,
+            json_limits: engine::json::JsonLimits {
+                max_depth: parse("MAX_JSON_DEPTH", get("MAX_JSON_DEPTH"), 32)?,
+                max_string_bytes: parse("MAX_JSON_STRING_BYTES", get("MAX_JSON_STRING_BYTES"), 64 * 1024)?,
+                max_items: parse("MAX_JSON_ITEMS", get("MAX_JSON_ITEMS"), 10_000)?,
+            },
+            max_header_bytes: parse("MAX_HEADER_BYTES", get("MAX_HEADER_BYTES"), 16 * 1024)?,
+            trusted_proxies: trusted_proxies(get("TRUSTED_PROXIES"))?,
+            login_per_user_per_minute: parse(
+                "LOGIN_ATTEMPTS_PER_USER_PER_MINUTE",
+                get("LOGIN_ATTEMPTS_PER_USER_PER_MINUTE"),
+                10,
+            )?,
+            login_per_ip_per_minute: parse(
+                "LOGIN_ATTEMPTS_PER_IP_PER_MINUTE",
+                get("LOGIN_ATTEMPTS_PER_IP_PER_MINUTE"),
+                30,
+            )?,
             request_timeout: duration("REQUEST_TIMEOUT", Duration::from_secs(15))?,
             queue_poll_interval: duration("QUEUE_POLL_INTERVAL", Duration::from_millis(50))?,
             processing_lease: duration("PROCESSING_LEASE", Duration::from_secs(20))?,
             requeue_after: duration("REQUEUE_AFTER", Duration::from_secs(60))?,
             sweep_interval: duration("SWEEP_INTERVAL", Duration::from_secs(5))?,
+            watch_pipelines: parse("WATCH_PIPELINES", get("WATCH_PIPELINES"), true)?,
+            watch_debounce: duration("WATCH_DEBOUNCE", Duration::from_millis(250))?,
             script_max_operations: parse("SCRIPT_MAX_OPERATIONS", get("SCRIPT_MAX_OPERATIONS"), 1_000_000)?,
             script_max_wall_time: duration("SCRIPT_MAX_WALL_TIME", Duration::from_millis(250))?,
             create_demo_partner: parse("CREATE_DEMO_PARTNER", get("CREATE_DEMO_PARTNER"), true)?,
@@ -199,6 +241,12 @@ impl Config {
         if cfg.max_body_bytes < 1024 {
             return Err(ConfigError("MAX_BODY_BYTES must be at least 1024".into()));
         }
+        if cfg.json_limits.max_depth < 2 {
+            return Err(ConfigError("MAX_JSON_DEPTH must be at least 2".into()));
+        }
+        if cfg.max_header_bytes < 1024 {
+            return Err(ConfigError("MAX_HEADER_BYTES must be at least 1024".into()));
+        }
         Ok(cfg)
     }
 
@@ -206,4 +254,22 @@ impl Config {
         use secrecy::ExposeSecret;
         self.redis_url.is_none() && self.database_url.expose_secret().starts_with("sqlite:")
     }
+}
+
+/// `TRUSTED_PROXIES`: comma-separated addresses or CIDR blocks.
+fn trusted_proxies(v: Option<&str>) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    v.unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    ConfigError(format!(
+                        "TRUSTED_PROXIES: {s:?} is not an IP address or CIDR block"
+                    ))
+                })
+        })
+        .collect()
 }

@@ -8,6 +8,7 @@ pub mod api;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod partners;
 pub mod pipelines;
 pub mod queue;
 pub mod store;

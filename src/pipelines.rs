@@ -5,11 +5,30 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use chrono::{DateTime, Utc};
 use engine::{LoadErrors, LoadOptions, Pipeline, PipelineSet, ScriptHost, StageFactory};
+use serde::Serialize;
+
+/// One reload attempt, as operators see it in `GET /admin/pipelines`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ReloadReport {
+    pub at: DateTime<Utc>,
+    /// `startup`, `admin`, `sighup` or `watch`.
+    pub trigger: String,
+    pub ok: bool,
+    /// The set's version when `ok`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Every error, `file:line: message`, when not `ok`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+}
 
 pub struct Pipelines {
     current: ArcSwap<PipelineSet>,
     versions: Mutex<HashMap<String, Arc<Pipeline>>>,
+    last_reload: Mutex<Option<ReloadReport>>,
+    last_failure: Mutex<Option<ReloadReport>>,
     options: LoadOptions,
     scripts: Arc<ScriptHost>,
     factory: Arc<dyn StageFactory>,
@@ -26,21 +45,67 @@ impl Pipelines {
         let me = Self {
             current: ArcSwap::from_pointee(PipelineSet::default()),
             versions: Mutex::new(HashMap::new()),
+            last_reload: Mutex::new(None),
+            last_failure: Mutex::new(None),
             options,
             scripts,
             factory,
         };
+        if let Ok(mut r) = me.last_reload.lock() {
+            *r = Some(ReloadReport {
+                at: Utc::now(),
+                trigger: "startup".into(),
+                ok: true,
+                version: Some(set.version.clone()),
+                errors: Vec::new(),
+            });
+        }
         me.install(set);
         Ok(me)
     }
 
-    /// Loads the directories again; installs the new set only if all of it is valid.
-    pub fn reload(&self) -> Result<Arc<PipelineSet>, LoadErrors> {
-        let set = engine::load_set(&self.options, &self.scripts, self.factory.as_ref(), &|k| {
+    /// Loads the directories again; installs the new set only if all of it
+    /// is valid. The outcome is kept for [`Self::last_reload`].
+    pub fn reload(&self, trigger: &str) -> Result<Arc<PipelineSet>, LoadErrors> {
+        let result = engine::load_set(&self.options, &self.scripts, self.factory.as_ref(), &|k| {
             std::env::var(k).ok()
-        })?;
-        self.install(set);
+        });
+        let report = ReloadReport {
+            at: Utc::now(),
+            trigger: trigger.to_owned(),
+            ok: result.is_ok(),
+            version: result.as_ref().ok().map(|s| s.version.clone()),
+            errors: result
+                .as_ref()
+                .err()
+                .map(|e| e.0.iter().map(ToString::to_string).collect())
+                .unwrap_or_default(),
+        };
+        if !report.ok
+            && let Ok(mut f) = self.last_failure.lock()
+        {
+            *f = Some(report.clone());
+        }
+        if let Ok(mut r) = self.last_reload.lock() {
+            *r = Some(report);
+        }
+        self.install(result?);
         Ok(self.current())
+    }
+
+    /// The last reload attempt since start, if any.
+    pub fn last_reload(&self) -> Option<ReloadReport> {
+        self.last_reload.lock().ok().and_then(|r| r.clone())
+    }
+
+    /// The last rejected reload since start, if any.
+    pub fn last_failure(&self) -> Option<ReloadReport> {
+        self.last_failure.lock().ok().and_then(|r| r.clone())
+    }
+
+    /// The directories reloads read.
+    pub fn dirs(&self) -> [&std::path::Path; 2] {
+        [&self.options.pipelines_dir, &self.options.schemas_dir]
     }
 
     fn install(&self, set: PipelineSet) {

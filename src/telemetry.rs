@@ -1,17 +1,29 @@
 //! Logs (one JSON object per line, or pretty for people) and Prometheus metrics.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
-/// Installs the global subscriber; `RUST_LOG` filters (default `info`).
+/// The filter when `RUST_LOG` is unset.
+pub const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn,apalis=warn,apalis_core=warn,hyper=warn";
+
+/// Installs the global subscriber on stdout; `RUST_LOG` filters (default
+/// [`DEFAULT_LOG_FILTER`]).
 pub fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,apalis=warn,apalis_core=warn,hyper=warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    init_logging_with(format, filter, std::io::stdout);
+}
+
+/// Installs the global subscriber with this filter and writer (the tests
+/// capture the production JSON layout this way). A second call does nothing.
+pub fn init_logging_with<W>(format: LogFormat, filter: EnvFilter, writer: W)
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+{
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stdout);
+        .with_writer(writer);
     let _ = match format {
         LogFormat::Json => builder
             .json()
@@ -36,7 +48,9 @@ pub struct Metrics {
     pub deliveries: IntCounterVec,
     pub http_requests: IntCounterVec,
     pub rate_limited: IntCounterVec,
+    pub reloads: IntCounterVec,
     pub queue_depth: IntGaugeVec,
+    pub oldest_pending: GaugeVec,
     pub events_by_status: IntGaugeVec,
 }
 
@@ -83,6 +97,11 @@ impl Metrics {
             "Requests refused with 429, by limit.",
             &["scope"],
         );
+        let reloads = counter(
+            "pipeline_reloads_total",
+            "Pipeline set reloads by trigger (startup, admin, sighup, watch) and result (ok, rejected).",
+            &["trigger", "result"],
+        );
         let histogram = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
             let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -115,6 +134,17 @@ impl Metrics {
         };
         let queue_depth = gauge("queue_depth", "Pending tasks per pipeline queue.", &["tipo"]);
         let events_by_status = gauge("events_by_status", "Stored events per status.", &["status"]);
+        let oldest_pending = GaugeVec::new(
+            Opts::new(
+                "queue_oldest_pending_seconds",
+                "Age of the oldest event not yet processed or dead-lettered, per pipeline.",
+            ),
+            &["tipo"],
+        )
+        .unwrap_or_else(|e| panic!("queue_oldest_pending_seconds: {e}"));
+        registry
+            .register(Box::new(oldest_pending.clone()))
+            .unwrap_or_else(|e| panic!("queue_oldest_pending_seconds: {e}"));
         Self {
             registry,
             events_received,
@@ -127,7 +157,9 @@ impl Metrics {
             deliveries,
             http_requests,
             rate_limited,
+            reloads,
             queue_depth,
+            oldest_pending,
             events_by_status,
         }
     }

@@ -5,6 +5,8 @@
 //! Side effects reach stages through traits ([`stage::EventSink`]) that the
 //! service implements.
 
+pub mod fixtures;
+pub mod json;
 pub mod loader;
 pub mod model;
 pub mod pipeline;

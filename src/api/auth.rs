@@ -137,20 +137,27 @@ pub struct TokenOut {
 /// Exchange a partner's password for a bearer token.
 #[utoipa::path(post, path = "/auth/login", tag = "auth", request_body = Login,
     responses((status = 200, body = TokenOut), (status = 401, body = super::error::Problem),
+              (status = 429, description = "too many attempts for this username or client", body = super::error::Problem),
               (status = 503, description = "JWT_SECRET not configured", body = super::error::Problem)))]
 pub async fn login(
     axum::extract::State(state): axum::extract::State<AppState>,
-    headers: axum::http::HeaderMap,
-    body: axum::body::Body,
+    request: axum::extract::Request,
 ) -> Result<axum::Json<TokenOut>, ApiError> {
     let secret = jwt_secret(&state)?.expose_secret().to_owned();
-    let value = super::events::parse_json_body(&headers, body, 16 * 1024).await?;
+    let client_ip = super::limits::request_client_ip(&request, &state.config.trusted_proxies);
+    let (parts, body) = request.into_parts();
+    let value = super::events::parse_json_body(&parts.headers, body, &state.config, Some(16 * 1024)).await?;
     let login: Login = serde_json::from_value(value).map_err(|e| {
         ApiError::InvalidEnvelope(vec![super::error::FieldError {
             path: String::new(),
             message: format!("expected {{\"username\", \"password\"}}: {e}"),
         }])
     })?;
+    if let Err(e) = state.login_limits.check(&login.username, client_ip) {
+        state.metrics.rate_limited.with_label_values(&["login"]).inc();
+        tracing::warn!(partnerId = %login.username, clientIp = ?client_ip, "login attempts throttled");
+        return Err(e);
+    }
     let found = if login.username.len() <= 64 {
         state.store.partner_login(&login.username).await?
     } else {
@@ -169,7 +176,7 @@ pub async fn login(
         }
     };
     if !ok {
-        tracing::info!(partnerId = %login.username, "login failed");
+        tracing::info!(partnerId = %login.username, clientIp = ?client_ip, "login failed");
         return Err(ApiError::Unauthorized);
     }
     let ttl = state.config.jwt_ttl;

@@ -1,10 +1,10 @@
 //! The OpenAPI 3.1 document (utoipa) and Swagger UI, served by the binary.
 
-use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityRequirement, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
-use super::{auth, dry_run, error, events, ops};
+use super::{admin, auth, dry_run, error, events, ops};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -25,6 +25,13 @@ use super::{auth, dry_run, error, events, ops};
         ops::metrics,
         ops::list_pipelines,
         ops::reload_pipelines,
+        admin::list_partners,
+        admin::create_partner,
+        admin::get_partner,
+        admin::update_partner,
+        admin::create_key,
+        admin::revoke_key,
+        admin::redrive,
     ),
     components(schemas(error::Problem, error::FieldError)),
     modifiers(&Security),
@@ -32,7 +39,7 @@ use super::{auth, dry_run, error, events, ops};
         (name = "events", description = "Partners send and follow events"),
         (name = "auth", description = "Bearer tokens for partners"),
         (name = "pipelines", description = "Integrators try pipelines"),
-        (name = "admin", description = "Operators manage pipelines"),
+        (name = "admin", description = "Operators manage pipelines and partners (admin role: ADMIN_API_KEY)"),
         (name = "operations", description = "Health and metrics"),
     )
 )]
@@ -59,6 +66,33 @@ impl Modify for Security {
                     .build(),
             ),
         );
+        // Who may call what, in one place: `/admin/*` takes the operator's
+        // key; the partner routes take a partner's key or token (or the
+        // operator's key); login, health, metrics and the docs take nothing.
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let requirement: Vec<SecurityRequirement> = if path.starts_with("/admin/") {
+                vec![SecurityRequirement::new::<_, _, String>("api_key", [])]
+            } else if path.starts_with("/events") || path.starts_with("/pipelines/") {
+                vec![
+                    SecurityRequirement::new::<_, _, String>("api_key", []),
+                    SecurityRequirement::new::<_, _, String>("bearer", []),
+                ]
+            } else {
+                continue;
+            };
+            for op in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.patch,
+                &mut item.delete,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                op.security = Some(requirement.clone());
+            }
+        }
     }
 }
 

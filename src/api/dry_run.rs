@@ -53,7 +53,7 @@ pub async fn dry_run(
         .get(&tipo)
         .cloned()
         .ok_or(ApiError::NotFound("pipeline"))?;
-    let value = parse_json_body(&headers, body, state.config.max_body_bytes).await?;
+    let value = parse_json_body(&headers, body, &state.config, None).await?;
     let invalid = |path: &str, message: &str| {
         ApiError::InvalidEnvelope(vec![FieldError {
             path: path.into(),

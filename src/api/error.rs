@@ -28,6 +28,14 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("malformed JSON: {0}")]
     MalformedJson(String),
+    #[error("the JSON body exceeds a limit: {0}")]
+    JsonLimit(String),
+    #[error("request headers total more than {0} bytes")]
+    HeadersTooLarge(usize),
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("{0}")]
+    AlreadyExists(String),
     #[error("the request body is not a valid event envelope")]
     InvalidEnvelope(Vec<FieldError>),
     #[error("unknown event type {tipo:?}; known types: {known}")]
@@ -63,7 +71,12 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::MalformedJson(_) | ApiError::InvalidIdempotencyKey(_) => StatusCode::BAD_REQUEST,
+            ApiError::MalformedJson(_) | ApiError::JsonLimit(_) | ApiError::InvalidIdempotencyKey(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ApiError::InvalidRequest(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::AlreadyExists(_) => StatusCode::CONFLICT,
             ApiError::InvalidEnvelope(_)
             | ApiError::UnknownEventType { .. }
             | ApiError::ValidationFailed { .. }
@@ -85,6 +98,10 @@ impl ApiError {
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::MalformedJson(_) => "malformed_json",
+            ApiError::JsonLimit(_) => "json_limit_exceeded",
+            ApiError::HeadersTooLarge(_) => "headers_too_large",
+            ApiError::InvalidRequest(_) => "invalid_request",
+            ApiError::AlreadyExists(_) => "already_exists",
             ApiError::InvalidEnvelope(_) => "invalid_envelope",
             ApiError::UnknownEventType { .. } => "unknown_event_type",
             ApiError::ValidationFailed { .. } => "validation_failed",
@@ -107,6 +124,10 @@ impl ApiError {
             ApiError::UnsupportedMediaType => "Unsupported media type",
             ApiError::PayloadTooLarge(_) => "Payload too large",
             ApiError::MalformedJson(_) => "Malformed JSON",
+            ApiError::JsonLimit(_) => "JSON limit exceeded",
+            ApiError::HeadersTooLarge(_) => "Request headers too large",
+            ApiError::InvalidRequest(_) => "Invalid request",
+            ApiError::AlreadyExists(_) => "Already exists",
             ApiError::InvalidEnvelope(_) => "Invalid event envelope",
             ApiError::UnknownEventType { .. } => "Unknown event type",
             ApiError::ValidationFailed { .. } => "Validation failed",
@@ -187,6 +208,31 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::Unavailable(_) => ApiError::Unavailable("the database".into()),
             other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<crate::partners::PartnerError> for ApiError {
+    fn from(e: crate::partners::PartnerError) -> Self {
+        use crate::partners::PartnerError as P;
+        match e {
+            P::InvalidId | P::InvalidKey | P::WeakPassword | P::InvalidLimit => {
+                ApiError::InvalidRequest(e.to_string())
+            }
+            P::Exists(_) => ApiError::AlreadyExists(e.to_string()),
+            P::NotFound(_) => ApiError::NotFound("partner"),
+            P::KeyNotFound(..) => ApiError::NotFound("API key"),
+            P::Hash(m) => ApiError::Internal(m),
+            P::Store(s) => s.into(),
+        }
+    }
+}
+
+impl From<engine::json::DecodeError> for ApiError {
+    fn from(e: engine::json::DecodeError) -> Self {
+        match e {
+            engine::json::DecodeError::Invalid(m) => ApiError::MalformedJson(m),
+            engine::json::DecodeError::Limit(m) => ApiError::JsonLimit(m),
         }
     }
 }

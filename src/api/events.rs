@@ -63,11 +63,15 @@ fn is_json_content_type(headers: &HeaderMap) -> bool {
 }
 
 /// Reads the JSON body ourselves so every failure is a problem+json with its own code.
+/// Reads and decodes a JSON request body: at most `limit` bytes
+/// (`MAX_BODY_BYTES` when `None`), within the configured JSON limits.
 pub(crate) async fn parse_json_body(
     headers: &HeaderMap,
     body: Body,
-    limit: usize,
+    config: &crate::config::Config,
+    limit: Option<usize>,
 ) -> Result<Value, ApiError> {
+    let limit = limit.unwrap_or(config.max_body_bytes);
     if !is_json_content_type(headers) {
         return Err(ApiError::UnsupportedMediaType);
     }
@@ -88,8 +92,11 @@ pub(crate) async fn parse_json_body(
             ApiError::MalformedJson(format!("could not read the body: {e}"))
         }
     })?;
-    serde_json::from_slice::<Value>(&bytes).map_err(|e| ApiError::MalformedJson(e.to_string()))
+    Ok(engine::json::decode(&bytes, &config.json_limits)?)
 }
+
+/// Longest event type name.
+const MAX_TIPO_CHARS: usize = 128;
 
 fn envelope(value: Value) -> Result<(String, Value), ApiError> {
     let Value::Object(mut map) = value else {
@@ -100,6 +107,13 @@ fn envelope(value: Value) -> Result<(String, Value), ApiError> {
     };
     let mut errors = Vec::new();
     let tipo = match map.remove("tipo") {
+        Some(Value::String(s)) if s.chars().count() > MAX_TIPO_CHARS => {
+            errors.push(FieldError {
+                path: "/tipo".into(),
+                message: format!("must be at most {MAX_TIPO_CHARS} characters"),
+            });
+            None
+        }
         Some(Value::String(s)) if !s.trim().is_empty() => Some(s),
         Some(Value::String(_)) => {
             errors.push(FieldError {
@@ -217,7 +231,7 @@ pub async fn create_event(
     let Caller::Partner(partner) = caller else {
         return Err(ApiError::Forbidden);
     };
-    let value = parse_json_body(&headers, body, state.config.max_body_bytes).await?;
+    let value = parse_json_body(&headers, body, &state.config, None).await?;
     let (tipo, dados) = envelope(value)?;
     let idem = idempotency_key(&headers)?;
     let set = state.pipelines.current();
@@ -279,7 +293,7 @@ const PUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// down or slow does not fail the request: the event is marked unqueued and
 /// the sweeper queues it once the queue answers. After a failure, pushes are
 /// skipped for a moment so an outage does not slow every request down.
-async fn enqueue(state: &AppState, ev: &EventRecord, task: QueueTask) {
+pub(crate) async fn enqueue(state: &AppState, ev: &EventRecord, task: QueueTask) {
     let now_ms = Utc::now().timestamp_millis();
     let error = if state.queue_down_until.load(Ordering::Relaxed) > now_ms {
         "queue recently unavailable".to_owned()
@@ -471,7 +485,7 @@ pub struct EventPage {
     pub next_cursor: Option<String>,
 }
 
-fn parse_time(name: &str, v: &Option<String>) -> Result<Option<DateTime<Utc>>, ApiError> {
+pub(crate) fn parse_time(name: &str, v: &Option<String>) -> Result<Option<DateTime<Utc>>, ApiError> {
     v.as_deref()
         .map(|s| {
             DateTime::parse_from_rfc3339(s)

@@ -3,17 +3,21 @@
 //! when one is stored).
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
+use governor::DefaultKeyedRateLimiter;
 use governor::clock::{Clock, DefaultClock, QuantaInstant};
 use governor::middleware::NoOpMiddleware;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tower_governor::governor::{GovernorConfig, GovernorConfigBuilder};
-use tower_governor::key_extractor::PeerIpKeyExtractor;
+use ipnet::IpNet;
+use tower_governor::governor::GovernorConfigBuilder;
+use tower_governor::key_extractor::KeyExtractor;
 use tower_governor::{GovernorError, GovernorLayer};
 
 use super::error::ApiError;
@@ -21,23 +25,84 @@ use crate::config::Config;
 use crate::store::Partner;
 use crate::telemetry::Metrics;
 
+/// The client's address: the TCP peer, unless the peer is one of
+/// `TRUSTED_PROXIES`; then the right-most `X-Forwarded-For` entry that is not
+/// itself a trusted proxy (entries left of it are the client's to forge).
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut client = peer;
+    let hops = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .collect::<Vec<_>>();
+    for hop in hops.into_iter().rev() {
+        let Some(ip) = parse_hop(hop) else {
+            // Garbage in the chain: trust nothing left of it.
+            break;
+        };
+        client = ip;
+        if !is_trusted(&ip) {
+            break;
+        }
+    }
+    client
+}
+
+/// `203.0.113.7`, `2001:db8::1`, `[2001:db8::1]:443` or `203.0.113.7:5000`.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
+    hop.parse::<IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()))
+}
+
+/// The client IP of a request that came through axum with `ConnectInfo`.
+pub fn request_client_ip<T>(req: &axum::http::Request<T>, trusted: &[IpNet]) -> Option<IpAddr> {
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())?;
+    Some(client_ip(peer, req.headers(), trusted))
+}
+
+/// tower_governor key: [`client_ip`].
+#[derive(Debug, Clone)]
+pub struct ClientIpKeyExtractor {
+    trusted: Arc<[IpNet]>,
+}
+
+impl KeyExtractor for ClientIpKeyExtractor {
+    type Key = IpAddr;
+
+    fn extract<T>(&self, req: &axum::http::Request<T>) -> Result<IpAddr, GovernorError> {
+        request_client_ip(req, &self.trusted).ok_or(GovernorError::UnableToExtractKey)
+    }
+}
+
 /// The per-client-IP layer (tower_governor): `RATE_LIMIT_IP_PER_MINUTE`, all
-/// of it usable at once, keyed by the TCP peer address; 429s are problem+json.
+/// of it usable at once, keyed by [`client_ip`]; 429s are problem+json.
 pub fn ip_layer(
     config: &Config,
     metrics: Arc<Metrics>,
-) -> GovernorLayer<PeerIpKeyExtractor, NoOpMiddleware<QuantaInstant>, Body> {
+) -> GovernorLayer<ClientIpKeyExtractor, NoOpMiddleware<QuantaInstant>, Body> {
     let per_minute = config.rate_limit_ip_per_minute.max(1);
     let period = Duration::from_secs(60) / per_minute;
+    let extractor = ClientIpKeyExtractor {
+        trusted: config.trusted_proxies.clone().into(),
+    };
     let governor = GovernorConfigBuilder::default()
         .period(period.max(Duration::from_nanos(1)))
         .burst_size(per_minute)
-        .key_extractor(PeerIpKeyExtractor)
-        .finish();
-    let layer = match governor {
-        Some(g) => GovernorLayer::new(g),
-        None => GovernorLayer::new(GovernorConfig::default()),
-    };
+        .key_extractor(extractor.clone())
+        .finish()
+        .or_else(|| GovernorConfigBuilder::default().key_extractor(extractor).finish())
+        .expect("tower_governor's default configuration is valid");
+    let layer = GovernorLayer::new(governor);
     layer.error_handler(move |e| {
         let retry_after = match e {
             GovernorError::TooManyRequests { wait_time, .. } => Duration::from_secs(wait_time.max(1)),
@@ -86,6 +151,52 @@ impl PartnerLimits {
     }
 }
 
+/// `POST /auth/login` attempts, per username and per client IP, so
+/// passwords cannot be guessed at speed (argon2 makes each guess slow; this
+/// makes them few).
+pub struct LoginLimits {
+    per_user: DefaultKeyedRateLimiter<String>,
+    per_ip: DefaultKeyedRateLimiter<IpAddr>,
+    per_user_minute: u32,
+    per_ip_minute: u32,
+    calls: std::sync::atomic::AtomicU64,
+}
+
+impl LoginLimits {
+    pub fn new(config: &Config) -> Self {
+        let quota = |n: u32| Quota::per_minute(NonZeroU32::new(n.max(1)).unwrap_or(NonZeroU32::MIN));
+        Self {
+            per_user: RateLimiter::keyed(quota(config.login_per_user_per_minute)),
+            per_ip: RateLimiter::keyed(quota(config.login_per_ip_per_minute)),
+            per_user_minute: config.login_per_user_per_minute.max(1),
+            per_ip_minute: config.login_per_ip_per_minute.max(1),
+            calls: Default::default(),
+        }
+    }
+
+    /// Takes one attempt from the IP's and the username's allowance.
+    pub fn check(&self, username: &str, ip: Option<IpAddr>) -> Result<(), ApiError> {
+        // Forget idle keys now and then, so random usernames cannot grow the maps.
+        if self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 1024 == 1023 {
+            self.per_user.retain_recent();
+            self.per_ip.retain_recent();
+        }
+        let now = DefaultClock::default().now();
+        if let Some(ip) = ip {
+            self.per_ip.check_key(&ip).map_err(|n| ApiError::RateLimited {
+                retry_after: n.wait_time_from(now),
+                limit: self.per_ip_minute,
+            })?;
+        }
+        self.per_user
+            .check_key(&username.to_owned())
+            .map_err(|n| ApiError::RateLimited {
+                retry_after: n.wait_time_from(now),
+                limit: self.per_user_minute,
+            })
+    }
+}
+
 /// Adds `Retry-After` and `RateLimit-*` headers to a 429.
 pub fn rate_limit_headers(resp: &mut Response, retry_after: Duration, limit: u32) {
     let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
@@ -100,5 +211,76 @@ pub fn rate_limit_headers(resp: &mut Response, retry_after: Duration, limit: u32
         if let Ok(v) = axum::http::HeaderValue::from_str(&value) {
             h.insert(name, v);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(xff: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in xff {
+            h.append("x-forwarded-for", v.parse().expect("header"));
+        }
+        h
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn client_ip_trusts_forwarded_for_only_from_trusted_proxies() {
+        let trusted: Vec<IpNet> = vec![
+            "10.0.0.0/8".parse().expect("net"),
+            "127.0.0.1/32".parse().expect("net"),
+        ];
+        // Not from a proxy: the header is ignored.
+        assert_eq!(
+            client_ip(ip("198.51.100.1"), &headers(&["203.0.113.9"]), &trusted),
+            ip("198.51.100.1")
+        );
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &headers(&["203.0.113.9"]), &[]),
+            ip("10.0.0.2")
+        );
+        // From a proxy: the right-most untrusted hop.
+        assert_eq!(
+            client_ip(
+                ip("10.0.0.2"),
+                &headers(&["1.1.1.1, 203.0.113.9, 10.9.9.9"]),
+                &trusted
+            ),
+            ip("203.0.113.9")
+        );
+        // Several header lines count as one list, in order.
+        assert_eq!(
+            client_ip(ip("127.0.0.1"), &headers(&["1.1.1.1", "203.0.113.9"]), &trusted),
+            ip("203.0.113.9")
+        );
+        // Ports and IPv6.
+        assert_eq!(
+            client_ip(ip("127.0.0.1"), &headers(&["203.0.113.9:5555"]), &trusted),
+            ip("203.0.113.9")
+        );
+        assert_eq!(
+            client_ip(ip("127.0.0.1"), &headers(&["[2001:db8::1]:443"]), &trusted),
+            ip("2001:db8::1")
+        );
+        // Garbage stops the walk at the last good hop.
+        assert_eq!(
+            client_ip(
+                ip("127.0.0.1"),
+                &headers(&["203.0.113.9, nonsense, 10.1.1.1"]),
+                &trusted
+            ),
+            ip("10.1.1.1")
+        );
+        // No header: the proxy itself.
+        assert_eq!(
+            client_ip(ip("127.0.0.1"), &HeaderMap::new(), &trusted),
+            ip("127.0.0.1")
+        );
     }
 }

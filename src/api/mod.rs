@@ -1,5 +1,6 @@
 //! The HTTP API (axum): routes, shared state and the layers around them.
 
+pub mod admin;
 pub mod auth;
 pub mod docs;
 pub mod dry_run;
@@ -34,6 +35,7 @@ pub struct AppState {
     /// Epoch ms until which pushes are skipped after a queue failure.
     pub queue_down_until: Arc<std::sync::atomic::AtomicI64>,
     pub partner_limits: Arc<limits::PartnerLimits>,
+    pub login_limits: Arc<limits::LoginLimits>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -50,10 +52,25 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/pipelines", get(ops::list_pipelines))
         .route("/admin/pipelines/reload", post(ops::reload_pipelines))
         .route("/pipelines/{tipo}/dry-run", post(dry_run::dry_run))
+        .route(
+            "/admin/partners",
+            get(admin::list_partners).post(admin::create_partner),
+        )
+        .route(
+            "/admin/partners/{id}",
+            get(admin::get_partner).patch(admin::update_partner),
+        )
+        .route("/admin/partners/{id}/keys", post(admin::create_key))
+        .route("/admin/dead-letters/redrive", post(admin::redrive))
+        .route(
+            "/admin/partners/{id}/keys/{key_id}",
+            axum::routing::delete(admin::revoke_key),
+        )
         .merge(docs::swagger())
         .fallback(ops::not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), track))
         .layer(limits::ip_layer(&state.config, state.metrics.clone()))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), header_limit))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             timeout,
@@ -71,6 +88,24 @@ pub fn ops_router(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .fallback(ops::not_found)
         .with_state(state)
+}
+
+/// Refuses requests whose headers total more than `MAX_HEADER_BYTES` (431,
+/// problem+json), before anything reads them. hyper itself answers larger
+/// header blocks than it buffers (about 400 KiB, or more than 100 headers)
+/// with a bare 431.
+async fn header_limit(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let limit = state.config.max_header_bytes;
+    let total: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if total > limit {
+        use axum::response::IntoResponse;
+        return error::ApiError::HeadersTooLarge(limit).into_response();
+    }
+    next.run(req).await
 }
 
 /// Counts requests by matched route and status.

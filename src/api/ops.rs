@@ -58,7 +58,17 @@ pub async fn health(State(state): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", body = String)))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
+    let oldest = state.store.oldest_pending().await.unwrap_or_default();
+    let now = chrono::Utc::now();
     for p in state.pipelines.current().pipelines() {
+        let age = oldest
+            .get(&p.event_type)
+            .map_or(0.0, |t| (now - *t).num_milliseconds().max(0) as f64 / 1000.0);
+        state
+            .metrics
+            .oldest_pending
+            .with_label_values(&[&p.event_type])
+            .set(age);
         if let Ok(depth) = state
             .queue
             .depth(&crate::pipelines::queue_name(&p.event_type))
@@ -95,13 +105,19 @@ pub struct PipelineInfo {
 pub struct PipelineList {
     pub version: String,
     pub loaded_at: chrono::DateTime<chrono::Utc>,
+    /// The last reload attempt (startup, admin, sighup or watch), ok or not.
+    pub last_reload: Option<crate::pipelines::ReloadReport>,
+    /// The last rejected reload since start, with its errors.
+    pub last_error: Option<crate::pipelines::ReloadReport>,
     pub pipelines: Vec<PipelineInfo>,
 }
 
-fn pipeline_list(set: &engine::PipelineSet) -> PipelineList {
+fn pipeline_list(state: &AppState, set: &engine::PipelineSet) -> PipelineList {
     PipelineList {
         version: set.version.clone(),
         loaded_at: set.loaded_at,
+        last_reload: state.pipelines.last_reload(),
+        last_error: state.pipelines.last_failure(),
         pipelines: set
             .pipelines()
             .into_iter()
@@ -126,7 +142,7 @@ fn pipeline_list(set: &engine::PipelineSet) -> PipelineList {
 #[utoipa::path(get, path = "/admin/pipelines", tag = "admin",
     responses((status = 200, body = PipelineList)), security(("api_key" = [])))]
 pub async fn list_pipelines(State(state): State<AppState>, _: Admin) -> Json<PipelineList> {
-    Json(pipeline_list(&state.pipelines.current()))
+    Json(pipeline_list(&state, &state.pipelines.current()))
 }
 
 #[utoipa::path(post, path = "/admin/pipelines/reload", tag = "admin",
@@ -136,34 +152,25 @@ pub async fn reload_pipelines(
     State(state): State<AppState>,
     _: Admin,
 ) -> Result<Json<PipelineList>, ApiError> {
-    let pipelines = state.pipelines.clone();
-    let result = tokio::task::spawn_blocking(move || pipelines.reload())
+    let for_reload = state.clone();
+    let result = tokio::task::spawn_blocking(move || crate::app::reload_pipelines(&for_reload, "admin"))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     match result {
-        Ok(set) => {
-            if let Some(w) = &state.workers {
-                w.ensure(&state.pipelines);
-            }
-            tracing::info!(version = %set.version, pipelines = set.len(), "pipelines reloaded");
-            Ok(Json(pipeline_list(&set)))
-        }
-        Err(errors) => {
-            tracing::warn!(errors = %errors, "pipeline reload rejected; the previous set keeps serving");
-            Err(ApiError::InvalidPipelines(
-                errors
-                    .0
-                    .iter()
-                    .map(|e| super::error::FieldError {
-                        path: match e.line {
-                            Some(l) => format!("{}:{l}", e.file.display()),
-                            None => e.file.display().to_string(),
-                        },
-                        message: e.to_string(),
-                    })
-                    .collect(),
-            ))
-        }
+        Ok(set) => Ok(Json(pipeline_list(&state, &set))),
+        Err(errors) => Err(ApiError::InvalidPipelines(
+            errors
+                .0
+                .iter()
+                .map(|e| super::error::FieldError {
+                    path: match e.line {
+                        Some(l) => format!("{}:{l}", e.file.display()),
+                        None => e.file.display().to_string(),
+                    },
+                    message: e.to_string(),
+                })
+                .collect(),
+        )),
     }
 }
 

@@ -208,6 +208,46 @@ pub struct Partner {
     pub disabled: bool,
 }
 
+/// One API key of a partner, as listed (the key itself is never stored).
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct ApiKeyInfo {
+    /// Stable key id (the first 16 hex characters of the key's SHA-256).
+    pub id: String,
+    /// The first characters of the key, to recognise it.
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// A partner with its keys, for operators.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct PartnerInfo {
+    pub id: String,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+    pub disabled: bool,
+    /// Whether `POST /auth/login` works for this partner.
+    pub has_password: bool,
+    /// Requests per minute; `null` = the server default.
+    pub rate_per_minute: Option<u32>,
+    /// Burst size; `null` = the server default.
+    pub burst: Option<u32>,
+    pub keys: Vec<ApiKeyInfo>,
+}
+
+/// A change to a partner; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct PartnerUpdate {
+    pub name: Option<String>,
+    /// `Some(None)` removes the password.
+    pub password_hash: Option<Option<String>>,
+    /// `Some(None)` goes back to the server default.
+    pub rate_per_minute: Option<Option<u32>>,
+    pub burst: Option<Option<u32>>,
+    pub disabled: Option<bool>,
+}
+
 #[derive(Debug, Clone)]
 pub struct NewPartner {
     pub id: String,
@@ -260,11 +300,25 @@ pub trait Store: Send + Sync + 'static {
     async fn release_leases(&self) -> StoreResult<u64>;
     /// Number of events per status.
     async fn status_counts(&self) -> StoreResult<std::collections::BTreeMap<String, i64>>;
+    /// When the oldest event still waiting or running was received, per type.
+    async fn oldest_pending(&self) -> StoreResult<std::collections::BTreeMap<String, DateTime<Utc>>>;
 
     async fn create_partner(&self, p: &NewPartner) -> StoreResult<bool>;
     async fn add_api_key(&self, partner_id: &str, key_hash: &str, prefix: &str) -> StoreResult<()>;
     async fn partner_by_key_hash(&self, key_hash: &str) -> StoreResult<Option<Partner>>;
     async fn count_partners(&self) -> StoreResult<i64>;
+    /// Every partner (or one), with its keys, ordered by id.
+    async fn partners(&self, id: Option<&str>) -> StoreResult<Vec<PartnerInfo>>;
+    /// Applies `update`; `false` when the partner does not exist.
+    async fn update_partner(&self, id: &str, update: &PartnerUpdate) -> StoreResult<bool>;
+    /// Revokes one key by its id, or every active key but `keep_hash` when
+    /// `key_id` is `None`; returns how many were revoked.
+    async fn revoke_api_keys(
+        &self,
+        partner_id: &str,
+        key_id: Option<&str>,
+        keep_hash: Option<&str>,
+    ) -> StoreResult<u64>;
     /// A partner and its password hash, by id.
     async fn partner_login(&self, id: &str) -> StoreResult<Option<(Partner, Option<String>)>>;
 }

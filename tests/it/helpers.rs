@@ -277,9 +277,21 @@ pub async fn spawn_app_with(
         isolation = Some(iso);
     }
     tweak(&mut values);
+    crate::logcap::secret(ADMIN_KEY);
+    for name in ["JWT_SECRET", "ADMIN_API_KEY"] {
+        if let Some(v) = values.get(name) {
+            crate::logcap::secret(v);
+        }
+    }
+    if let Some(url) = values.get("DATABASE_URL")
+        && let Some(password) = url_password(url)
+    {
+        crate::logcap::secret(&password);
+    }
     let config = Config::from_map(&values).expect("config");
     let app = App::start(config, Role::All).await.expect("app starts");
     let key = app.demo_key.clone().expect("demo partner created on first start");
+    crate::logcap::secret(&key);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let router = app.router();
@@ -329,6 +341,18 @@ impl TestApp {
         req.send().await.expect("request")
     }
 
+    /// The OpenAPI document the service serves.
+    pub async fn openapi(&self) -> Value {
+        self.http
+            .get(self.url("/api/openapi.json"))
+            .send()
+            .await
+            .expect("send")
+            .json()
+            .await
+            .expect("json")
+    }
+
     /// The `/metrics` text.
     pub async fn metrics_text(&self) -> String {
         self.http
@@ -367,6 +391,7 @@ impl TestApp {
             .await
             .expect("partner");
         let key = orchestrator::api::auth::generate_api_key();
+        crate::logcap::secret(&key);
         store
             .add_api_key(id, &orchestrator::api::auth::hash_api_key(&key), "test")
             .await
@@ -401,10 +426,16 @@ impl TestApp {
         if let Some(iso) = self.isolation.take() {
             iso.remove().await;
         }
-        if let Some(iso) = self.isolation.take() {
-            iso.remove().await;
-        }
+        crate::logcap::assert_clean();
     }
+}
+
+/// The password of a `scheme://user:password@host/…` URL.
+pub fn url_password(url: &str) -> Option<String> {
+    let (_, rest) = url.split_once("://")?;
+    let userinfo = rest.split('/').next()?.rsplit_once('@')?.0;
+    let (_, password) = userinfo.split_once(':')?;
+    (password.len() >= 8).then(|| password.to_owned())
 }
 
 pub async fn accepted_id(resp: reqwest::Response) -> String {
@@ -534,6 +565,25 @@ pub fn node_env(dir: &PipelineDir) -> Vec<(String, String)> {
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect()
+}
+
+/// `orchestrator <command> DIR --schemas DIR`: exit code and everything printed.
+pub fn run_on_dir(command: &str, dir: &PipelineDir) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+        .arg(command)
+        .arg(dir.pipelines())
+        .arg("--schemas")
+        .arg(dir.schemas())
+        .env("LOG_FORMAT", "pretty")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run orchestrator");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
 }
 
 /// The real binary with exactly these environment variables (and PATH).

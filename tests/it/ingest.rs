@@ -409,6 +409,7 @@ mod jwt {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn login_and_bearer_tokens() {
         let secret = "jwt-secret-for-tests-0123456789abcdef";
+        crate::logcap::secret("s3cret-passw0rd");
         let app = spawn_app_with(Backend::Embedded, PipelineDir::shipped(), |m| {
             m.insert("JWT_SECRET".into(), secret.into());
         })
@@ -418,7 +419,7 @@ mod jwt {
             .create_partner(&orchestrator::store::NewPartner {
                 id: "acme".into(),
                 name: "ACME".into(),
-                password_hash: Some(orchestrator::api::auth::hash_password("s3cret!").expect("hash")),
+                password_hash: Some(orchestrator::api::auth::hash_password("s3cret-passw0rd").expect("hash")),
                 rate_per_minute: None,
                 burst: None,
             })
@@ -430,16 +431,17 @@ mod jwt {
                 .json(&json!({"username": u, "password": p}))
                 .send()
         };
-        for (u, p) in [("acme", "wrong"), ("nobody", "s3cret!"), ("demo", "")] {
+        for (u, p) in [("acme", "wrong"), ("nobody", "s3cret-passw0rd"), ("demo", "")] {
             let r = login(u, p).await.expect("send");
             assert_eq!(r.status(), 401, "{u}/{p}");
         }
-        let r = login("acme", "s3cret!").await.expect("send");
+        let r = login("acme", "s3cret-passw0rd").await.expect("send");
         assert_eq!(r.status(), 200);
         let body: Value = r.json().await.expect("json");
         assert_eq!(body["token_type"], "Bearer");
         assert_eq!(body["expires_in"], 3600);
         let good = body["access_token"].as_str().expect("token").to_owned();
+        crate::logcap::secret(&good);
         let with = |t: String| {
             app.http
                 .post(app.url("/events"))

@@ -10,6 +10,7 @@ const WAIT: Duration = Duration::from_secs(15);
 
 /// A pipeline `PEDIDO` delivering to two webhooks on `rx`, with fast retries.
 fn two_webhooks(rx: &Receiver, max_retries: u32) -> PipelineDir {
+    crate::logcap::secret("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
     let dir = PipelineDir::new();
     dir.any_schema().write(
         "pipelines/pedido.yaml",
@@ -406,7 +407,99 @@ async fn dry_run_runs_every_stage_without_side_effects(backend: Backend) {
     app.stop().await;
 }
 
+/// `POST /admin/dead-letters/redrive`: filters, dry run, limit; redriven
+/// events get a fresh budget and finish once the cause is gone.
+async fn dead_letters_are_redriven_by_filter(backend: Backend) {
+    let rx = Receiver::start().await;
+    rx.set("/b", Behaviour::Status(400));
+    let dir = two_webhooks(&rx, 0);
+    dir.write("pipelines/scripts/rule.rhai", "if event.dados.n > 0 { reject(\"no\"); }")
+        .write(
+            "pipelines/regra.yaml",
+            "event_type: REGRA\nschema: any.schema.json\nstages:\n  - plugin: script\n    name: rule\n    file: scripts/rule.rhai\n  - plugin: persist\n",
+        );
+    let app = spawn_app_on(backend, dir).await;
+    let other = app.add_partner("other").await;
+    let mut deliveries = Vec::new();
+    for n in 0..3 {
+        deliveries.push(accepted_id(app.post_event("PEDIDO", json!({"n": n})).await).await);
+    }
+    let mut rejected = Vec::new();
+    for n in 1..=2 {
+        rejected.push(accepted_id(app.post_event_as(&other, "REGRA", json!({"n": n}), None).await).await);
+    }
+    for id in deliveries.iter().chain(&rejected) {
+        app.wait_for(id, "dead_lettered", WAIT).await;
+    }
+    let redrive = |body: Value| {
+        let (http, url) = (app.http.clone(), app.url("/admin/dead-letters/redrive"));
+        async move {
+            let r = http
+                .post(url)
+                .header("x-api-key", ADMIN_KEY)
+                .json(&body)
+                .send()
+                .await
+                .expect("send");
+            let status = r.status();
+            let v: Value = r.json().await.expect("json");
+            assert_eq!(status, 200, "{v}");
+            v
+        }
+    };
+    // Dry runs count and change nothing.
+    let v = redrive(json!({"category": "delivery", "dry_run": true})).await;
+    assert_eq!(
+        (v["matched"].as_u64(), v["redriven"].as_u64()),
+        (Some(3), Some(0)),
+        "{v}"
+    );
+    let v = redrive(json!({"partner_id": "other", "dry_run": true})).await;
+    assert_eq!(v["matched"], 2, "{v}");
+    let v = redrive(json!({"partner_id": "other", "category": "delivery", "dry_run": true})).await;
+    assert_eq!(v["matched"], 0, "{v}");
+    let v = redrive(json!({"until": "2000-01-01T00:00:00Z", "dry_run": true})).await;
+    assert_eq!(v["matched"], 0, "{v}");
+    let v = redrive(json!({"tipo": "REGRA", "limit": 1, "dry_run": true})).await;
+    assert_eq!(
+        (v["matched"].as_u64(), v["more"].as_bool()),
+        (Some(1), Some(true)),
+        "{v}"
+    );
+    for id in deliveries.iter().chain(&rejected) {
+        assert_eq!(
+            app.get_json(&format!("/events/{id}/status"), ADMIN_KEY).await.1["status"],
+            "dead_lettered"
+        );
+    }
+    // The destination recovers: redrive that type only.
+    rx.set("/b", Behaviour::Status(200));
+    let v = redrive(json!({"tipo": "PEDIDO", "category": "delivery"})).await;
+    assert_eq!(v["redriven"], 3, "{v}");
+    for id in &deliveries {
+        app.wait_for(id, "processed", WAIT).await;
+    }
+    for id in &rejected {
+        assert_eq!(
+            app.get_json(&format!("/events/{id}/status"), ADMIN_KEY).await.1["status"],
+            "dead_lettered"
+        );
+    }
+    // Bad filters are refused.
+    let r = app
+        .http
+        .post(app.url("/admin/dead-letters/redrive"))
+        .header("x-api-key", ADMIN_KEY)
+        .json(&json!({"since": "yesterday"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 422);
+    app.stop().await;
+}
+
 crate::both_backends!(
+    dead_letters_are_redriven_by_filter,
     dry_run_runs_every_stage_without_side_effects,
     seed_events_are_processed_end_to_end,
     transient_failures_retry_then_dead_letter_then_manual_retry,

@@ -21,20 +21,7 @@ destinations:
 "#;
 
 fn lint(dir: &PipelineDir) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_orchestrator"))
-        .arg("lint")
-        .arg(dir.pipelines())
-        .arg("--schemas")
-        .arg(dir.schemas())
-        .env("LOG_FORMAT", "pretty")
-        .output()
-        .expect("run lint");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
+    run_on_dir("lint", dir)
 }
 
 async fn start_error(dir: &PipelineDir) -> String {
@@ -195,15 +182,7 @@ async fn reload_keeps_the_last_good_set() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openapi_document_matches_the_router() {
     let app = spawn_app(PipelineDir::shipped()).await;
-    let doc: serde_json::Value = app
-        .http
-        .get(app.url("/api/openapi.json"))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let doc = app.openapi().await;
     assert!(
         doc["openapi"].as_str().unwrap_or("").starts_with("3.1"),
         "{}",

@@ -46,9 +46,15 @@ macro_rules! production_only {
     };
 }
 
+mod fixtures;
 mod helpers;
+mod hostile;
 mod ingest;
 mod lifecycle;
 mod loading;
+mod logcap;
+mod observability;
 mod process;
+mod reload;
+mod security;
 mod sweep;

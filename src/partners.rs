@@ -1,0 +1,230 @@
+//! Partner management, shared by the CLI (`orchestrator partner …`) and the
+//! admin API (`/admin/partners…`): create, list, update, disable, rotate and
+//! revoke API keys. Keys are shown once, when made; only their SHA-256 is kept.
+
+use serde::{Deserialize, Deserializer};
+
+use crate::api::auth::{generate_api_key, hash_api_key, hash_password};
+use crate::store::{NewPartner, PartnerInfo, PartnerUpdate, Store, StoreError};
+
+/// Shortest API key accepted when the operator supplies one.
+pub const MIN_KEY_LEN: usize = 16;
+/// Longest API key accepted (longer `X-API-Key` values are refused unread).
+pub const MAX_KEY_LEN: usize = 256;
+/// Characters of a key kept, in clear, to recognise it in listings.
+const PREFIX_LEN: usize = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PartnerError {
+    #[error("partner id must be 1-64 characters of letters, digits, '-', '_' or '.'")]
+    InvalidId,
+    #[error("an API key must have {MIN_KEY_LEN}-{MAX_KEY_LEN} printable ASCII characters")]
+    InvalidKey,
+    #[error("a password must have at least 8 characters")]
+    WeakPassword,
+    #[error("a rate limit must be at least 1")]
+    InvalidLimit,
+    #[error("partner {0:?} already exists")]
+    Exists(String),
+    #[error("partner {0:?} not found")]
+    NotFound(String),
+    #[error("partner {0:?} has no active key {1:?}")]
+    KeyNotFound(String, String),
+    #[error("cannot hash the password: {0}")]
+    Hash(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a new partner starts with (also the body of `POST /admin/partners`).
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreatePartner {
+    /// 1-64 letters, digits, `-`, `_`, `.`.
+    pub id: String,
+    /// Display name (default: the id).
+    pub name: Option<String>,
+    /// An API key of the operator's choosing (16-256 printable ASCII
+    /// characters); generated when absent.
+    pub key: Option<String>,
+    /// Enables `POST /auth/login` (at least 8 characters).
+    pub password: Option<String>,
+    /// Requests per minute (default: the server's).
+    pub rate_per_minute: Option<u32>,
+    /// Burst size (default: the server's).
+    pub burst: Option<u32>,
+}
+
+/// A partner change as operators state it, passwords in clear (hashed here);
+/// also the body of `PATCH /admin/partners/{id}`. Absent fields stay as they are.
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangePartner {
+    pub name: Option<String>,
+    /// A new password; `null` removes it (login stops working).
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>)]
+    pub password: Option<Option<String>>,
+    /// `null` goes back to the server default.
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<u32>)]
+    pub rate_per_minute: Option<Option<u32>>,
+    /// `null` goes back to the server default.
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<u32>)]
+    pub burst: Option<Option<u32>>,
+    /// A disabled partner's keys and tokens are refused (401).
+    pub disabled: Option<bool>,
+}
+
+/// Absent → `None`; `null` → `Some(None)`; a value → `Some(Some(v))`.
+fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// A key just made: the only time its value is shown.
+#[derive(Debug, Clone)]
+pub struct IssuedKey {
+    pub key_id: String,
+    pub key: String,
+}
+
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+fn valid_key(key: &str) -> bool {
+    (MIN_KEY_LEN..=MAX_KEY_LEN).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
+}
+
+fn check_limits(rate: Option<u32>, burst: Option<u32>) -> Result<(), PartnerError> {
+    if rate == Some(0) || burst == Some(0) {
+        return Err(PartnerError::InvalidLimit);
+    }
+    Ok(())
+}
+
+fn password_hash(password: &str) -> Result<String, PartnerError> {
+    if password.chars().count() < 8 {
+        return Err(PartnerError::WeakPassword);
+    }
+    hash_password(password).map_err(PartnerError::Hash)
+}
+
+async fn add_key(
+    store: &dyn Store,
+    partner_id: &str,
+    key: Option<String>,
+) -> Result<IssuedKey, PartnerError> {
+    let key = key.unwrap_or_else(generate_api_key);
+    if !valid_key(&key) {
+        return Err(PartnerError::InvalidKey);
+    }
+    let hash = hash_api_key(&key);
+    let prefix: String = key.chars().take(PREFIX_LEN).collect();
+    store.add_api_key(partner_id, &hash, &prefix).await?;
+    Ok(IssuedKey {
+        key_id: hash[..16].to_owned(),
+        key,
+    })
+}
+
+/// Also turns a partner on or off.
+pub async fn set_disabled(store: &dyn Store, id: &str, disabled: bool) -> Result<PartnerInfo, PartnerError> {
+    let change = ChangePartner {
+        disabled: Some(disabled),
+        ..Default::default()
+    };
+    self::change(store, id, change).await
+}
+
+pub async fn create(store: &dyn Store, new: CreatePartner) -> Result<(PartnerInfo, IssuedKey), PartnerError> {
+    if !valid_id(&new.id) {
+        return Err(PartnerError::InvalidId);
+    }
+    if new.key.as_deref().is_some_and(|k| !valid_key(k)) {
+        return Err(PartnerError::InvalidKey);
+    }
+    check_limits(new.rate_per_minute, new.burst)?;
+    let hash = new.password.as_deref().map(password_hash).transpose()?;
+    let created = store
+        .create_partner(&NewPartner {
+            id: new.id.clone(),
+            name: new
+                .name
+                .filter(|n| !n.trim().is_empty())
+                .unwrap_or_else(|| new.id.clone()),
+            password_hash: hash,
+            rate_per_minute: new.rate_per_minute,
+            burst: new.burst,
+        })
+        .await?;
+    if !created {
+        return Err(PartnerError::Exists(new.id));
+    }
+    let key = add_key(store, &new.id, new.key).await?;
+    Ok((get(store, &new.id).await?, key))
+}
+
+pub async fn get(store: &dyn Store, id: &str) -> Result<PartnerInfo, PartnerError> {
+    store
+        .partners(Some(id))
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| PartnerError::NotFound(id.to_owned()))
+}
+
+pub async fn list(store: &dyn Store) -> Result<Vec<PartnerInfo>, PartnerError> {
+    Ok(store.partners(None).await?)
+}
+
+pub async fn change(store: &dyn Store, id: &str, change: ChangePartner) -> Result<PartnerInfo, PartnerError> {
+    check_limits(change.rate_per_minute.flatten(), change.burst.flatten())?;
+    let password_hash = match change.password {
+        Some(Some(p)) => Some(Some(password_hash(&p)?)),
+        Some(None) => Some(None),
+        None => None,
+    };
+    let update = PartnerUpdate {
+        name: change.name.filter(|n| !n.trim().is_empty()),
+        password_hash,
+        rate_per_minute: change.rate_per_minute,
+        burst: change.burst,
+        disabled: change.disabled,
+    };
+    if !store.update_partner(id, &update).await? {
+        return Err(PartnerError::NotFound(id.to_owned()));
+    }
+    get(store, id).await
+}
+
+/// A new key for the partner. The old keys keep working (overlap for
+/// rotation) unless `revoke_others`, which revokes them in the same call.
+pub async fn rotate_key(
+    store: &dyn Store,
+    id: &str,
+    key: Option<String>,
+    revoke_others: bool,
+) -> Result<(IssuedKey, u64), PartnerError> {
+    get(store, id).await?;
+    let issued = add_key(store, id, key).await?;
+    let revoked = if revoke_others {
+        store
+            .revoke_api_keys(id, None, Some(&hash_api_key(&issued.key)))
+            .await?
+    } else {
+        0
+    };
+    Ok((issued, revoked))
+}
+
+/// Revokes one key, by the id listings show.
+pub async fn revoke_key(store: &dyn Store, id: &str, key_id: &str) -> Result<(), PartnerError> {
+    get(store, id).await?;
+    let key_id = key_id.trim().to_ascii_lowercase();
+    if key_id.len() != 16 || store.revoke_api_keys(id, Some(&key_id), None).await? == 0 {
+        return Err(PartnerError::KeyNotFound(id.to_owned(), key_id));
+    }
+    Ok(())
+}
