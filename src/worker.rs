@@ -198,16 +198,19 @@ impl Processor {
             Status::Processed => {
                 self.metrics.events_processed.with_label_values(&[&tipo]).inc();
                 info!(eventId = %event_id, eventType = %tipo, partnerId = %event.partner_id,
+                      requestId = event.request_id.as_deref().unwrap_or_default(),
                       processingTime = processing_ms as u64, attempt, "event processed");
             }
             Status::Retrying => {
                 warn!(eventId = %event_id, eventType = %tipo, partnerId = %event.partner_id,
+                      requestId = event.request_id.as_deref().unwrap_or_default(),
                       processingTime = processing_ms as u64, attempt,
                       error = finish.last_error.as_ref().map(|e| e.message.as_str()).unwrap_or(""),
                       "attempt failed; retry scheduled");
             }
             _ => {
                 warn!(eventId = %event_id, eventType = %tipo, partnerId = %event.partner_id,
+                      requestId = event.request_id.as_deref().unwrap_or_default(),
                       processingTime = processing_ms as u64, attempt,
                       error = finish.last_error.as_ref().map(|e| e.message.as_str()).unwrap_or(""),
                       "event dead-lettered");

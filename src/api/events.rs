@@ -264,6 +264,7 @@ pub async fn create_event(
         pipeline_version: pipeline.version.clone(),
         received_at: Utc::now(),
         idempotency_key: idem.clone(),
+        request_id: super::request_id(&headers),
     };
     match state.store.insert_event(new).await? {
         InsertOutcome::Created(ev) => {
@@ -273,7 +274,8 @@ pub async fn create_event(
                 pipeline_version: ev.pipeline_version.clone(),
             };
             enqueue(&state, &ev, task).await;
-            tracing::info!(eventId = %ev.id, eventType = %tipo, partnerId = %partner.id, "event accepted");
+            tracing::info!(eventId = %ev.id, eventType = %tipo, partnerId = %partner.id,
+                requestId = ev.request_id.as_deref().unwrap_or_default(), "event accepted");
             Ok((StatusCode::ACCEPTED, Json(accepted(&ev))).into_response())
         }
         InsertOutcome::Replayed(ev) => {
@@ -335,6 +337,8 @@ pub struct EventOut {
     pub processed_at: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// `X-Request-Id` of the request that created the event.
+    pub request_id: Option<String>,
     /// As received.
     pub dados: Value,
     pub meta: Value,
@@ -378,6 +382,7 @@ pub async fn get_event(
         updated_at: ev.updated_at,
         processed_at: ev.processed_at,
         idempotency_key: ev.idempotency_key,
+        request_id: ev.request_id,
         dados: ev.dados,
         meta: ev.meta,
         result: ev.result,

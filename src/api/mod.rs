@@ -71,6 +71,7 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(state.clone(), track))
         .layer(limits::ip_layer(&state.config, state.metrics.clone()))
         .layer(axum::middleware::from_fn_with_state(state.clone(), header_limit))
+        .layer(axum::middleware::from_fn(request_id_layer))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             timeout,
@@ -88,6 +89,34 @@ pub fn ops_router(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .fallback(ops::not_found)
         .with_state(state)
+}
+
+/// The `X-Request-Id` of a request: the client's when it sent a usable one
+/// (1-128 letters, digits, `-`, `_`, `.`, `:`), otherwise one made here. It
+/// is echoed in the response, stored with the event, and logged as
+/// `requestId` by the API and, later, by the worker that runs the event.
+async fn request_id_layer(mut req: Request, next: Next) -> Response {
+    let id = request_id(req.headers()).unwrap_or_else(|| ulid::Ulid::new().to_string());
+    let value = axum::http::HeaderValue::from_str(&id).ok();
+    if let Some(v) = &value {
+        req.headers_mut().insert(REQUEST_ID, v.clone());
+    }
+    let mut resp = next.run(req).await;
+    if let Some(v) = value {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
+}
+
+const REQUEST_ID: axum::http::HeaderName = axum::http::HeaderName::from_static("x-request-id");
+
+/// A usable `X-Request-Id` of these headers.
+pub fn request_id(headers: &axum::http::HeaderMap) -> Option<String> {
+    let v = headers.get(REQUEST_ID)?.to_str().ok()?.trim();
+    let ok = (1..=128).contains(&v.len())
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    ok.then(|| v.to_owned())
 }
 
 /// Refuses requests whose headers total more than `MAX_HEADER_BYTES` (431,

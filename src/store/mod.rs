@@ -108,6 +108,8 @@ pub struct EventRecord {
     /// The processed form (`dados`, `meta`, `routes`) written by `persist`.
     pub result: Option<Value>,
     pub idempotency_key: Option<String>,
+    /// `X-Request-Id` of the request that created it.
+    pub request_id: Option<String>,
 }
 
 /// An event to insert.
@@ -122,6 +124,7 @@ pub struct NewEvent {
     pub idempotency_key: Option<String>,
     /// Hash of the request body, to tell a replay from a conflicting reuse of a key.
     pub request_hash: String,
+    pub request_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -28,7 +28,8 @@ pub struct SqlStore {
 }
 
 const EVENT_COLUMNS: &str = "id, partner_id, tipo, dados, meta, pipeline_version, status, attempts, attempt_base, received_at, \
-     updated_at, next_attempt_at, processed_at, processing_ms, last_error, last_trace, result, idempotency_key";
+     updated_at, next_attempt_at, processed_at, processing_ms, last_error, last_trace, result, idempotency_key, \
+     request_id";
 
 impl SqlStore {
     /// Connects to `url` (`sqlite://path` or `postgres://…`). SQLite files are
@@ -147,6 +148,7 @@ fn event_from_row(row: &AnyRow) -> StoreResult<EventRecord> {
         },
         result: result.map(|s| parse_json(&s)).transpose()?,
         idempotency_key: row.try_get("idempotency_key")?,
+        request_id: row.try_get("request_id")?,
     })
 }
 
@@ -172,8 +174,8 @@ impl Store for SqlStore {
         let now = ms(new.received_at);
         let sql = format!(
             "INSERT INTO events (id, partner_id, tipo, dados, meta, pipeline_version, status, attempts, \
-             received_at, updated_at, queued_at, idempotency_key, request_hash) \
-             VALUES ($1, $2, $3, $4, '{{}}', $5, 'received', 0, $6, $6, $6, $7, $8) \
+             received_at, updated_at, queued_at, idempotency_key, request_hash, request_id) \
+             VALUES ($1, $2, $3, $4, '{{}}', $5, 'received', 0, $6, $6, $6, $7, $8, $9) \
              ON CONFLICT (partner_id, idempotency_key) DO NOTHING RETURNING {EVENT_COLUMNS}"
         );
         let row = sqlx::query(AssertSqlSafe(sql))
@@ -185,6 +187,7 @@ impl Store for SqlStore {
             .bind(now)
             .bind(&new.idempotency_key)
             .bind(&new.request_hash)
+            .bind(&new.request_id)
             .fetch_optional(&self.pool)
             .await?;
         if let Some(row) = row {

@@ -12,6 +12,29 @@ use std::sync::{LazyLock, Mutex, Once};
 static SECRETS: LazyLock<Mutex<Vec<String>>> = LazyLock::new(Mutex::default);
 static PROBLEMS: LazyLock<Mutex<Vec<String>>> = LazyLock::new(Mutex::default);
 static LINES: AtomicU64 = AtomicU64::new(0);
+/// A string a test watches for, and the lines that contained it.
+type Watch = (String, Vec<String>);
+static WATCHED: LazyLock<Mutex<Vec<Watch>>> = LazyLock::new(Mutex::default);
+
+/// From now on, keeps every log line containing `needle`.
+pub fn watch(needle: &str) {
+    install();
+    WATCHED
+        .lock()
+        .expect("lock")
+        .push((needle.to_owned(), Vec::new()));
+}
+
+/// The lines kept for `needle` so far, each parsed.
+pub fn watched(needle: &str) -> Vec<serde_json::Value> {
+    WATCHED
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|(n, _)| n == needle)
+        .flat_map(|(_, lines)| lines.iter().filter_map(|l| serde_json::from_str(l).ok()))
+        .collect()
+}
 
 /// Installs the capturing subscriber (once per test binary).
 pub fn install() {
@@ -74,6 +97,13 @@ impl Drop for LineCheck {
         let text = String::from_utf8_lossy(&self.0);
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             LINES.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut watched) = WATCHED.lock() {
+                for (needle, lines) in watched.iter_mut() {
+                    if line.contains(needle.as_str()) {
+                        lines.push(line.to_owned());
+                    }
+                }
+            }
             let mut problem = None;
             if serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(line).is_err() {
                 problem = Some(format!("not a JSON object: {line}"));

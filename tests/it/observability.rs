@@ -172,3 +172,66 @@ async fn metrics_move_with_traffic_and_pass_promtool() {
     }
     app.stop().await;
 }
+
+/// A request id (the client's, or one made for it) is echoed, stored with the
+/// event and logged as `requestId` by the API and by the worker that runs it,
+/// next to the brief's fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_follow_events_into_the_worker() {
+    let app = spawn_app(PipelineDir::shipped()).await;
+    let rid = format!("req-{}", ulid::Ulid::new());
+    crate::logcap::watch(&rid);
+    let r = app
+        .http
+        .post(app.url("/events"))
+        .header("x-api-key", &app.key)
+        .header("x-request-id", &rid)
+        .json(&json!({"tipo": "VENDA", "dados": {"produto_id": "P", "quantidade": 1, "valor": 1}}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.headers()["x-request-id"], rid.as_str());
+    let id = accepted_id(r).await;
+    app.wait_for(&id, "processed", Duration::from_secs(10)).await;
+    let (_, ev) = app.get_json(&format!("/events/{id}"), &app.key).await;
+    assert_eq!(ev["request_id"], rid.as_str());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let lines = loop {
+        let lines = crate::logcap::watched(&rid);
+        if lines.iter().any(|l| l["message"] == "event processed") || std::time::Instant::now() > deadline {
+            break lines;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for message in ["event accepted", "event processed"] {
+        let line = lines
+            .iter()
+            .find(|l| l["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} line with the request id: {lines:?}"));
+        assert_eq!(line["requestId"], rid.as_str());
+        assert_eq!(line["eventId"], id.as_str());
+        assert_eq!(line["eventType"], "VENDA");
+        assert_eq!(line["partnerId"], "demo");
+        assert!(
+            line["timestamp"].is_string() && line["level"].is_string(),
+            "{line}"
+        );
+    }
+    let processed = lines
+        .iter()
+        .find(|l| l["message"] == "event processed")
+        .expect("line");
+    assert!(processed["processingTime"].is_u64(), "{processed}");
+
+    // Without one (or with an unusable one), the service makes one.
+    for sent in [None, Some("bad id with spaces")] {
+        let mut req = app.http.get(app.url("/health"));
+        if let Some(s) = sent {
+            req = req.header("x-request-id", s);
+        }
+        let r = req.send().await.expect("send");
+        let made = r.headers()["x-request-id"].to_str().expect("ascii").to_owned();
+        assert_eq!(made.len(), 26, "a ULID: {made}");
+    }
+    app.stop().await;
+}

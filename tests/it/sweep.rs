@@ -34,6 +34,7 @@ async fn insert(store: &SqlStore, id: &str) {
             received_at: Utc::now(),
             idempotency_key: None,
             request_hash: "h".into(),
+            request_id: None,
         })
         .await
         .expect("insert");
