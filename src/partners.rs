@@ -26,6 +26,8 @@ pub enum PartnerError {
     InvalidLimit,
     #[error("partner {0:?} already exists")]
     Exists(String),
+    #[error("this API key is already in use; choose another")]
+    KeyInUse,
     #[error("partner {0:?} not found")]
     NotFound(String),
     #[error("partner {0:?} has no active key {1:?}")]
@@ -41,17 +43,24 @@ pub enum PartnerError {
 #[serde(deny_unknown_fields)]
 pub struct CreatePartner {
     /// 1-64 letters, digits, `-`, `_`, `.`.
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     pub id: String,
     /// Display name (default: the id).
     pub name: Option<String>,
     /// An API key of the operator's choosing (16-256 printable ASCII
     /// characters); generated when absent.
+    #[schema(pattern = "^[!-~]{16,256}$")]
     pub key: Option<String>,
     /// Enables `POST /auth/login` (at least 8 characters).
+    #[schema(min_length = 8)]
     pub password: Option<String>,
     /// Requests per minute (default: the server's).
+    #[serde(default, deserialize_with = "whole")]
+    #[schema(value_type = Option<u64>, minimum = 1, maximum = 4294967295_u64)]
     pub rate_per_minute: Option<u32>,
     /// Burst size (default: the server's).
+    #[serde(default, deserialize_with = "whole")]
+    #[schema(value_type = Option<u64>, minimum = 1, maximum = 4294967295_u64)]
     pub burst: Option<u32>,
 }
 
@@ -63,18 +72,40 @@ pub struct ChangePartner {
     pub name: Option<String>,
     /// A new password; `null` removes it (login stops working).
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, min_length = 8)]
     pub password: Option<Option<String>>,
     /// `null` goes back to the server default.
-    #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<u32>)]
+    #[serde(default, deserialize_with = "nullable_whole")]
+    #[schema(value_type = Option<u64>, minimum = 1, maximum = 4294967295_u64)]
     pub rate_per_minute: Option<Option<u32>>,
     /// `null` goes back to the server default.
-    #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<u32>)]
+    #[serde(default, deserialize_with = "nullable_whole")]
+    #[schema(value_type = Option<u64>, minimum = 1, maximum = 4294967295_u64)]
     pub burst: Option<Option<u32>>,
     /// A disabled partner's keys and tokens are refused (401).
     pub disabled: Option<bool>,
+}
+
+/// A whole number from 0 to `u32::MAX`, written `7` or `7.0` (JSON Schema
+/// counts both as integers).
+pub fn whole<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    use serde::de::Error;
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let v = match n.as_u64() {
+        Some(u) => u32::try_from(u).ok(),
+        None => n
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(f))
+            .map(|f| f as u32),
+    };
+    v.map(Some)
+        .ok_or_else(|| D::Error::custom(format!("expected a whole number from 0 to 4294967295, got {n}")))
+}
+
+fn nullable_whole<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<u32>>, D::Error> {
+    whole(d).map(Some)
 }
 
 /// Absent → `None`; `null` → `Some(None)`; a value → `Some(Some(v))`.
@@ -122,7 +153,9 @@ async fn add_key(
     }
     let hash = hash_api_key(&key);
     let prefix: String = key.chars().take(PREFIX_LEN).collect();
-    store.add_api_key(partner_id, &hash, &prefix).await?;
+    if !store.add_api_key(partner_id, &hash, &prefix).await? {
+        return Err(PartnerError::KeyInUse);
+    }
     Ok(IssuedKey {
         key_id: hash[..16].to_owned(),
         key,

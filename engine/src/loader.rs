@@ -236,7 +236,7 @@ fn load_file(
                             });
                             None
                         }
-                        Ok(v) => Some(Arc::new(v)),
+                        Ok(v) => Some((Arc::new(v), Arc::new(json))),
                     },
                 }
             }
@@ -340,7 +340,7 @@ fn load_file(
                 continue;
             }
         };
-        let Some(schema) = &schema else { continue };
+        let Some((schema, _)) = &schema else { continue };
         let cx = StageBuildContext {
             event_type: &event_type,
             stage_name: &name,
@@ -358,7 +358,7 @@ fn load_file(
     if !errors.is_empty() {
         return Err(errors);
     }
-    let Some(schema) = schema else {
+    let Some((schema, schema_json)) = schema else {
         return Err(vec![err(None, None, "schema failed to load".into())]);
     };
     Ok(Pipeline {
@@ -371,6 +371,7 @@ fn load_file(
         concurrency: spec.concurrency,
         destinations,
         schema,
+        schema_json,
         stages,
     })
 }

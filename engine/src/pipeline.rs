@@ -37,6 +37,8 @@ pub struct Pipeline {
     pub concurrency: usize,
     pub destinations: BTreeMap<String, DestinationConfig>,
     pub(crate) schema: Arc<jsonschema::Validator>,
+    /// The JSON Schema document itself (for the OpenAPI document).
+    pub schema_json: Arc<Value>,
     pub(crate) stages: Vec<NamedStage>,
 }
 

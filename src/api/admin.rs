@@ -48,7 +48,8 @@ pub struct CreatedPartner {
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewKeyIn {
-    /// An API key of your choosing; generated when absent.
+    /// An API key of your choosing (16-256 printable ASCII characters); generated when absent.
+    #[schema(pattern = "^[!-~]{16,256}$")]
     pub key: Option<String>,
     /// Revoke every other active key of the partner now (default: keep them,
     /// so clients can move to the new key before the old one is revoked).
@@ -133,7 +134,8 @@ pub async fn update_partner(
 #[utoipa::path(post, path = "/admin/partners/{id}/keys", tag = "admin", request_body(content = NewKeyIn, description = "optional"),
     params(("id" = String, Path, description = "Partner id")),
     responses((status = 201, body = NewKeyOut), (status = 401, body = Problem), (status = 403, body = Problem),
-              (status = 404, body = Problem), (status = 422, body = Problem)))]
+              (status = 404, body = Problem), (status = 409, description = "the chosen key is in use", body = Problem),
+              (status = 422, body = Problem)))]
 pub async fn create_key(
     _: Admin,
     State(state): State<AppState>,
@@ -179,13 +181,17 @@ pub struct RedriveIn {
     /// `last_error.category`: `delivery`, `rejected`, `script`, `script_budget`, `validation`, …
     pub category: Option<String>,
     /// RFC 3339; received at or after.
+    #[schema(value_type = Option<chrono::DateTime<chrono::Utc>>)]
     pub since: Option<String>,
     /// RFC 3339; received before.
+    #[schema(value_type = Option<chrono::DateTime<chrono::Utc>>)]
     pub until: Option<String>,
     /// Count what would be redriven; change nothing.
     #[serde(default)]
     pub dry_run: bool,
     /// At most this many events, the most recent ones (1 to 10,000; default 1,000).
+    #[serde(default, deserialize_with = "crate::partners::whole")]
+    #[schema(minimum = 1, maximum = 10000)]
     pub limit: Option<u32>,
 }
 
@@ -224,8 +230,8 @@ pub async fn redrive(
         partner_id: input.partner_id.clone(),
         status: Some(Status::DeadLettered),
         tipo: input.tipo.as_deref().map(engine::normalize_tipo),
-        since: super::events::parse_time("since", &input.since)?,
-        until: super::events::parse_time("until", &input.until)?,
+        since: body_time("since", &input.since)?,
+        until: body_time("until", &input.until)?,
         before_id: None,
         limit: 500,
     };
@@ -280,4 +286,12 @@ pub async fn redrive(
         more,
         ids: matched.iter().take(100).map(|e| e.id.clone()).collect(),
     }))
+}
+
+/// An RFC 3339 time of a request body.
+fn body_time(name: &str, v: &Option<String>) -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
+    super::events::parse_time(name, v).map_err(|e| match e {
+        ApiError::InvalidQuery(m) => ApiError::InvalidRequest(m),
+        other => other,
+    })
 }

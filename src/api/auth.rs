@@ -147,12 +147,8 @@ pub async fn login(
     let client_ip = super::limits::request_client_ip(&request, &state.config.trusted_proxies);
     let (parts, body) = request.into_parts();
     let value = super::events::parse_json_body(&parts.headers, body, &state.config, Some(16 * 1024)).await?;
-    let login: Login = serde_json::from_value(value).map_err(|e| {
-        ApiError::InvalidEnvelope(vec![super::error::FieldError {
-            path: String::new(),
-            message: format!("expected {{\"username\", \"password\"}}: {e}"),
-        }])
-    })?;
+    let login: Login = serde_json::from_value(value)
+        .map_err(|e| ApiError::InvalidRequest(format!("expected {{\"username\", \"password\"}}: {e}")))?;
     if let Err(e) = state.login_limits.check(&login.username, client_ip) {
         state.metrics.rate_limited.with_label_values(&["login"]).inc();
         tracing::warn!(partnerId = %login.username, clientIp = ?client_ip, "login attempts throttled");
@@ -244,7 +240,7 @@ impl FromRequestParts<AppState> for Admin {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         match Caller::from_request_parts(parts, state).await? {
             Caller::Admin => Ok(Admin),
-            Caller::Partner(_) => Err(ApiError::Forbidden),
+            Caller::Partner(_) => Err(ApiError::Forbidden("this route needs the admin role")),
         }
     }
 }

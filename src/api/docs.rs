@@ -1,5 +1,6 @@
 //! The OpenAPI 3.1 document (utoipa) and Swagger UI, served by the binary.
 
+use serde_json::{Value, json};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityRequirement, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
@@ -96,9 +97,171 @@ impl Modify for Security {
     }
 }
 
-/// `/api` (Swagger UI, assets embedded) and `/api/openapi.json`.
+/// `/api`: Swagger UI, assets embedded, reading `/api/openapi.json`.
 pub fn swagger<S: Clone + Send + Sync + 'static>() -> axum::Router<S> {
     SwaggerUi::new("/api")
-        .url("/api/openapi.json", ApiDoc::openapi())
+        .config(utoipa_swagger_ui::Config::from("/api/openapi.json"))
         .into()
+}
+
+/// `GET /api/openapi.json`: the document, with the event types loaded now.
+pub async fn openapi_json(
+    axum::extract::State(state): axum::extract::State<super::AppState>,
+) -> axum::Json<Value> {
+    axum::Json(document(&state.pipelines.current()))
+}
+
+/// The OpenAPI document: the annotated routes, the house conventions every
+/// route shares (problem+json errors, the statuses any route can answer),
+/// and one request schema per loaded event type, so clients and tools such
+/// as schemathesis see what `POST /events` really accepts.
+pub fn document(set: &engine::PipelineSet) -> Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    conventions(&mut doc);
+    event_types(&mut doc, set);
+    doc
+}
+
+fn problem(description: &str) -> Value {
+    json!({
+        "description": description,
+        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    })
+}
+
+fn reason(code: &str) -> &'static str {
+    code.parse::<u16>()
+        .ok()
+        .and_then(|c| axum::http::StatusCode::from_u16(c).ok())
+        .and_then(|c| c.canonical_reason())
+        .unwrap_or("Response")
+}
+
+fn conventions(doc: &mut Value) {
+    let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        for (method, op) in item.iter_mut() {
+            if !["get", "post", "put", "patch", "delete"].contains(&method.as_str()) {
+                continue;
+            }
+            let secured = op["security"].as_array().is_some_and(|s| !s.is_empty());
+            let has_body = op.get("requestBody").is_some();
+            if path == "/admin/dead-letters/redrive" || path == "/admin/partners/{id}/keys" {
+                op["requestBody"]["required"] = json!(false);
+            }
+            let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) else {
+                continue;
+            };
+            for (code, resp) in responses.iter_mut() {
+                if resp
+                    .get("description")
+                    .and_then(Value::as_str)
+                    .is_none_or(str::is_empty)
+                {
+                    resp["description"] = json!(reason(code));
+                }
+                let is_error = code.as_str() >= "400";
+                if let (true, Some(content)) =
+                    (is_error, resp.get_mut("content").and_then(Value::as_object_mut))
+                    && let Some(json_body) = content.remove("application/json")
+                {
+                    content.insert("application/problem+json".into(), json_body);
+                }
+            }
+            let mut add = |code: &str, description: &str| {
+                responses.entry(code).or_insert_with(|| problem(description));
+            };
+            add(
+                "429",
+                "Too many requests: the client IP's, the partner's or the login limit (see Retry-After)",
+            );
+            add(
+                "503",
+                "The store or the queue is unavailable, or the request took too long",
+            );
+            if secured {
+                add("401", "Missing, wrong, expired or revoked credentials");
+            }
+            if path.starts_with("/admin/") {
+                add("403", "The route needs the admin role");
+            }
+            if path == "/events" && method == "post" {
+                add("403", "Events are sent by partners, not with the admin key");
+            }
+            if has_body {
+                add(
+                    "400",
+                    "Malformed JSON, or JSON beyond a limit (depth, string size, items)",
+                );
+                add("413", "The body is larger than the limit");
+                add("415", "The content type is not application/json");
+                add("422", "The body is JSON of the wrong shape");
+            }
+            if path.contains('{') {
+                add("404", "No such resource (or not visible to this caller)");
+            }
+        }
+    }
+}
+
+/// A component name for an event type: ASCII letters, digits and `_`.
+fn component_name(tipo: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    let ascii: String = tipo
+        .nfd()
+        .filter(char::is_ascii)
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("Event_{ascii}")
+}
+
+fn event_types(doc: &mut Value, set: &engine::PipelineSet) {
+    let mut one_of = Vec::new();
+    for p in set.pipelines() {
+        let mut dados = (*p.schema_json).clone();
+        if let Some(obj) = dados.as_object_mut() {
+            // Resolution keywords of the stand-alone file; meaningless here.
+            obj.remove("$schema");
+            obj.remove("$id");
+        }
+        let mut name = component_name(&p.event_type);
+        while doc["components"]["schemas"].get(&name).is_some() {
+            name.push('_');
+        }
+        doc["components"]["schemas"][&name] = json!({
+            "title": format!("{} event", p.event_type),
+            "description": p.description.clone().unwrap_or_default(),
+            "type": "object",
+            "required": ["tipo", "dados"],
+            "additionalProperties": false,
+            "properties": {
+                "tipo": {"const": p.event_type},
+                "dados": dados,
+            },
+        });
+        one_of.push(json!({"$ref": format!("#/components/schemas/{name}")}));
+    }
+    if let Some(params) = doc["paths"]["/events"]["post"]
+        .as_object_mut()
+        .map(|op| op.entry("parameters").or_insert_with(|| json!([])))
+        .and_then(Value::as_array_mut)
+    {
+        params.push(json!({
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": false,
+            "description": "Makes the POST safe to repeat: the same key with the same body answers 200 with the \
+                            original event; with another body, 409. Per partner, kept for good.",
+            "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
+        }));
+    }
+    if !one_of.is_empty() {
+        doc["paths"]["/events"]["post"]["requestBody"]["content"]["application/json"]["schema"] =
+            json!({"oneOf": one_of});
+    }
 }

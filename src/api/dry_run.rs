@@ -34,9 +34,20 @@ pub struct DryRun {
     pub deliveries: Vec<engine::DeliveryReport>,
 }
 
+/// Body of a dry run.
+#[derive(Debug, utoipa::ToSchema)]
+pub struct DryRunIn {
+    /// The payload, as in `POST /events`.
+    #[schema(value_type = Object)]
+    pub dados: Value,
+    /// Initial `meta` the scripts see (default `{}`).
+    #[schema(value_type = Option<Object>)]
+    pub meta: Option<Value>,
+}
+
 #[utoipa::path(post, path = "/pipelines/{tipo}/dry-run", tag = "pipelines",
     params(("tipo" = String, Path, description = "Event type")),
-    request_body(content = Object, description = "`{\"dados\": {...}}`, optionally with `meta`"),
+    request_body = DryRunIn,
     responses((status = 200, body = DryRun), (status = 404, body = super::error::Problem),
               (status = 422, body = super::error::Problem)),
     security(("api_key" = [])))]
@@ -68,7 +79,7 @@ pub async fn dry_run(
         _ => return Err(invalid("/dados", "is required and must be an object")),
     };
     let meta = match map.remove("meta") {
-        None => Value::Object(Default::default()),
+        None | Some(Value::Null) => Value::Object(Default::default()),
         Some(m @ Value::Object(_)) => m,
         Some(_) => return Err(invalid("/meta", "must be an object")),
     };

@@ -18,8 +18,8 @@ pub struct FieldError {
 pub enum ApiError {
     #[error("missing or invalid credentials")]
     Unauthorized,
-    #[error("this route needs the admin role")]
-    Forbidden,
+    #[error("{0}")]
+    Forbidden(&'static str),
     #[error("{0} not found")]
     NotFound(&'static str),
     #[error("content type must be application/json")]
@@ -67,7 +67,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -93,7 +93,7 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::Unauthorized => "unauthorized",
-            ApiError::Forbidden => "forbidden",
+            ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
@@ -119,7 +119,7 @@ impl ApiError {
     fn title(&self) -> &'static str {
         match self {
             ApiError::Unauthorized => "Unauthorized",
-            ApiError::Forbidden => "Forbidden",
+            ApiError::Forbidden(_) => "Forbidden",
             ApiError::NotFound(_) => "Not found",
             ApiError::UnsupportedMediaType => "Unsupported media type",
             ApiError::PayloadTooLarge(_) => "Payload too large",
@@ -219,7 +219,7 @@ impl From<crate::partners::PartnerError> for ApiError {
             P::InvalidId | P::InvalidKey | P::WeakPassword | P::InvalidLimit => {
                 ApiError::InvalidRequest(e.to_string())
             }
-            P::Exists(_) => ApiError::AlreadyExists(e.to_string()),
+            P::Exists(_) | P::KeyInUse => ApiError::AlreadyExists(e.to_string()),
             P::NotFound(_) => ApiError::NotFound("partner"),
             P::KeyNotFound(..) => ApiError::NotFound("API key"),
             P::Hash(m) => ApiError::Internal(m),

@@ -20,12 +20,15 @@ use crate::store::{
     DeliveryRow, EventRecord, InsertOutcome, LastError, ListFilter, NewEvent, RetryOutcome, Stats, Status,
 };
 
-/// Body of `POST /events`.
+/// Body of `POST /events` (the served document lists one schema per loaded type).
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct EventIn {
     /// Event type, e.g. `VENDA`.
+    #[schema(min_length = 1, max_length = 128)]
     pub tipo: String,
     /// The payload the type's JSON Schema validates.
+    #[schema(value_type = Object)]
     pub dados: Value,
 }
 
@@ -167,17 +170,17 @@ fn envelope(value: Value) -> Result<(String, Value), ApiError> {
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(v) = headers.get("idempotency-key") else {
+    // An empty header is no key, as if absent.
+    let Some(v) = headers.get("idempotency-key").filter(|v| !v.is_empty()) else {
         return Ok(None);
     };
-    let s = v
-        .to_str()
-        .map_err(|_| ApiError::InvalidIdempotencyKey("must be visible ASCII"))?
-        .trim();
-    if s.is_empty() || s.len() > 255 {
-        return Err(ApiError::InvalidIdempotencyKey("must be 1 to 255 characters"));
+    let bytes = v.as_bytes();
+    if bytes.is_empty() || bytes.len() > 255 || !bytes.iter().all(|b| (b'!'..=b'~').contains(b)) {
+        return Err(ApiError::InvalidIdempotencyKey(
+            "must be 1 to 255 visible ASCII characters, without spaces",
+        ));
     }
-    Ok(Some(s.to_owned()))
+    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
 }
 
 /// Canonical JSON (object keys sorted) so that key order does not make two
@@ -229,7 +232,9 @@ pub async fn create_event(
     body: Body,
 ) -> Result<Response, ApiError> {
     let Caller::Partner(partner) = caller else {
-        return Err(ApiError::Forbidden);
+        return Err(ApiError::Forbidden(
+            "events are sent by partners; the admin key cannot send them",
+        ));
     };
     let value = parse_json_body(&headers, body, &state.config, None).await?;
     let (tipo, dados) = envelope(value)?;
@@ -457,14 +462,19 @@ pub async fn retry_event(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    #[param(value_type = Option<Status>)]
     pub status: Option<String>,
     pub tipo: Option<String>,
     /// RFC 3339; received at or after.
+    #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
     pub since: Option<String>,
     /// RFC 3339; received before.
+    #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
     pub until: Option<String>,
     /// 1 to 1000, default 50.
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,

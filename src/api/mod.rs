@@ -66,6 +66,7 @@ pub fn router(state: AppState) -> Router {
             "/admin/partners/{id}/keys/{key_id}",
             axum::routing::delete(admin::revoke_key),
         )
+        .route("/api/openapi.json", get(docs::openapi_json))
         .merge(docs::swagger())
         .fallback(ops::not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), track))

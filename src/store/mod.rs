@@ -307,7 +307,8 @@ pub trait Store: Send + Sync + 'static {
     async fn oldest_pending(&self) -> StoreResult<std::collections::BTreeMap<String, DateTime<Utc>>>;
 
     async fn create_partner(&self, p: &NewPartner) -> StoreResult<bool>;
-    async fn add_api_key(&self, partner_id: &str, key_hash: &str, prefix: &str) -> StoreResult<()>;
+    /// `false` when a key with this hash exists already (for any partner).
+    async fn add_api_key(&self, partner_id: &str, key_hash: &str, prefix: &str) -> StoreResult<bool>;
     async fn partner_by_key_hash(&self, key_hash: &str) -> StoreResult<Option<Partner>>;
     async fn count_partners(&self) -> StoreResult<i64>;
     /// Every partner (or one), with its keys, ordered by id.

@@ -599,9 +599,10 @@ impl Store for SqlStore {
         Ok(r.rows_affected() == 1)
     }
 
-    async fn add_api_key(&self, partner_id: &str, key_hash: &str, prefix: &str) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO api_keys (key_hash, partner_id, prefix, created_at) VALUES ($1, $2, $3, $4)",
+    async fn add_api_key(&self, partner_id: &str, key_hash: &str, prefix: &str) -> StoreResult<bool> {
+        let r = sqlx::query(
+            "INSERT INTO api_keys (key_hash, partner_id, prefix, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (key_hash) DO NOTHING",
         )
         .bind(key_hash)
         .bind(partner_id)
@@ -609,7 +610,7 @@ impl Store for SqlStore {
         .bind(ms(Utc::now()))
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(r.rows_affected() == 1)
     }
 
     async fn partner_by_key_hash(&self, key_hash: &str) -> StoreResult<Option<Partner>> {

@@ -213,6 +213,48 @@ async fn openapi_document_matches_the_router() {
             );
         }
     }
+    // House conventions hold for every operation.
+    for (path, ops) in paths {
+        for (method, op) in ops.as_object().expect("ops") {
+            let what = format!("{method} {path}");
+            let responses = op["responses"].as_object().expect("responses");
+            for (code, resp) in responses {
+                assert!(
+                    resp["description"].as_str().is_some_and(|d| !d.is_empty()),
+                    "{what} {code}: no description"
+                );
+                if code.as_str() >= "400" {
+                    assert!(
+                        resp["content"]["application/problem+json"].is_object(),
+                        "{what} {code}: errors are problem+json"
+                    );
+                }
+            }
+            if op["security"].as_array().is_some_and(|s| !s.is_empty()) {
+                assert!(responses.contains_key("401"), "{what}: 401 undocumented");
+            }
+            assert!(responses.contains_key("429"), "{what}: 429 undocumented");
+            if op.get("requestBody").is_some() {
+                for code in ["400", "413", "415", "422"] {
+                    assert!(responses.contains_key(code), "{what}: {code} undocumented");
+                }
+            }
+        }
+    }
+    // POST /events lists the loaded types, each with its own schema.
+    let one_of =
+        doc["paths"]["/events"]["post"]["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
+            .as_array()
+            .expect("oneOf per event type")
+            .clone();
+    assert_eq!(one_of.len(), 3, "{one_of:?}");
+    let venda = &doc["components"]["schemas"]["Event_VENDA"];
+    assert_eq!(venda["properties"]["tipo"]["const"], "VENDA");
+    assert_eq!(
+        venda["properties"]["dados"]["required"][0], "produto_id",
+        "{venda}"
+    );
+    assert!(doc["components"]["schemas"]["Event_DEVOLUCAO"]["properties"]["tipo"]["const"] == "DEVOLUÇÃO");
     let ui = app.http.get(app.url("/api/")).send().await.expect("send");
     assert_eq!(ui.status(), 200);
     assert!(
