@@ -123,6 +123,16 @@ pub fn reload_pipelines(
                 w.ensure(&state.pipelines);
             }
             info!(trigger, version = %set.version, pipelines = set.len(), "pipelines reloaded");
+            // Keep the new versions' files, so events accepted with them run
+            // with them after a restart too.
+            let (pipelines, store) = (state.pipelines.clone(), state.store.clone());
+            if let Ok(h) = tokio::runtime::Handle::try_current() {
+                h.spawn(async move {
+                    if let Err(e) = pipelines.save_versions(store.as_ref()).await {
+                        warn!(error = %e, "could not save the pipeline versions");
+                    }
+                });
+            }
         }
         Err(errors) => {
             state
@@ -210,6 +220,10 @@ impl App {
             version = %pipelines.current().version,
             "pipelines loaded"
         );
+        pipelines
+            .save_versions(store.as_ref())
+            .await
+            .context("cannot save the pipeline versions")?;
         let queue = connect_queue(&config).await?;
         let metrics = Arc::new(Metrics::new());
         metrics.reloads.with_label_values(&["startup", "ok"]).inc();

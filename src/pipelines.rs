@@ -9,6 +9,8 @@ use chrono::{DateTime, Utc};
 use engine::{LoadErrors, LoadOptions, Pipeline, PipelineSet, ScriptHost, StageFactory};
 use serde::Serialize;
 
+use crate::store::Store;
+
 /// One reload attempt, as operators see it in `GET /admin/pipelines`.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ReloadReport {
@@ -29,6 +31,8 @@ pub struct Pipelines {
     versions: Mutex<HashMap<String, Arc<Pipeline>>>,
     last_reload: Mutex<Option<ReloadReport>>,
     last_failure: Mutex<Option<ReloadReport>>,
+    /// Versions the store does not have (not asked again).
+    missing: Mutex<std::collections::HashSet<String>>,
     options: LoadOptions,
     scripts: Arc<ScriptHost>,
     factory: Arc<dyn StageFactory>,
@@ -47,6 +51,7 @@ impl Pipelines {
             versions: Mutex::new(HashMap::new()),
             last_reload: Mutex::new(None),
             last_failure: Mutex::new(None),
+            missing: Mutex::default(),
             options,
             scripts,
             factory,
@@ -123,13 +128,98 @@ impl Pipelines {
 
     /// The pipeline an event was accepted with, else the current one for its type.
     pub fn for_event(&self, tipo: &str, version: &str) -> Option<Arc<Pipeline>> {
-        let kept = self
-            .versions
+        self.kept(tipo, version)
+            .or_else(|| self.current().get(tipo).cloned())
+    }
+
+    fn kept(&self, tipo: &str, version: &str) -> Option<Arc<Pipeline>> {
+        self.versions
             .lock()
             .ok()
             .and_then(|v| v.get(version).cloned())
-            .filter(|p| p.event_type == tipo);
-        kept.or_else(|| self.current().get(tipo).cloned())
+            .filter(|p| p.event_type == tipo)
+    }
+
+    /// Stores the files of every pipeline of the serving set (see [`Self::resolve`]).
+    pub async fn save_versions(&self, store: &dyn Store) -> Result<(), crate::store::StoreError> {
+        for p in self.current().pipelines() {
+            store
+                .save_pipeline_version(&p.version, &p.event_type, &p.sources)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Like [`Self::for_event`], but a version not loaded in this process
+    /// (accepted before a restart, or by another process) is rebuilt from the
+    /// files the store kept for it.
+    pub async fn resolve(&self, store: &dyn Store, tipo: &str, version: &str) -> Option<Arc<Pipeline>> {
+        if let Some(p) = self.kept(tipo, version) {
+            return Some(p);
+        }
+        let known_missing = self.missing.lock().is_ok_and(|m| m.contains(version));
+        if !known_missing {
+            match self.rebuild(store, version).await {
+                Ok(Some(p)) if p.event_type == tipo => {
+                    tracing::info!(eventType = %tipo, version, "pipeline version rebuilt from the store");
+                    if let Ok(mut versions) = self.versions.lock() {
+                        versions.entry(version.to_owned()).or_insert_with(|| p.clone());
+                    }
+                    return Some(p);
+                }
+                Ok(_) => {
+                    tracing::warn!(eventType = %tipo, version, "pipeline version unknown; the current one runs");
+                    if let Ok(mut m) = self.missing.lock() {
+                        m.insert(version.to_owned());
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(eventType = %tipo, version, error = %e,
+                        "pipeline version could not be rebuilt; the current one runs");
+                }
+            }
+        }
+        self.current().get(tipo).cloned()
+    }
+
+    async fn rebuild(&self, store: &dyn Store, version: &str) -> anyhow::Result<Option<Arc<Pipeline>>> {
+        let Some((_, files)) = store.pipeline_version(version).await? else {
+            return Ok(None);
+        };
+        let dir = std::env::temp_dir().join(format!("orchestrator-version-{version}-{}", ulid::Ulid::new()));
+        let (scripts, factory) = (self.scripts.clone(), self.factory.clone());
+        let wanted = version.to_owned();
+        let loaded = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Arc<Pipeline>>> {
+            for (path, text) in &files {
+                let rel = std::path::Path::new(path);
+                let safe = rel
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)))
+                    && (path.starts_with("pipelines/") || path.starts_with("schemas/"));
+                anyhow::ensure!(safe, "stored pipeline file {path:?} is not a plain relative path");
+                let target = dir.join(rel);
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::write(target, text)?;
+            }
+            let options = LoadOptions {
+                pipelines_dir: dir.join("pipelines"),
+                schemas_dir: dir.join("schemas"),
+            };
+            let result = engine::load_set(&options, &scripts, factory.as_ref(), &|k| std::env::var(k).ok());
+            let _ = std::fs::remove_dir_all(&dir);
+            let set = result.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let pipeline = set.pipelines().into_iter().next().cloned();
+            if let Some(p) = &pipeline
+                && p.version != wanted
+            {
+                anyhow::bail!("rebuilt version {} differs from {wanted}", p.version);
+            }
+            Ok(pipeline)
+        })
+        .await??;
+        Ok(loaded)
     }
 }
 

@@ -73,7 +73,7 @@ impl Processor {
         };
         let attempt = event.attempts;
         let tipo = event.tipo.clone();
-        let Some(pipeline) = self.pipelines.for_event(&tipo, version) else {
+        let Some(pipeline) = self.pipelines.resolve(self.store.as_ref(), &tipo, version).await else {
             let err =
                 StageError::transient("pipeline_missing", format!("no pipeline is loaded for {tipo:?}"));
             let finish = self.decide(

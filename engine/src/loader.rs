@@ -168,6 +168,13 @@ fn load_file(
     let mut errors = Vec::new();
     let mut hasher = Sha256::new();
     hasher.update(text.as_bytes());
+    // Every file this version is made of, to rebuild it later (see `Pipeline::sources`).
+    let mut sources = BTreeMap::new();
+    let file_name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    sources.insert(format!("pipelines/{file_name}"), text.clone());
 
     let event_type = normalize_tipo(spec.event_type.trim());
     if event_type.is_empty() || event_type != spec.event_type {
@@ -216,6 +223,7 @@ fn load_file(
             }
             Ok(schema_text) => {
                 hasher.update(schema_text.as_bytes());
+                sources.insert(format!("schemas/{}", spec.schema), schema_text.clone());
                 match serde_json::from_str::<serde_json::Value>(&schema_text) {
                     Err(e) => {
                         errors.push(LoadError {
@@ -327,6 +335,11 @@ fn load_file(
             Ok(None) => None,
             Ok(Some((source, origin))) => {
                 hasher.update(source.as_bytes());
+                if let StageConfig::Script { file: Some(rel), .. }
+                | StageConfig::Route { file: Some(rel), .. } = config
+                {
+                    sources.insert(format!("pipelines/{rel}"), source.clone());
+                }
                 match scripts.compile(&source, origin) {
                     Ok(c) => Some(c),
                     Err(e) => {
@@ -372,6 +385,7 @@ fn load_file(
         destinations,
         schema,
         schema_json,
+        sources,
         stages,
     })
 }

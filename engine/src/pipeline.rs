@@ -39,6 +39,10 @@ pub struct Pipeline {
     pub(crate) schema: Arc<jsonschema::Validator>,
     /// The JSON Schema document itself (for the OpenAPI document).
     pub schema_json: Arc<Value>,
+    /// The files this version was loaded from, by path (`pipelines/…`,
+    /// `schemas/…`): the service stores them so an event accepted with this
+    /// version runs with it even after a restart or a later reload.
+    pub sources: BTreeMap<String, String>,
     pub(crate) stages: Vec<NamedStage>,
 }
 

@@ -113,6 +113,8 @@ fn partner_from_token(secret: &str, token: &str) -> Option<String> {
     let key = DecodingKey::from_secret(secret.as_bytes()).ok()?;
     let mut validation = Validation::new(Algorithm::HS256);
     validation.leeway = 5;
+    // A token whose `nbf` is still in the future is not valid yet.
+    validation.validate_nbf = true;
     validation.set_required_spec_claims(&["exp", "sub"]);
     jsonwebtoken::decode::<Claims>(token, &key, &validation)
         .ok()

@@ -303,6 +303,18 @@ pub trait Store: Send + Sync + 'static {
     async fn release_leases(&self) -> StoreResult<u64>;
     /// Number of events per status.
     async fn status_counts(&self) -> StoreResult<std::collections::BTreeMap<String, i64>>;
+    /// Keeps the files of a pipeline version (once; later calls change nothing).
+    async fn save_pipeline_version(
+        &self,
+        version: &str,
+        tipo: &str,
+        sources: &std::collections::BTreeMap<String, String>,
+    ) -> StoreResult<()>;
+    /// The files of a pipeline version, if it was saved.
+    async fn pipeline_version(
+        &self,
+        version: &str,
+    ) -> StoreResult<Option<(String, std::collections::BTreeMap<String, String>)>>;
     /// When the oldest event still waiting or running was received, per type.
     async fn oldest_pending(&self) -> StoreResult<std::collections::BTreeMap<String, DateTime<Utc>>>;
 

@@ -566,6 +566,42 @@ impl Store for SqlStore {
             .collect()
     }
 
+    async fn save_pipeline_version(
+        &self,
+        version: &str,
+        tipo: &str,
+        sources: &BTreeMap<String, String>,
+    ) -> StoreResult<()> {
+        let text = serde_json::to_string(sources).map_err(|e| StoreError::Database(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO pipeline_versions (version, tipo, sources, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (version) DO NOTHING",
+        )
+        .bind(version)
+        .bind(tipo)
+        .bind(text)
+        .bind(ms(Utc::now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn pipeline_version(
+        &self,
+        version: &str,
+    ) -> StoreResult<Option<(String, BTreeMap<String, String>)>> {
+        let row = sqlx::query("SELECT tipo, sources FROM pipeline_versions WHERE version = $1")
+            .bind(version)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            let sources: String = r.try_get("sources")?;
+            let files = serde_json::from_str(&sources).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            Ok((r.try_get("tipo")?, files))
+        })
+        .transpose()
+    }
+
     async fn oldest_pending(&self) -> StoreResult<BTreeMap<String, DateTime<Utc>>> {
         let rows = sqlx::query(
             "SELECT tipo, MIN(received_at) AS oldest FROM events \

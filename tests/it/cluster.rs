@@ -123,6 +123,18 @@ impl Cluster {
             let _ = c.wait();
         }
         self.iso.remove().await;
+        // The processes' own logs: JSON lines, no secret.
+        let logs = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        assert!(!logs.is_empty(), "the cluster wrote no log");
+        for secret in [KEY, ADMIN_KEY] {
+            assert!(!logs.contains(secret), "a secret leaked into the cluster's logs");
+        }
+        for line in logs.lines().filter(|l| l.starts_with('{')) {
+            assert!(
+                serde_json::from_str::<Value>(line).is_ok(),
+                "not a JSON log line: {line}"
+            );
+        }
     }
 }
 

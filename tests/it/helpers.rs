@@ -87,6 +87,8 @@ pub struct TestApp {
     pub _data: tempfile::TempDir,
     pub pipelines: PipelineDir,
     isolation: Option<Isolation>,
+    /// The configuration it started with (for [`TestApp::restart`]).
+    values: HashMap<String, String>,
 }
 
 pub fn base_config(data: &Path, pipelines: &PipelineDir) -> HashMap<String, String> {
@@ -288,10 +290,25 @@ pub async fn spawn_app_with(
     {
         crate::logcap::secret(&password);
     }
-    let config = Config::from_map(&values).expect("config");
-    let app = App::start(config, Role::All).await.expect("app starts");
+    let (app, addr, server) = start_and_serve(&values).await;
     let key = app.demo_key.clone().expect("demo partner created on first start");
     crate::logcap::secret(&key);
+    TestApp {
+        addr,
+        http: reqwest::Client::new(),
+        key,
+        app: Some(app),
+        server,
+        _data: data,
+        pipelines,
+        isolation,
+        values,
+    }
+}
+
+async fn start_and_serve(values: &HashMap<String, String>) -> (App, SocketAddr, tokio::task::JoinHandle<()>) {
+    let config = Config::from_map(values).expect("config");
+    let app = App::start(config, Role::All).await.expect("app starts");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let router = app.router();
@@ -302,16 +319,7 @@ pub async fn spawn_app_with(
         )
         .await;
     });
-    TestApp {
-        addr,
-        http: reqwest::Client::new(),
-        key,
-        app: Some(app),
-        server,
-        _data: data,
-        pipelines,
-        isolation,
-    }
+    (app, addr, server)
 }
 
 impl TestApp {
@@ -416,6 +424,20 @@ impl TestApp {
 
     pub async fn wait_for(&self, id: &str, status: &str, timeout: Duration) -> Value {
         self.wait_status(id, timeout, |b| b["status"] == status).await
+    }
+
+    /// Stops the service and starts a new one on the same store, queue and
+    /// directories (what a process restart does; the port changes).
+    pub async fn restart(mut self) -> TestApp {
+        self.server.abort();
+        if let Some(app) = self.app.take() {
+            app.shutdown().await;
+        }
+        let (app, addr, server) = start_and_serve(&self.values).await;
+        self.app = Some(app);
+        self.addr = addr;
+        self.server = server;
+        self
     }
 
     pub async fn stop(mut self) {

@@ -217,7 +217,58 @@ async fn a_new_type_goes_live_when_its_files_appear(backend: Backend) {
     app.stop().await;
 }
 
+/// An event waiting for a retry keeps its pipeline version across a restart
+/// that brings a new version of the file: the worker rebuilds the old version
+/// from the files the store kept.
+async fn retrying_events_keep_their_version_across_a_restart(backend: Backend) {
+    let rx = Receiver::start().await;
+    rx.set("/down", Behaviour::Status(503));
+    let pipeline = |n: u32| {
+        format!(
+            "event_type: VERSIONADO\nschema: any.schema.json\nretry:\n  max_retries: 5\n  backoff: fixed\n  \
+             initial_delay: 1s\nstages:\n  - plugin: script\n    name: mark\n    file: scripts/mark.rhai\n  \
+             - plugin: deliver\n  - plugin: persist\ndestinations:\n  down:\n    type: webhook\n    url: {}\n# edit {n}\n",
+            rx.url("/down")
+        )
+    };
+    let dir = PipelineDir::new();
+    dir.any_schema()
+        .write("pipelines/versionado.yaml", &pipeline(1))
+        .write("pipelines/scripts/mark.rhai", "event.meta.versao = 1;");
+    let app = spawn_app_with(backend, dir, |m| {
+        m.insert("WATCH_PIPELINES".into(), "false".into());
+    })
+    .await;
+    let old = accepted_id(app.post_event("VERSIONADO", json!({"a": 1})).await).await;
+    app.wait_for(&old, "retrying", Duration::from_secs(10)).await;
+    let (_, ev) = app.get_json(&format!("/events/{old}"), ADMIN_KEY).await;
+    let v1 = ev["pipeline_version"].as_str().expect("version").to_owned();
+
+    // A new version of the script and the file, then a restart.
+    app.pipelines
+        .write("pipelines/scripts/mark.rhai", "event.meta.versao = 2;")
+        .write("pipelines/versionado.yaml", &pipeline(2));
+    rx.set("/down", Behaviour::Status(200));
+    let app = app.restart().await;
+    let v2 = version_of(&admin_pipelines(&app).await, "VERSIONADO").expect("loaded");
+    assert_ne!(v1, v2);
+
+    app.wait_for(&old, "processed", Duration::from_secs(20)).await;
+    let (_, ev) = app.get_json(&format!("/events/{old}"), ADMIN_KEY).await;
+    assert_eq!(ev["pipeline_version"], v1.as_str());
+    assert_eq!(
+        ev["result"]["meta"]["versao"], 1,
+        "the old event ran with the new version: {ev:#}"
+    );
+    let new = accepted_id(app.post_event("VERSIONADO", json!({"a": 2})).await).await;
+    app.wait_for(&new, "processed", Duration::from_secs(10)).await;
+    let (_, ev) = app.get_json(&format!("/events/{new}"), ADMIN_KEY).await;
+    assert_eq!(ev["result"]["meta"]["versao"], 2);
+    app.stop().await;
+}
+
 crate::both_backends!(
     edits_under_load_lose_nothing,
-    a_new_type_goes_live_when_its_files_appear
+    a_new_type_goes_live_when_its_files_appear,
+    retrying_events_keep_their_version_across_a_restart
 );

@@ -659,8 +659,20 @@ async fn every_documented_route_enforces_its_auth() {
     let expired = jwt(JWT_SECRET, "demo", now - 120);
     let wrong_signature = jwt("not-the-server-secret-0000000000", "demo", now + 600);
     let demo_token = jwt(JWT_SECRET, "demo", now + 600);
+    let not_yet_valid = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": "demo", "iat": now, "nbf": now + 3600, "exp": now + 7200}),
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()).expect("key"),
+    )
+    .expect("encode");
     let other_token = jwt(JWT_SECRET, "other", now + 600);
-    for t in [&expired, &wrong_signature, &demo_token, &other_token] {
+    for t in [
+        &expired,
+        &wrong_signature,
+        &demo_token,
+        &other_token,
+        &not_yet_valid,
+    ] {
         secret(t);
     }
     let bad_credentials: Vec<(&str, (&str, String))> = vec![
@@ -680,6 +692,10 @@ async fn every_documented_route_enforces_its_auth() {
             ("authorization", format!("Bearer {wrong_signature}")),
         ),
         ("malformed JWT", ("authorization", "Bearer abc.def".into())),
+        (
+            "not-yet-valid JWT",
+            ("authorization", format!("Bearer {not_yet_valid}")),
+        ),
         ("basic auth", ("authorization", "Basic ZGVtbzpkZW1v".into())),
     ];
     let mut checked = 0;
@@ -772,3 +788,47 @@ async fn every_documented_route_enforces_its_auth() {
     assert!(checked >= 15, "only {checked} secured operations documented");
     app.stop().await;
 }
+
+/// The password inside `DATABASE_URL` never reaches a log line, `/health`,
+/// `/metrics` or an error body (PostgreSQL here trusts loopback, so any
+/// password connects).
+async fn database_url_password_stays_secret(backend: Backend) {
+    let password = format!("pw-in-the-url-{}", ulid::Ulid::new());
+    let pw = password.clone();
+    let app = spawn_app_with(backend, PipelineDir::shipped(), move |m| {
+        let url = m.get("DATABASE_URL").expect("production url").clone();
+        let with_password = url.replacen("postgres@", &format!("postgres:{pw}@"), 1);
+        assert_ne!(url, with_password, "expected a postgres://postgres@… URL: {url}");
+        m.insert("DATABASE_URL".into(), with_password);
+        m.insert("RUST_LOG".into(), "debug".into());
+    })
+    .await;
+    let id = accepted_id(
+        app.post_event("VENDA", json!({"produto_id": "P", "quantidade": 1, "valor": 1}))
+            .await,
+    )
+    .await;
+    app.wait_for(&id, "processed", Duration::from_secs(15)).await;
+    for path in [
+        "/health",
+        "/metrics",
+        "/api/openapi.json",
+        "/events/nope",
+        "/admin/pipelines",
+    ] {
+        let body = app
+            .http
+            .get(app.url(path))
+            .header("x-api-key", ADMIN_KEY)
+            .send()
+            .await
+            .expect("send")
+            .text()
+            .await
+            .expect("text");
+        assert!(!body.contains(&password), "{path} shows the database password");
+    }
+    app.stop().await;
+}
+
+crate::production_only!(database_url_password_stays_secret);
