@@ -15,6 +15,7 @@ use super::{admin, auth, dry_run, error, events, ops};
     ),
     paths(
         events::create_event,
+        events::create_batch,
         events::list_events,
         events::stats,
         events::get_event,
@@ -190,7 +191,7 @@ fn conventions(doc: &mut Value) {
             if path.starts_with("/admin/") {
                 add("403", "The route needs the admin role");
             }
-            if path == "/events" && method == "post" {
+            if (path == "/events" || path == "/events/batch") && method == "post" {
                 add("403", "Events are sent by partners, not with the admin key");
             }
             if has_body {
@@ -251,6 +252,11 @@ fn event_types(doc: &mut Value, set: &engine::PipelineSet) {
         .map(|op| op.entry("parameters").or_insert_with(|| json!([])))
         .and_then(Value::as_array_mut)
     {
+        params.retain(|p| {
+            !p["name"]
+                .as_str()
+                .is_some_and(|n| n.eq_ignore_ascii_case("Idempotency-Key"))
+        });
         params.push(json!({
             "name": "Idempotency-Key",
             "in": "header",

@@ -156,29 +156,36 @@ pub struct Problem {
     pub errors: Vec<FieldError>,
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = self.status();
-        if let ApiError::Internal(cause) = &self {
+impl ApiError {
+    /// The problem+json body of this error.
+    pub fn problem(&self) -> Problem {
+        if let ApiError::Internal(cause) = self {
             tracing::error!(error = %cause, "internal error");
         }
-        let errors = match &self {
+        let errors = match self {
             ApiError::InvalidEnvelope(e)
             | ApiError::ValidationFailed { errors: e, .. }
             | ApiError::InvalidPipelines(e) => e.clone(),
             _ => Vec::new(),
         };
-        let body = Problem {
+        Problem {
             kind: format!(
                 "https://event-orchestrator.dev/problems/{}",
                 self.code().replace('_', "-")
             ),
             title: self.title().to_owned(),
-            status: status.as_u16(),
+            status: self.status().as_u16(),
             detail: self.to_string(),
             code: self.code().to_owned(),
             errors,
-        };
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = self.problem();
         let mut resp = (status, axum::Json(body)).into_response();
         resp.headers_mut().insert(
             header::CONTENT_TYPE,

@@ -239,6 +239,25 @@ pub async fn create_event(
     let value = parse_json_body(&headers, body, &state.config, None).await?;
     let (tipo, dados) = envelope(value)?;
     let idem = idempotency_key(&headers)?;
+    let (status, ev) = accept(&state, &partner, tipo, dados, idem, super::request_id(&headers)).await?;
+    let mut resp = (status, Json(accepted(&ev))).into_response();
+    if status == StatusCode::OK {
+        resp.headers_mut()
+            .insert("idempotent-replayed", header::HeaderValue::from_static("true"));
+    }
+    Ok(resp)
+}
+
+/// Validates, stores and queues one event: `202` when created, `200` for an
+/// idempotent replay.
+async fn accept(
+    state: &AppState,
+    partner: &crate::store::Partner,
+    tipo: String,
+    dados: Value,
+    idem: Option<String>,
+    request_id: Option<String>,
+) -> Result<(StatusCode, EventRecord), ApiError> {
     let set = state.pipelines.current();
     let Some(pipeline) = set.get(&tipo).cloned() else {
         let known: Vec<_> = set.pipelines().iter().map(|p| p.event_type.clone()).collect();
@@ -269,7 +288,7 @@ pub async fn create_event(
         pipeline_version: pipeline.version.clone(),
         received_at: Utc::now(),
         idempotency_key: idem.clone(),
-        request_id: super::request_id(&headers),
+        request_id,
     };
     match state.store.insert_event(new).await? {
         InsertOutcome::Created(ev) => {
@@ -278,19 +297,165 @@ pub async fn create_event(
                 event_id: ev.id.clone(),
                 pipeline_version: ev.pipeline_version.clone(),
             };
-            enqueue(&state, &ev, task).await;
+            enqueue(state, &ev, task).await;
             tracing::info!(eventId = %ev.id, eventType = %tipo, partnerId = %partner.id,
                 requestId = ev.request_id.as_deref().unwrap_or_default(), "event accepted");
-            Ok((StatusCode::ACCEPTED, Json(accepted(&ev))).into_response())
+            Ok((StatusCode::ACCEPTED, ev))
         }
-        InsertOutcome::Replayed(ev) => {
-            let mut resp = (StatusCode::OK, Json(accepted(&ev))).into_response();
-            resp.headers_mut()
-                .insert("idempotent-replayed", header::HeaderValue::from_static("true"));
-            Ok(resp)
-        }
+        InsertOutcome::Replayed(ev) => Ok((StatusCode::OK, ev)),
         InsertOutcome::Conflict { .. } => Err(ApiError::IdempotencyConflict(idem.unwrap_or_default())),
     }
+}
+
+/// Most events in one `POST /events/batch`.
+pub const MAX_BATCH: usize = 500;
+
+/// One event of a batch.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchItem {
+    #[schema(min_length = 1, max_length = 128)]
+    pub tipo: String,
+    #[schema(value_type = Object)]
+    pub dados: Value,
+    /// This item's idempotency key (as the `Idempotency-Key` header of `POST /events`).
+    #[schema(pattern = "^[!-~]{1,255}$")]
+    pub idempotency_key: Option<String>,
+}
+
+/// Body of `POST /events/batch`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchIn {
+    #[schema(value_type = Vec<BatchItem>, min_items = 1, max_items = 500)]
+    pub events: Vec<Value>,
+}
+
+/// The outcome of one item, in the order sent.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct BatchResult {
+    pub index: usize,
+    /// What `POST /events` would have answered for this item: 202, 200 (replay), 409, 422…
+    pub status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event: Option<Accepted>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<super::error::Problem>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct BatchOut {
+    /// Items stored and queued now (202).
+    pub accepted: usize,
+    /// Idempotent replays (200).
+    pub replayed: usize,
+    /// Items refused (4xx); nothing was stored for them.
+    pub rejected: usize,
+    pub results: Vec<BatchResult>,
+}
+
+/// Accept up to 500 events in one request, each validated, stored and queued
+/// on its own: one bad item does not stop the others. The answer is `200`
+/// with a result per item.
+#[utoipa::path(post, path = "/events/batch", tag = "events",
+    request_body = BatchIn,
+    responses((status = 200, description = "One result per item", body = BatchOut)))]
+pub async fn create_batch(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<BatchOut>, ApiError> {
+    use futures::StreamExt;
+    let Caller::Partner(partner) = caller else {
+        return Err(ApiError::Forbidden(
+            "events are sent by partners; the admin key cannot send them",
+        ));
+    };
+    let limit = state.config.max_body_bytes.saturating_mul(16);
+    let value = parse_json_body(&headers, body, &state.config, Some(limit)).await?;
+    let items = match value {
+        Value::Object(mut m) if m.len() == 1 && m.get("events").is_some_and(Value::is_array) => {
+            match m.remove("events") {
+                Some(Value::Array(items)) => items,
+                _ => Vec::new(),
+            }
+        }
+        _ => {
+            return Err(ApiError::InvalidEnvelope(vec![FieldError {
+                path: String::new(),
+                message: "the body must be {\"events\": [{\"tipo\", \"dados\", \"idempotency_key\"?}, ...]}"
+                    .into(),
+            }]));
+        }
+    };
+    if items.is_empty() || items.len() > MAX_BATCH {
+        return Err(ApiError::InvalidEnvelope(vec![FieldError {
+            path: "/events".into(),
+            message: format!("must hold 1 to {MAX_BATCH} events, not {}", items.len()),
+        }]));
+    }
+    let request_id = super::request_id(&headers);
+    let (state_ref, partner_ref, rid) = (&state, &partner, &request_id);
+    let mut results: Vec<BatchResult> = futures::stream::iter(items.into_iter().enumerate())
+        .map(|(index, item)| async move {
+            let outcome = async {
+                let mut item = match item {
+                    Value::Object(m) => m,
+                    _ => return Err(batch_item_error("", "each event must be an object")),
+                };
+                let idem = match item.remove("idempotency_key") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(k))
+                        if !k.is_empty()
+                            && k.len() <= 255
+                            && k.bytes().all(|b| (b'!'..=b'~').contains(&b)) =>
+                    {
+                        Some(k)
+                    }
+                    Some(_) => {
+                        return Err(ApiError::InvalidIdempotencyKey(
+                            "must be 1 to 255 visible ASCII characters, without spaces",
+                        ));
+                    }
+                };
+                let (tipo, dados) = envelope(Value::Object(item))?;
+                accept(state_ref, partner_ref, tipo, dados, idem, rid.clone()).await
+            }
+            .await;
+            match outcome {
+                Ok((status, ev)) => BatchResult {
+                    index,
+                    status: status.as_u16(),
+                    event: Some(accepted(&ev)),
+                    error: None,
+                },
+                Err(e) => BatchResult {
+                    index,
+                    status: e.status().as_u16(),
+                    event: None,
+                    error: Some(e.problem()),
+                },
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    results.sort_by_key(|r| r.index);
+    let count = |s: u16| results.iter().filter(|r| r.status == s).count();
+    Ok(Json(BatchOut {
+        accepted: count(202),
+        replayed: count(200),
+        rejected: results.iter().filter(|r| r.status >= 400).count(),
+        results,
+    }))
+}
+
+fn batch_item_error(path: &str, message: &str) -> ApiError {
+    ApiError::InvalidEnvelope(vec![FieldError {
+        path: path.into(),
+        message: message.into(),
+    }])
 }
 
 /// How long a request waits for the queue before answering anyway.

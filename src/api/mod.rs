@@ -42,6 +42,7 @@ pub fn router(state: AppState) -> Router {
     let timeout = state.config.request_timeout;
     Router::new()
         .route("/events", post(events::create_event).get(events::list_events))
+        .route("/events/batch", post(events::create_batch))
         .route("/events/stats", get(events::stats))
         .route("/events/{id}", get(events::get_event))
         .route("/events/{id}/status", get(events::get_status))

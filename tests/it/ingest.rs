@@ -387,7 +387,102 @@ async fn listing_filters_and_pages(backend: Backend) {
     app.stop().await;
 }
 
+/// `POST /events/batch`: a result per item, in order; bad items refused
+/// without stopping the others; idempotency per item; good items processed.
+async fn batches_answer_per_item(backend: Backend) {
+    let app = spawn_app_on(backend, PipelineDir::shipped()).await;
+    let venda = |n: i64| json!({"produto_id": format!("P-{n}"), "quantidade": n, "valor": 10.0});
+    let send = |body: Value| {
+        let (http, url, key) = (app.http.clone(), app.url("/events/batch"), app.key.clone());
+        async move {
+            let r = http
+                .post(url)
+                .header("x-api-key", key)
+                .json(&body)
+                .send()
+                .await
+                .expect("send");
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.expect("json"))
+        }
+    };
+    let (st, first) = send(json!({"events": [
+        {"tipo": "VENDA", "dados": venda(1), "idempotency_key": "lote-1"},
+        {"tipo": "VENDA", "dados": venda(2)},
+    ]}))
+    .await;
+    assert_eq!(st, 200, "{first}");
+    assert_eq!(first["accepted"], 2);
+    let (st, out) = send(json!({"events": [
+        {"tipo": "VENDA", "dados": venda(1), "idempotency_key": "lote-1"},
+        {"tipo": "VENDA", "dados": venda(9), "idempotency_key": "lote-1"},
+        {"tipo": "NOPE", "dados": {}},
+        {"tipo": "VENDA", "dados": {"produto_id": "P", "quantidade": 0, "valor": 1}},
+        "not an object",
+        {"tipo": "VENDA", "dados": venda(3), "idempotency_key": "has space"},
+        {"tipo": "DEVOLUÇÃO", "dados": {"venda_id": "V-1", "motivo": "defeito"}},
+        {"tipo": "ATUALIZAÇÃO_ESTOQUE", "dados": {"produto_id": "P-1", "quantidade": 0}},
+    ]}))
+    .await;
+    assert_eq!(st, 200, "{out}");
+    let statuses: Vec<u64> = out["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| r["status"].as_u64().expect("status"))
+        .collect();
+    assert_eq!(statuses, [200, 409, 422, 422, 422, 400, 202, 202], "{out:#}");
+    assert_eq!(
+        out["results"][0]["event"]["id"], first["results"][0]["event"]["id"],
+        "a replay"
+    );
+    assert_eq!(out["results"][2]["error"]["code"], "unknown_event_type");
+    assert_eq!(
+        out["results"][3]["error"]["errors"][0]["path"],
+        "/dados/quantidade"
+    );
+    assert_eq!(
+        (
+            out["accepted"].as_u64(),
+            out["replayed"].as_u64(),
+            out["rejected"].as_u64()
+        ),
+        (Some(2), Some(1), Some(5))
+    );
+    for r in out["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .filter(|r| r["status"] == 202)
+    {
+        app.wait_for(
+            r["event"]["id"].as_str().expect("id"),
+            "processed",
+            Duration::from_secs(15),
+        )
+        .await;
+    }
+    // The whole request is refused when it is not a batch.
+    let too_many: Vec<Value> = (0..501)
+        .map(|i| json!({"tipo": "VENDA", "dados": venda(i + 1)}))
+        .collect();
+    for (body, why) in [
+        (json!({"events": []}), "empty"),
+        (json!({"events": too_many}), "501 events"),
+        (json!([{"tipo": "VENDA"}]), "a bare array"),
+        (json!({"events": [], "extra": 1}), "unknown member"),
+    ] {
+        let (st, problem) = send(body).await;
+        assert_eq!(st, 422, "{why}: {problem}");
+        assert_eq!(problem["code"], "invalid_envelope", "{why}");
+    }
+    let (_, stats) = app.get_json("/events/stats", &app.key).await;
+    assert_eq!(stats["total"], 4, "{stats}");
+    app.stop().await;
+}
+
 crate::both_backends!(
+    batches_answer_per_item,
     seed_types_are_validated_field_by_field,
     bad_requests_get_clear_errors,
     decomposed_unicode_reaches_the_same_pipeline,
