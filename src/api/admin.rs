@@ -230,8 +230,8 @@ pub async fn redrive(
         partner_id: input.partner_id.clone(),
         status: Some(Status::DeadLettered),
         tipo: input.tipo.as_deref().map(engine::normalize_tipo),
-        since: body_time("since", &input.since)?,
-        until: body_time("until", &input.until)?,
+        since: super::events::parse_time("since", &input.since).map_err(ApiError::InvalidRequest)?,
+        until: super::events::parse_time("until", &input.until).map_err(ApiError::InvalidRequest)?,
         before_id: None,
         limit: 500,
     };
@@ -286,12 +286,4 @@ pub async fn redrive(
         more,
         ids: matched.iter().take(100).map(|e| e.id.clone()).collect(),
     }))
-}
-
-/// An RFC 3339 time of a request body.
-fn body_time(name: &str, v: &Option<String>) -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
-    super::events::parse_time(name, v).map_err(|e| match e {
-        ApiError::InvalidQuery(m) => ApiError::InvalidRequest(m),
-        other => other,
-    })
 }

@@ -171,16 +171,20 @@ fn envelope(value: Value) -> Result<(String, Value), ApiError> {
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     // An empty header is no key, as if absent.
-    let Some(v) = headers.get("idempotency-key").filter(|v| !v.is_empty()) else {
-        return Ok(None);
-    };
-    let bytes = v.as_bytes();
-    if bytes.is_empty() || bytes.len() > 255 || !bytes.iter().all(|b| (b'!'..=b'~').contains(b)) {
+    match headers.get("idempotency-key").filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(v) => checked_idempotency_key(v.as_bytes()).map(Some),
+    }
+}
+
+/// An idempotency key (header or batch item): 1 to 255 visible ASCII characters.
+fn checked_idempotency_key(key: &[u8]) -> Result<String, ApiError> {
+    if key.is_empty() || key.len() > 255 || !key.iter().all(|b| (b'!'..=b'~').contains(b)) {
         return Err(ApiError::InvalidIdempotencyKey(
             "must be 1 to 255 visible ASCII characters, without spaces",
         ));
     }
-    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+    Ok(String::from_utf8_lossy(key).into_owned())
 }
 
 /// Canonical JSON (object keys sorted) so that key order does not make two
@@ -406,18 +410,8 @@ pub async fn create_batch(
                 };
                 let idem = match item.remove("idempotency_key") {
                     None | Some(Value::Null) => None,
-                    Some(Value::String(k))
-                        if !k.is_empty()
-                            && k.len() <= 255
-                            && k.bytes().all(|b| (b'!'..=b'~').contains(&b)) =>
-                    {
-                        Some(k)
-                    }
-                    Some(_) => {
-                        return Err(ApiError::InvalidIdempotencyKey(
-                            "must be 1 to 255 visible ASCII characters, without spaces",
-                        ));
-                    }
+                    Some(Value::String(k)) => Some(checked_idempotency_key(k.as_bytes())?),
+                    Some(_) => return Err(ApiError::InvalidIdempotencyKey("must be a string")),
                 };
                 let (tipo, dados) = envelope(Value::Object(item))?;
                 accept(state_ref, partner_ref, tipo, dados, idem, rid.clone()).await
@@ -665,12 +659,13 @@ pub struct EventPage {
     pub next_cursor: Option<String>,
 }
 
-pub(crate) fn parse_time(name: &str, v: &Option<String>) -> Result<Option<DateTime<Utc>>, ApiError> {
+/// An optional RFC 3339 time; the error is the message to show.
+pub(crate) fn parse_time(name: &str, v: &Option<String>) -> Result<Option<DateTime<Utc>>, String> {
     v.as_deref()
         .map(|s| {
             DateTime::parse_from_rfc3339(s)
                 .map(|t| t.with_timezone(&Utc))
-                .map_err(|e| ApiError::InvalidQuery(format!("{name}: {e} (expected RFC 3339)")))
+                .map_err(|e| format!("{name}: {e} (expected RFC 3339)"))
         })
         .transpose()
 }
@@ -708,8 +703,8 @@ pub async fn list_events(
         partner_id,
         status,
         tipo: q.tipo.as_deref().map(engine::normalize_tipo),
-        since: parse_time("since", &q.since)?,
-        until: parse_time("until", &q.until)?,
+        since: parse_time("since", &q.since).map_err(ApiError::InvalidQuery)?,
+        until: parse_time("until", &q.until).map_err(ApiError::InvalidQuery)?,
         before_id: q.cursor.clone(),
         limit: limit + 1,
     };
