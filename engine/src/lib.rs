@@ -12,6 +12,7 @@ pub mod model;
 pub mod pipeline;
 pub mod script;
 pub mod stage;
+pub mod tables;
 
 pub use loader::{LoadError, LoadErrors, LoadOptions, StageBuildContext, StageFactory, load_set};
 pub use model::{DestinationConfig, PipelineSpec, RetryPolicy, StageConfig};
@@ -21,3 +22,4 @@ pub use stage::{
     DeliveryReport, ErrorClass, EventContext, EventSink, NullSink, Stage, StageError, StageOutcome,
     StageTrace,
 };
+pub use tables::Tables;

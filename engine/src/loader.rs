@@ -13,6 +13,7 @@ use crate::model::{DestinationConfig, Fallback, PipelineSpec, StageConfig};
 use crate::pipeline::{Pipeline, PipelineSet, normalize_tipo};
 use crate::script::{CompiledScript, ScriptHost, ScriptOrigin};
 use crate::stage::{NamedStage, Stage};
+use crate::tables::{self, Tables};
 
 /// One problem found while loading.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -266,6 +267,28 @@ fn load_file(
         }
     }
 
+    // Reference tables, read once here; their files are part of the version.
+    let mut tables = Tables::default();
+    for (name, table_spec) in &spec.tables {
+        let resolve = |rel: &str| resolve_under(&opts.pipelines_dir, rel);
+        match tables::load_table(table_spec, &resolve) {
+            Ok(loaded) => {
+                if let Some((rel, table_text)) = loaded.source {
+                    hasher.update(table_text.as_bytes());
+                    sources.insert(format!("pipelines/{rel}"), table_text);
+                }
+                tables.insert(name.clone(), loaded.table);
+            }
+            Err(e) => errors.push(LoadError {
+                file: e.file.unwrap_or_else(|| file.to_path_buf()),
+                line: e.line.or_else(|| find_key_line_after(&text, "tables", name)),
+                stage: None,
+                message: format!("table {name:?}: {}", e.message),
+            }),
+        }
+    }
+    let tables = Arc::new(tables);
+
     // Stages: the implicit `validate` first unless listed.
     let stage_lines = stage_item_lines(&text);
     let mut configs: Vec<(StageConfig, Option<usize>)> = spec
@@ -340,8 +363,20 @@ fn load_file(
                 {
                     sources.insert(format!("pipelines/{rel}"), source.clone());
                 }
+                for (table, script_line) in tables::literal_table_names(&source) {
+                    if !spec.tables.contains_key(&table) {
+                        errors.push(LoadError {
+                            file: origin.file.clone(),
+                            line: Some(origin.file_line(script_line)),
+                            stage: Some(name.clone()),
+                            message: format!(
+                                "the script looks up table {table:?}, which is not declared under `tables:`"
+                            ),
+                        });
+                    }
+                }
                 match scripts.compile(&source, origin) {
-                    Ok(c) => Some(c),
+                    Ok(c) => Some(c.with_tables(Arc::clone(&tables))),
                     Err(e) => {
                         errors.push(err(*line, Some(&name), e.to_string()));
                         continue;
@@ -386,6 +421,7 @@ fn load_file(
         schema,
         schema_json,
         sources,
+        tables,
         stages,
     })
 }
@@ -521,6 +557,13 @@ fn find_key_line(text: &str, key: &str) -> Option<usize> {
                 .is_some_and(|r| r.trim_start().starts_with(':'))
         })
         .map(|i| i + 1)
+}
+
+/// 1-based line of `key:` among the lines after the top-level `section:`.
+fn find_key_line_after(text: &str, section: &str, key: &str) -> Option<usize> {
+    let start = text.lines().position(|l| l.trim_end() == format!("{section}:"))?;
+    let rest: String = text.lines().skip(start + 1).collect::<Vec<_>>().join("\n");
+    find_key_line(&rest, key).map(|l| l + start + 1)
 }
 
 /// 1-based lines where each item of the top-level `stages:` list starts.

@@ -31,6 +31,39 @@ pub struct PipelineSpec {
     /// Named delivery targets that `route` may pick.
     #[serde(default)]
     pub destinations: BTreeMap<String, DestinationConfig>,
+    /// Reference tables for the scripts' `lookup(table, key)`.
+    #[serde(default)]
+    pub tables: BTreeMap<String, TableSpec>,
+}
+
+/// A reference table: inline `rows`, or a `file` under `PIPELINES_DIR`
+/// (`.csv` with a header row, or `.yaml`/`.yml`/`.json` holding a mapping).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TableSpec {
+    /// Table file relative to `PIPELINES_DIR`.
+    #[serde(default)]
+    pub file: Option<String>,
+    /// CSV: the key column (default: the first column).
+    #[serde(default)]
+    pub key: Option<String>,
+    /// CSV: column types; unlisted columns are strings.
+    #[serde(default)]
+    pub columns: BTreeMap<String, ColumnType>,
+    /// Inline rows: a mapping key → value (any YAML value).
+    #[serde(default)]
+    pub rows: Option<serde_yaml::Value>,
+}
+
+/// The type of a CSV column's cells.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ColumnType {
+    #[default]
+    String,
+    Int,
+    Float,
+    Bool,
 }
 
 fn default_concurrency() -> usize {

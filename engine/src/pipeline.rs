@@ -11,6 +11,7 @@ use unicode_normalization::UnicodeNormalization;
 
 use crate::model::{DestinationConfig, RetryPolicy};
 use crate::stage::{EventContext, NamedStage, StageError, StageOutcome, StageTrace};
+use crate::tables::Tables;
 
 /// Normalises an event type name (NFC), so composed and decomposed forms of
 /// `DEVOLUÇÃO` name the same pipeline.
@@ -43,6 +44,8 @@ pub struct Pipeline {
     /// `schemas/…`): the service stores them so an event accepted with this
     /// version runs with it even after a restart or a later reload.
     pub sources: BTreeMap<String, String>,
+    /// Reference tables the scripts look up.
+    pub tables: Arc<Tables>,
     pub(crate) stages: Vec<NamedStage>,
 }
 

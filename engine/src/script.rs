@@ -20,6 +20,11 @@
 //! * `now_ms()` – current time as epoch milliseconds.
 //! * `parse_iso_ms(s)` – RFC 3339 string to epoch milliseconds (error if invalid).
 //! * `round(x, digits)` – round half away from zero to `digits` decimals.
+//! * `lookup(table, key)` – the row of `key` in one of the pipeline's
+//!   reference tables ([`crate::tables`]), a copy, or unit when there is
+//!   none; `lookup(table, key, default)` returns `default` instead;
+//!   `has_row(table, key)`. Keys are strings or integers; a unit key finds
+//!   nothing; an undeclared table is an error.
 //! * `upper(s)`, `lower(s)`, `trim(s)` – string helpers (`trim` keeps Rhai's
 //!   in-place method behaviour and additionally returns the trimmed string).
 //! * `print`/`debug` go to `tracing` at debug level.
@@ -37,6 +42,8 @@ use rhai::{
     Position, Scope,
 };
 use serde_json::Value;
+
+use crate::tables::Tables;
 
 /// Resource budget for one script run.
 #[derive(Clone, Debug)]
@@ -123,11 +130,18 @@ impl fmt::Display for ScriptOrigin {
 pub struct CompiledScript {
     ast: Arc<AST>,
     origin: Arc<ScriptOrigin>,
+    tables: Arc<Tables>,
 }
 
 impl CompiledScript {
     pub fn origin(&self) -> &ScriptOrigin {
         &self.origin
+    }
+
+    /// The reference tables `lookup` and `has_row` read (none by default).
+    pub fn with_tables(mut self, tables: Arc<Tables>) -> Self {
+        self.tables = tables;
+        self
     }
 }
 
@@ -214,6 +228,8 @@ thread_local! {
     static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
     /// Origin of the script run currently executing on this thread (for logs).
     static CURRENT_ORIGIN: RefCell<Option<Arc<ScriptOrigin>>> = const { RefCell::new(None) };
+    /// Reference tables of the script run currently executing on this thread.
+    static CURRENT_TABLES: RefCell<Option<Arc<Tables>>> = const { RefCell::new(None) };
 }
 
 /// Installs the per-thread run context; restores the previous one on drop
@@ -221,15 +237,18 @@ thread_local! {
 struct RunGuard {
     prev_deadline: Option<Instant>,
     prev_origin: Option<Arc<ScriptOrigin>>,
+    prev_tables: Option<Arc<Tables>>,
 }
 
 impl RunGuard {
-    fn enter(deadline: Option<Instant>, origin: Arc<ScriptOrigin>) -> Self {
+    fn enter(deadline: Option<Instant>, script: &CompiledScript) -> Self {
         let prev_deadline = DEADLINE.with(|d| d.replace(deadline));
-        let prev_origin = CURRENT_ORIGIN.with(|o| o.replace(Some(origin)));
+        let prev_origin = CURRENT_ORIGIN.with(|o| o.replace(Some(Arc::clone(&script.origin))));
+        let prev_tables = CURRENT_TABLES.with(|t| t.replace(Some(Arc::clone(&script.tables))));
         Self {
             prev_deadline,
             prev_origin,
+            prev_tables,
         }
     }
 }
@@ -239,6 +258,8 @@ impl Drop for RunGuard {
         DEADLINE.with(|d| d.set(self.prev_deadline));
         let prev = self.prev_origin.take();
         CURRENT_ORIGIN.with(|o| *o.borrow_mut() = prev);
+        let prev = self.prev_tables.take();
+        CURRENT_TABLES.with(|t| *t.borrow_mut() = prev);
     }
 }
 
@@ -318,6 +339,7 @@ impl ScriptHost {
                 Ok(CompiledScript {
                     ast: Arc::new(ast),
                     origin: Arc::new(origin),
+                    tables: Arc::default(),
                 })
             }
             Err(err) => {
@@ -350,7 +372,7 @@ impl ScriptHost {
 
         let deadline = Instant::now().checked_add(self.limits.max_wall_time);
         let result = {
-            let _guard = RunGuard::enter(deadline, Arc::clone(&script.origin));
+            let _guard = RunGuard::enter(deadline, script);
             self.engine
                 .eval_ast_with_scope::<Dynamic>(&mut scope, &script.ast)
         };
@@ -554,6 +576,16 @@ fn register_helpers(engine: &mut Engine) {
     engine.register_fn("round", |x: rhai::INT, digits: rhai::INT| {
         round_digits(x as rhai::FLOAT, digits)
     });
+    engine.register_fn("lookup", |table: ImmutableString, key: Dynamic| {
+        table_lookup(&table, &key, Dynamic::UNIT)
+    });
+    engine.register_fn(
+        "lookup",
+        |table: ImmutableString, key: Dynamic, default: Dynamic| table_lookup(&table, &key, default),
+    );
+    engine.register_fn("has_row", |table: ImmutableString, key: Dynamic| {
+        table_lookup(&table, &key, Dynamic::UNIT).map(|row| !row.is_unit())
+    });
     engine.register_fn("upper", |s: ImmutableString| s.to_uppercase());
     engine.register_fn("lower", |s: ImmutableString| s.to_lowercase());
     // Same signature as Rhai's built-in in-place `trim` (so `s.trim();` still
@@ -564,6 +596,43 @@ fn register_helpers(engine: &mut Engine) {
         }
         s.clone()
     });
+}
+
+/// `lookup(table, key[, default])`: the row of `key` in the running script's
+/// reference table (a copy), or `default` (unit unless given) when there is
+/// none. Keys are strings; integers are looked up by their decimal form; a
+/// unit key (a missing field) finds nothing.
+fn table_lookup(table: &str, key: &Dynamic, default: Dynamic) -> RhaiResult<Dynamic> {
+    let key = if key.is_unit() {
+        return Ok(default);
+    } else if let Ok(i) = key.as_int() {
+        i.to_string()
+    } else if key.is_string() || key.is_char() {
+        key.to_string()
+    } else {
+        return Err(format!(
+            "lookup key must be a string or an integer, not {}",
+            key.type_name()
+        )
+        .into());
+    };
+    CURRENT_TABLES.with(|tables| {
+        let tables = tables.borrow();
+        let Some(tables) = tables.as_deref() else {
+            return Err("reference tables are not available here".into());
+        };
+        match tables.get(table) {
+            Some(t) => Ok(t.get(&key).cloned().unwrap_or(default)),
+            None if tables.is_empty() => {
+                Err(format!("unknown table {table:?}: this pipeline declares no tables").into())
+            }
+            None => Err(format!(
+                "unknown table {table:?}: this pipeline declares {}",
+                tables.names().join(", ")
+            )
+            .into()),
+        }
+    })
 }
 
 fn dynamic_text(value: &Dynamic) -> String {
@@ -627,7 +696,7 @@ fn event_to_dynamic(event: &ScriptEvent) -> Result<Dynamic, String> {
 }
 
 /// JSON → Rhai. Integers become `INT`, other numbers `FLOAT`, null becomes unit.
-fn json_to_dynamic(value: &Value, depth: usize) -> Result<Dynamic, String> {
+pub(crate) fn json_to_dynamic(value: &Value, depth: usize) -> Result<Dynamic, String> {
     if depth > MAX_VALUE_DEPTH {
         return Err(format!("value nested deeper than {MAX_VALUE_DEPTH} levels"));
     }
@@ -776,6 +845,65 @@ mod tests {
             .compile(src, origin("pipelines/scripts/t.rhai", 0))
             .expect("compiles");
         host.run(&script, ev)
+    }
+
+    #[test]
+    fn lookups_read_the_scripts_own_tables() {
+        let host = ScriptHost::default();
+        let rows: serde_yaml::Value =
+            serde_yaml::from_str("P-1: {nome: cafe, preco: 2.5}\n7: sete\n").expect("yaml");
+        let mut tables = Tables::default();
+        tables.insert(
+            "produtos".into(),
+            crate::tables::mapping_table(&rows).expect("table"),
+        );
+        let tables = Arc::new(tables);
+        let compile = |src: &str| {
+            host.compile(src, origin("pipelines/scripts/t.rhai", 0))
+                .expect("compiles")
+                .with_tables(Arc::clone(&tables))
+        };
+        let script = compile(
+            r#"
+                let p = lookup("produtos", "P-1");
+                event.meta.nome = p.nome;
+                event.meta.sete = lookup("produtos", 7);
+                event.meta.falta = lookup("produtos", "X") == ();
+                event.meta.padrao = lookup("produtos", "X", "d");
+                event.meta.sem_chave = lookup("produtos", event.dados.nada, 0);
+                event.meta.tem = has_row("produtos", "P-1") && !has_row("produtos", "P-2");
+                p.nome = "mudado";
+                lookup("produtos", "P-1").nome
+            "#,
+        );
+        let mut ev = event();
+        let out = host.run(&script, &mut ev).expect("runs");
+        // The row a script gets is a copy: changing it changes no later lookup.
+        assert_eq!(out, json!("cafe"));
+        assert_eq!(
+            ev.meta,
+            json!({"origem": "api", "nome": "cafe", "sete": "sete", "falta": true, "padrao": "d",
+                   "sem_chave": 0, "tem": true})
+        );
+
+        let err = host
+            .run(&compile("let a = 1;\nlookup(\"precos\", \"P-1\")"), &mut event())
+            .expect_err("unknown table");
+        let text = err.to_string();
+        assert!(text.contains("unknown table \"precos\""), "{text}");
+        assert!(text.contains("declares produtos"), "{text}");
+        assert!(text.contains("t.rhai:2"), "{text}");
+
+        let err = host
+            .run(&compile("lookup(\"produtos\", 1.5)"), &mut event())
+            .expect_err("float key");
+        assert!(err.to_string().contains("string or an integer"), "{err}");
+
+        let bare = host
+            .compile("lookup(\"produtos\", 1)", origin("x.rhai", 0))
+            .expect("compiles");
+        let err = host.run(&bare, &mut event()).expect_err("no tables");
+        assert!(err.to_string().contains("declares no tables"), "{err}");
     }
 
     #[test]

@@ -49,18 +49,14 @@ impl StageFactory for BuiltinFactory {
                 schema: cx.schema.clone(),
             }),
             StageConfig::Script { .. } => Arc::new(ScriptStage {
-                host: cx.scripts.clone(),
-                script: cx.script.clone().ok_or("script stage without a script")?,
+                script: StageScript::new(cx).ok_or("script stage without a script")?,
             }),
             StageConfig::Route { to: Some(to), .. } => Arc::new(RouteStage {
                 kind: RouteKind::Static(to.clone()),
                 destinations: cx.destinations.keys().cloned().collect(),
             }),
             StageConfig::Route { .. } => Arc::new(RouteStage {
-                kind: RouteKind::Script(
-                    cx.scripts.clone(),
-                    cx.script.clone().ok_or("route stage without a script")?,
-                ),
+                kind: RouteKind::Script(StageScript::new(cx).ok_or("route stage without a script")?),
                 destinations: cx.destinations.keys().cloned().collect(),
             }),
             StageConfig::Deliver { .. } => Arc::new(DeliverStage::new(
@@ -94,31 +90,53 @@ impl Stage for ValidateStage {
     }
 }
 
-fn script_error(e: ScriptError) -> StageError {
-    match e {
-        ScriptError::Rejected(reason) => StageError::permanent("rejected", reason),
-        e @ ScriptError::Budget { .. } => StageError::permanent("script_budget", e.to_string()),
-        e => StageError::permanent("script", e.to_string()),
+/// A stage's compiled script, with the pipeline and stage its errors name.
+struct StageScript {
+    host: Arc<ScriptHost>,
+    script: CompiledScript,
+    /// "pipeline VENDA, stage enrich"
+    label: String,
+}
+
+impl StageScript {
+    fn new(cx: &StageBuildContext<'_>) -> Option<Self> {
+        Some(Self {
+            host: cx.scripts.clone(),
+            script: cx.script.clone()?,
+            label: format!("pipeline {}, stage {}", cx.event_type, cx.stage_name),
+        })
+    }
+
+    /// Runs the script; a rejection keeps the script's reason as its message,
+    /// other errors say which pipeline and stage (the script's error already
+    /// says which file and line).
+    fn run(&self, event: &mut engine::ScriptEvent) -> Result<Value, StageError> {
+        self.host.run(&self.script, event).map_err(|e| match e {
+            ScriptError::Rejected(reason) => StageError::permanent("rejected", reason),
+            e @ ScriptError::Budget { .. } => {
+                StageError::permanent("script_budget", format!("{}: {e}", self.label))
+            }
+            e => StageError::permanent("script", format!("{}: {e}", self.label)),
+        })
     }
 }
 
 /// Rhai enrichment.
 struct ScriptStage {
-    host: Arc<ScriptHost>,
-    script: CompiledScript,
+    script: StageScript,
 }
 
 #[async_trait]
 impl Stage for ScriptStage {
     async fn run(&self, cx: &mut EventContext) -> Result<Option<Value>, StageError> {
-        self.host.run(&self.script, &mut cx.event).map_err(script_error)?;
+        self.script.run(&mut cx.event)?;
         Ok(Some(json!({"dados": cx.event.dados, "meta": cx.event.meta})))
     }
 }
 
 enum RouteKind {
     Static(Vec<String>),
-    Script(Arc<ScriptHost>, CompiledScript),
+    Script(StageScript),
 }
 
 /// Picks the destinations.
@@ -132,8 +150,8 @@ impl Stage for RouteStage {
     async fn run(&self, cx: &mut EventContext) -> Result<Option<Value>, StageError> {
         let routes = match &self.kind {
             RouteKind::Static(to) => to.clone(),
-            RouteKind::Script(host, script) => {
-                let value = host.run(script, &mut cx.event).map_err(script_error)?;
+            RouteKind::Script(script) => {
+                let value = script.run(&mut cx.event)?;
                 routes_from(value)?
             }
         };

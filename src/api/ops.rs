@@ -99,6 +99,8 @@ pub struct PipelineInfo {
     pub max_retries: u32,
     pub stages: Vec<String>,
     pub destinations: Vec<String>,
+    /// Reference tables for the scripts, with their row counts.
+    pub tables: std::collections::BTreeMap<String, usize>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -134,6 +136,7 @@ fn pipeline_list(state: &AppState, set: &engine::PipelineSet) -> PipelineList {
                     .map(|(n, plugin)| format!("{n} ({plugin})"))
                     .collect(),
                 destinations: p.destinations.keys().cloned().collect(),
+                tables: p.tables.summary().map(|(n, rows)| (n.to_owned(), rows)).collect(),
             })
             .collect(),
     }

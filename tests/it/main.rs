@@ -58,3 +58,4 @@ mod process;
 mod reload;
 mod security;
 mod sweep;
+mod tables;
