@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use engine::{EventSink, LoadOptions, ScriptHost, ScriptLimits};
+use engine::{LoadOptions, ScriptHost, ScriptLimits};
 use plugins::BuiltinFactory;
 use secrecy::ExposeSecret;
 use tokio::sync::watch;
@@ -17,7 +17,7 @@ use crate::pipelines::Pipelines;
 use crate::queue::{Queue, RedisQueue, SqliteQueue};
 use crate::store::{SqlStore, Store};
 use crate::telemetry::Metrics;
-use crate::worker::{Processor, StoreSink, Workers};
+use crate::worker::{Processor, Workers};
 
 /// Which parts of the service a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -90,14 +90,14 @@ async fn connect_queue(config: &Config) -> anyhow::Result<Arc<dyn Queue>> {
     Ok(Arc::new(q))
 }
 
-/// Loads pipelines with the built-in plugins, recording side effects in `sink`.
-pub fn load_pipelines(config: &Config, sink: Arc<dyn EventSink>) -> Result<Pipelines, engine::LoadErrors> {
+/// Loads pipelines with the built-in plugins.
+pub fn load_pipelines(config: &Config) -> Result<Pipelines, engine::LoadErrors> {
     let limits = ScriptLimits {
         max_operations: config.script_max_operations,
         max_wall_time: config.script_max_wall_time,
         ..ScriptLimits::default()
     };
-    let factory = BuiltinFactory::new(BuiltinFactory::default_http_client(), sink);
+    let factory = BuiltinFactory::new(BuiltinFactory::default_http_client());
     Pipelines::load(
         LoadOptions {
             pipelines_dir: config.pipelines_dir.clone(),
@@ -212,7 +212,7 @@ impl App {
         }
         let store: Arc<dyn Store> = sql.clone();
         let pipelines = Arc::new(
-            load_pipelines(&config, Arc::new(StoreSink(store.clone())))
+            load_pipelines(&config)
                 .map_err(|errors| anyhow::anyhow!("the pipeline set is invalid:\n{errors}"))?,
         );
         info!(

@@ -1,7 +1,6 @@
 //! The `orchestrator` command line.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -277,7 +276,7 @@ fn with_dirs(config: &Config, dir: Option<PathBuf>, schemas: Option<PathBuf>) ->
 
 /// Loads the set as the server would, printing every error on failure.
 fn load_or_report(cfg: &Config) -> Option<crate::pipelines::Pipelines> {
-    match crate::app::load_pipelines(cfg, Arc::new(engine::NullSink)) {
+    match crate::app::load_pipelines(cfg) {
         Ok(p) => Some(p),
         Err(errors) => {
             for e in &errors.0 {

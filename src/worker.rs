@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
-use engine::{DeliveryReport, EventContext, EventSink, ScriptEvent, StageError, StageOutcome};
-use serde_json::{Value, json};
+use engine::{EventContext, ScriptEvent, StageError, StageOutcome};
+use serde_json::Value;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
@@ -19,27 +19,6 @@ use crate::pipelines::{Pipelines, queue_name};
 use crate::queue::{Queue, QueueTask, TaskHandler};
 use crate::store::{AttemptFinish, LastError, Status, Store, Sweep};
 use crate::telemetry::Metrics;
-
-/// The store seen as the engine's [`EventSink`].
-pub struct StoreSink(pub Arc<dyn Store>);
-
-#[async_trait]
-impl EventSink for StoreSink {
-    async fn record_delivery(&self, event_id: &str, report: &DeliveryReport) -> Result<(), String> {
-        self.0
-            .record_delivery(event_id, report)
-            .await
-            .map_err(|e| e.to_string())
-    }
-
-    async fn persist(&self, event: &ScriptEvent, routes: &[String]) -> Result<(), String> {
-        let result = json!({"dados": event.dados, "meta": event.meta, "routes": routes});
-        self.0
-            .persist_result(&event.id, &result)
-            .await
-            .map_err(|e| e.to_string())
-    }
-}
 
 pub struct Processor {
     pub store: Arc<dyn Store>,
@@ -111,13 +90,17 @@ impl Processor {
             return self.finish(event_id, &tipo, version, attempt, finish).await;
         }
 
-        let already: BTreeSet<String> = self
-            .store
-            .deliveries(event_id)
-            .await?
-            .into_iter()
-            .map(|d| d.destination)
-            .collect();
+        // A first attempt has delivered nowhere yet: no need to ask.
+        let already: BTreeSet<String> = if attempt > 1 {
+            self.store
+                .deliveries(event_id)
+                .await?
+                .into_iter()
+                .map(|d| d.destination)
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
         let mut cx = EventContext::new(ScriptEvent {
             id: event.id.clone(),
             tipo: tipo.clone(),
@@ -169,12 +152,14 @@ impl Processor {
                 .inc();
         }
 
-        let finish = match execution.error {
+        let mut finish = match execution.error {
             None => AttemptFinish {
                 status: Status::Processed,
                 next_attempt_at: None,
                 last_error: None,
                 trace: execution.trace,
+                deliveries: Vec::new(),
+                result: None,
             },
             Some(err) => {
                 let stage = execution
@@ -193,6 +178,12 @@ impl Processor {
                 )
             }
         };
+        // Stored with the outcome, in one transaction.
+        finish.deliveries = std::mem::take(&mut cx.deliveries)
+            .into_iter()
+            .filter(|d| d.outcome == "delivered")
+            .collect();
+        finish.result = cx.result.take();
         let processing_ms = elapsed.as_millis();
         match finish.status {
             Status::Processed => {
@@ -248,6 +239,8 @@ impl Processor {
                 next_attempt_at: Some(Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default()),
                 last_error,
                 trace,
+                deliveries: Vec::new(),
+                result: None,
             }
         } else {
             self.metrics.events_dead_lettered.with_label_values(&[tipo]).inc();
@@ -256,6 +249,8 @@ impl Processor {
                 next_attempt_at: None,
                 last_error,
                 trace,
+                deliveries: Vec::new(),
+                result: None,
             }
         }
     }

@@ -2,8 +2,8 @@
 //! `Stage` trait, the executor and the Rhai host.
 //!
 //! Architecture invariant: nothing here knows about HTTP, SQL or queues.
-//! Side effects reach stages through traits ([`stage::EventSink`]) that the
-//! service implements.
+//! Stages leave what must be stored (deliveries made, the processed form) in
+//! the [`EventContext`]; the service stores it with the attempt's outcome.
 
 pub mod fixtures;
 pub mod json;
@@ -18,8 +18,5 @@ pub use loader::{LoadError, LoadErrors, LoadOptions, StageBuildContext, StageFac
 pub use model::{DestinationConfig, PipelineSpec, RetryPolicy, StageConfig};
 pub use pipeline::{Execution, Pipeline, PipelineSet, Violation, normalize_tipo, validate_with};
 pub use script::{CompiledScript, ScriptEvent, ScriptHost, ScriptLimits};
-pub use stage::{
-    DeliveryReport, ErrorClass, EventContext, EventSink, NullSink, Stage, StageError, StageOutcome,
-    StageTrace,
-};
+pub use stage::{DeliveryReport, ErrorClass, EventContext, Stage, StageError, StageOutcome, StageTrace};
 pub use tables::Tables;

@@ -364,19 +364,8 @@ impl ScriptHost {
             message,
             location: origin.location(Position::NONE),
         };
-
-        let event_value = event_to_dynamic(event)
-            .map_err(|e| file_error(format!("event cannot be passed to the script: {e}")))?;
         let mut scope = Scope::new();
-        scope.push_dynamic("event", event_value);
-
-        let deadline = Instant::now().checked_add(self.limits.max_wall_time);
-        let result = {
-            let _guard = RunGuard::enter(deadline, script);
-            self.engine
-                .eval_ast_with_scope::<Dynamic>(&mut scope, &script.ast)
-        };
-        let result = result.map_err(|err| map_eval_error(*err, origin))?;
+        let result = self.eval(script, event, &mut scope, false)?;
 
         // Variables declared by the script (possibly shadowing `event`) are dropped.
         scope.rewind(1);
@@ -398,6 +387,59 @@ impl ScriptHost {
         event.dados = dados;
         event.meta = meta;
         Ok(output)
+    }
+
+    /// Runs a script that only reads the event (a `route` script): `event` is
+    /// a constant, so nothing is converted back afterwards, and a script that
+    /// tries to change it fails with an error saying so. Returns the script's
+    /// result as JSON.
+    pub fn evaluate(&self, script: &CompiledScript, event: &ScriptEvent) -> Result<Value, ScriptError> {
+        let mut scope = Scope::new();
+        let result = self.eval(script, event, &mut scope, true)?;
+        let origin = &*script.origin;
+        self.engine
+            .ensure_data_size_within_limits(&result)
+            .map_err(|err| map_eval_error(*err, origin))?;
+        dynamic_to_json(result, 0).map_err(|e| ScriptError::Runtime {
+            message: format!("script result cannot be converted to JSON: {e}"),
+            location: origin.location(Position::NONE),
+        })
+    }
+
+    /// Evaluates the script with `event` in `scope`, under the budgets.
+    fn eval(
+        &self,
+        script: &CompiledScript,
+        event: &ScriptEvent,
+        scope: &mut Scope<'_>,
+        read_only: bool,
+    ) -> Result<Dynamic, ScriptError> {
+        let origin = &*script.origin;
+        let event_value = event_to_dynamic(event).map_err(|e| ScriptError::Runtime {
+            message: format!("event cannot be passed to the script: {e}"),
+            location: origin.location(Position::NONE),
+        })?;
+        if read_only {
+            scope.push_constant_dynamic("event", event_value);
+        } else {
+            scope.push_dynamic("event", event_value);
+        }
+        let deadline = Instant::now().checked_add(self.limits.max_wall_time);
+        let result = {
+            let _guard = RunGuard::enter(deadline, script);
+            self.engine.eval_ast_with_scope::<Dynamic>(scope, &script.ast)
+        };
+        result.map_err(|err| match *err {
+            EvalAltResult::ErrorAssignmentToConstant(name, pos) if read_only && name == "event" => {
+                ScriptError::Runtime {
+                    message:
+                        "a route script cannot change `event`; change it in a `script` stage before the route"
+                            .into(),
+                    location: origin.location(pos),
+                }
+            }
+            err => map_eval_error(err, origin),
+        })
     }
 
     /// Extracts `event.<field>` after a run: it must be an object map (unless
@@ -904,6 +946,38 @@ mod tests {
             .expect("compiles");
         let err = host.run(&bare, &mut event()).expect_err("no tables");
         assert!(err.to_string().contains("declares no tables"), "{err}");
+    }
+
+    #[test]
+    fn evaluate_reads_the_event_and_refuses_changes() {
+        let host = ScriptHost::default();
+        let ev = event();
+        let compile = |src: &str| {
+            host.compile(src, origin("pipelines/r.yaml", 10))
+                .expect("compiles")
+        };
+        let out = host
+            .evaluate(
+                &compile(
+                    "let e = event; e.meta.x = 1; if event.dados.quantidade > 2 { [\"a\"] } else { [] }",
+                ),
+                &ev,
+            )
+            .expect("runs");
+        assert_eq!(out, json!(["a"]));
+        // Changes to the event's fields are discarded; assigning `event` itself is an error.
+        let out = host
+            .evaluate(&compile("event.meta.x = 1; event.dados.y = 2; event.meta.x"), &ev)
+            .expect("runs");
+        assert!(out.is_null() || out == json!(1), "{out}");
+        let err = host.evaluate(&compile("\nevent = 1;"), &ev).expect_err("assign");
+        let text = err.to_string();
+        assert!(text.contains("cannot change `event`"), "{text}");
+        assert!(text.contains("pipelines/r.yaml:12"), "{text}");
+        let err = host
+            .evaluate(&compile("reject(\"no\")"), &ev)
+            .expect_err("reject");
+        assert!(matches!(err, ScriptError::Rejected(r) if r == "no"));
     }
 
     #[test]

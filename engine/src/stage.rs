@@ -67,30 +67,6 @@ pub struct DeliveryReport {
     pub duration_ms: f64,
 }
 
-/// Side effects that stages need from the service, given to plugins at build
-/// time. The engine knows only this trait, never the database behind it.
-#[async_trait]
-pub trait EventSink: Send + Sync {
-    /// Durably records that `destination` answered 2xx for the event, so no
-    /// later attempt calls it again.
-    async fn record_delivery(&self, event_id: &str, report: &DeliveryReport) -> Result<(), String>;
-    /// Stores the processed form of the event (enriched `dados`, `meta`, routes).
-    async fn persist(&self, event: &ScriptEvent, routes: &[String]) -> Result<(), String>;
-}
-
-/// A sink that keeps nothing: for lint, tests and dry runs.
-pub struct NullSink;
-
-#[async_trait]
-impl EventSink for NullSink {
-    async fn record_delivery(&self, _: &str, _: &DeliveryReport) -> Result<(), String> {
-        Ok(())
-    }
-    async fn persist(&self, _: &ScriptEvent, _: &[String]) -> Result<(), String> {
-        Ok(())
-    }
-}
-
 /// The state one event carries through the stages of one attempt.
 #[derive(Debug, Clone)]
 pub struct EventContext {
@@ -99,8 +75,13 @@ pub struct EventContext {
     pub routes: Option<Vec<String>>,
     /// Destinations that already answered 2xx in an earlier attempt.
     pub already_delivered: BTreeSet<String>,
-    /// This attempt's deliveries.
+    /// This attempt's deliveries. The service records the `delivered` ones
+    /// with the attempt's outcome, in one transaction, so no later attempt
+    /// calls those destinations again.
     pub deliveries: Vec<DeliveryReport>,
+    /// The processed form `persist` asks to store (`{dados, meta, routes}`);
+    /// the service writes it with the attempt's outcome.
+    pub result: Option<Value>,
     /// Attempt number, 1-based.
     pub attempt: u32,
     /// No side effects: deliveries are shown, not sent; nothing is persisted.
@@ -114,6 +95,7 @@ impl EventContext {
             routes: None,
             already_delivered: BTreeSet::new(),
             deliveries: Vec::new(),
+            result: None,
             attempt: 1,
             dry_run: false,
         }

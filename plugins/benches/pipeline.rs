@@ -27,9 +27,7 @@ use std::sync::Arc;
 
 use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
 use engine::script::ScriptOrigin;
-use engine::{
-    EventContext, LoadOptions, NullSink, Pipeline, PipelineSet, ScriptEvent, ScriptHost, StageOutcome,
-};
+use engine::{EventContext, LoadOptions, Pipeline, PipelineSet, ScriptEvent, ScriptHost, StageOutcome};
 use plugins::BuiltinFactory;
 use serde_json::{Value, json};
 
@@ -114,7 +112,7 @@ fn load_bench_set() -> PipelineSet {
 /// environment variables (webhooks with `fallback: log` become `log`).
 fn load(pipelines_dir: &Path) -> PipelineSet {
     let scripts = Arc::new(ScriptHost::default());
-    let factory = BuiltinFactory::new(BuiltinFactory::default_http_client(), Arc::new(NullSink));
+    let factory = BuiltinFactory::new(BuiltinFactory::default_http_client());
     let opts = LoadOptions {
         pipelines_dir: pipelines_dir.to_path_buf(),
         schemas_dir: workspace_root().join("schemas"),

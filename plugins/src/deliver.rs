@@ -1,11 +1,10 @@
 //! The `deliver` stage: sends the event to its routed destinations.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use engine::{DeliveryReport, DestinationConfig, EventContext, EventSink, Stage, StageError};
+use engine::{DeliveryReport, DestinationConfig, EventContext, Stage, StageError};
 use serde_json::{Value, json};
 
 use crate::webhook::{self, WebhookCall, WebhookOutcome};
@@ -25,16 +24,11 @@ enum Target {
 /// answered 2xx in an earlier attempt are skipped.
 pub struct DeliverStage {
     http: reqwest::Client,
-    sink: Arc<dyn EventSink>,
     targets: BTreeMap<String, Target>,
 }
 
 impl DeliverStage {
-    pub fn new(
-        http: reqwest::Client,
-        sink: Arc<dyn EventSink>,
-        destinations: &BTreeMap<String, DestinationConfig>,
-    ) -> Self {
+    pub fn new(http: reqwest::Client, destinations: &BTreeMap<String, DestinationConfig>) -> Self {
         let targets = destinations
             .iter()
             .map(|(name, d)| {
@@ -56,7 +50,7 @@ impl DeliverStage {
                 (name.clone(), t)
             })
             .collect();
-        Self { http, sink, targets }
+        Self { http, targets }
     }
 
     async fn deliver_one(
@@ -64,7 +58,7 @@ impl DeliverStage {
         name: &str,
         target: &Target,
         cx: &EventContext,
-        body: &[u8],
+        body: &bytes::Bytes,
     ) -> DeliveryReport {
         let started = Instant::now();
         let report = |outcome: &str, status_code: Option<u16>, error: Option<String>| DeliveryReport {
@@ -103,7 +97,7 @@ impl DeliverStage {
                         secret: secret.as_deref(),
                         headers,
                         event_id: &cx.event.id,
-                        body: body.to_vec(),
+                        body: body.clone(),
                     },
                 )
                 .await;
@@ -124,16 +118,17 @@ impl Stage for DeliverStage {
             Some(r) => r.clone(),
             None => self.targets.keys().cloned().collect(),
         };
-        let payload = json!({
-            "id": cx.event.id,
-            "tipo": cx.event.tipo,
-            "partner_id": cx.event.partner_id,
-            "received_at": cx.event.received_at,
-            "dados": cx.event.dados,
-            "meta": cx.event.meta,
-        });
-        let body =
-            serde_json::to_vec(&payload).map_err(|e| StageError::permanent("internal", e.to_string()))?;
+        // The webhook body, built once and only when a webhook will be called.
+        let needs_body = !cx.dry_run
+            && names.iter().any(|n| {
+                !cx.already_delivered.contains(n)
+                    && matches!(self.targets.get(n), Some(Target::Webhook { .. }))
+            });
+        let body = if needs_body {
+            bytes::Bytes::from(webhook_body(cx)?)
+        } else {
+            bytes::Bytes::new()
+        };
         let mut pending = Vec::new();
         let mut reports = Vec::new();
         for name in &names {
@@ -161,12 +156,6 @@ impl Stage for DeliverStage {
         for r in &done {
             match r.outcome.as_str() {
                 "delivered" => {
-                    if let Err(e) = self.sink.record_delivery(&cx.event.id, r).await {
-                        failure.get_or_insert(StageError::transient(
-                            "persist",
-                            format!("could not record delivery to {}: {e}", r.destination),
-                        ));
-                    }
                     cx.already_delivered.insert(r.destination.clone());
                 }
                 "rejected" => {
@@ -184,11 +173,34 @@ impl Stage for DeliverStage {
             }
         }
         reports.extend(done);
-        let output = json!({ "deliveries": reports });
+        let output = cx.dry_run.then(|| json!({ "deliveries": reports }));
         cx.deliveries.extend(reports);
         match failure {
             Some(f) => Err(f),
-            None => Ok(Some(output)),
+            None => Ok(output),
         }
     }
+}
+
+/// `{id, tipo, partner_id, received_at, dados, meta}` as JSON bytes.
+fn webhook_body(cx: &EventContext) -> Result<Vec<u8>, StageError> {
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        id: &'a str,
+        tipo: &'a str,
+        partner_id: &'a str,
+        received_at: &'a str,
+        dados: &'a Value,
+        meta: &'a Value,
+    }
+    let e = &cx.event;
+    serde_json::to_vec(&Body {
+        id: &e.id,
+        tipo: &e.tipo,
+        partner_id: &e.partner_id,
+        received_at: &e.received_at,
+        dados: &e.dados,
+        meta: &e.meta,
+    })
+    .map_err(|err| StageError::permanent("internal", err.to_string()))
 }

@@ -1,8 +1,10 @@
 //! The built-in stages: `validate`, `script`, `route`, `deliver`, `persist`.
 //!
 //! Architecture invariant: plugins depend on `engine` only; whatever else they
-//! need (an HTTP client, the store behind [`EventSink`]) is handed to
-//! [`BuiltinFactory`] when the service builds it.
+//! need (an HTTP client) is handed to [`BuiltinFactory`] when the service
+//! builds it, and what must be stored they leave in the [`EventContext`].
+//!
+//! Stage outputs (the trace's `output`) are built on dry runs only.
 
 mod deliver;
 mod webhook;
@@ -11,7 +13,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use engine::{
-    CompiledScript, EventContext, EventSink, ScriptHost, Stage, StageBuildContext, StageConfig, StageError,
+    CompiledScript, EventContext, ScriptHost, Stage, StageBuildContext, StageConfig, StageError,
     StageFactory, script::ScriptError,
 };
 use serde_json::{Value, json};
@@ -22,12 +24,11 @@ pub use webhook::{WebhookOutcome, sign_payload};
 /// Builds the built-in stages.
 pub struct BuiltinFactory {
     http: reqwest::Client,
-    sink: Arc<dyn EventSink>,
 }
 
 impl BuiltinFactory {
-    pub fn new(http: reqwest::Client, sink: Arc<dyn EventSink>) -> Self {
-        Self { http, sink }
+    pub fn new(http: reqwest::Client) -> Self {
+        Self { http }
     }
 
     /// An HTTP client fit for webhooks: no redirects, no proxies from the
@@ -59,14 +60,8 @@ impl StageFactory for BuiltinFactory {
                 kind: RouteKind::Script(StageScript::new(cx).ok_or("route stage without a script")?),
                 destinations: cx.destinations.keys().cloned().collect(),
             }),
-            StageConfig::Deliver { .. } => Arc::new(DeliverStage::new(
-                self.http.clone(),
-                self.sink.clone(),
-                cx.destinations,
-            )),
-            StageConfig::Persist { .. } => Arc::new(PersistStage {
-                sink: self.sink.clone(),
-            }),
+            StageConfig::Deliver { .. } => Arc::new(DeliverStage::new(self.http.clone(), cx.destinations)),
+            StageConfig::Persist { .. } => Arc::new(PersistStage),
         })
     }
 }
@@ -86,7 +81,7 @@ impl Stage for ValidateStage {
                 .collect();
             StageError::permanent("validation", detail.join("; "))
         })?;
-        Ok(Some(json!({"valid": true})))
+        Ok(cx.dry_run.then(|| json!({"valid": true})))
     }
 }
 
@@ -111,7 +106,18 @@ impl StageScript {
     /// other errors say which pipeline and stage (the script's error already
     /// says which file and line).
     fn run(&self, event: &mut engine::ScriptEvent) -> Result<Value, StageError> {
-        self.host.run(&self.script, event).map_err(|e| match e {
+        let result = self.host.run(&self.script, event);
+        self.stage_error(result)
+    }
+
+    /// Runs a script that only reads the event (routes).
+    fn evaluate(&self, event: &engine::ScriptEvent) -> Result<Value, StageError> {
+        let result = self.host.evaluate(&self.script, event);
+        self.stage_error(result)
+    }
+
+    fn stage_error(&self, result: Result<Value, ScriptError>) -> Result<Value, StageError> {
+        result.map_err(|e| match e {
             ScriptError::Rejected(reason) => StageError::permanent("rejected", reason),
             e @ ScriptError::Budget { .. } => {
                 StageError::permanent("script_budget", format!("{}: {e}", self.label))
@@ -130,7 +136,9 @@ struct ScriptStage {
 impl Stage for ScriptStage {
     async fn run(&self, cx: &mut EventContext) -> Result<Option<Value>, StageError> {
         self.script.run(&mut cx.event)?;
-        Ok(Some(json!({"dados": cx.event.dados, "meta": cx.event.meta})))
+        Ok(cx
+            .dry_run
+            .then(|| json!({"dados": cx.event.dados, "meta": cx.event.meta})))
     }
 }
 
@@ -151,7 +159,7 @@ impl Stage for RouteStage {
         let routes = match &self.kind {
             RouteKind::Static(to) => to.clone(),
             RouteKind::Script(script) => {
-                let value = script.run(&mut cx.event)?;
+                let value = script.evaluate(&cx.event)?;
                 routes_from(value)?
             }
         };
@@ -170,8 +178,9 @@ impl Stage for RouteStage {
                 deduped.push(r);
             }
         }
-        cx.routes = Some(deduped.clone());
-        Ok(Some(json!({"routes": deduped})))
+        let output = cx.dry_run.then(|| json!({"routes": deduped}));
+        cx.routes = Some(deduped);
+        Ok(output)
     }
 }
 
@@ -196,21 +205,15 @@ fn routes_from(value: Value) -> Result<Vec<String>, StageError> {
     }
 }
 
-/// Stores the processed form of the event.
-struct PersistStage {
-    sink: Arc<dyn EventSink>,
-}
+/// Hands the processed form of the event (`{dados, meta, routes}`) to the
+/// service, which stores it with the attempt's outcome.
+struct PersistStage;
 
 #[async_trait]
 impl Stage for PersistStage {
     async fn run(&self, cx: &mut EventContext) -> Result<Option<Value>, StageError> {
         let routes = cx.routes.clone().unwrap_or_default();
-        if !cx.dry_run {
-            self.sink
-                .persist(&cx.event, &routes)
-                .await
-                .map_err(|e| StageError::transient("persist", e))?;
-        }
-        Ok(Some(json!({"persisted": !cx.dry_run})))
+        cx.result = Some(json!({"dados": cx.event.dados, "meta": cx.event.meta, "routes": routes}));
+        Ok(cx.dry_run.then(|| json!({"persisted": false})))
     }
 }

@@ -50,7 +50,7 @@ pub(crate) struct WebhookCall<'a> {
     pub secret: Option<&'a str>,
     pub headers: &'a [(String, String)],
     pub event_id: &'a str,
-    pub body: Vec<u8>,
+    pub body: bytes::Bytes,
 }
 
 pub(crate) async fn call(http: &reqwest::Client, c: WebhookCall<'_>) -> WebhookOutcome {

@@ -145,6 +145,11 @@ pub struct AttemptFinish {
     pub next_attempt_at: Option<DateTime<Utc>>,
     pub last_error: Option<LastError>,
     pub trace: Vec<StageTrace>,
+    /// Destinations that answered 2xx in this attempt (recorded even when the
+    /// claim was lost: the calls happened).
+    pub deliveries: Vec<DeliveryReport>,
+    /// The processed form `persist` produced (`{dados, meta, routes}`).
+    pub result: Option<Value>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -284,8 +289,6 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<EventRecord>>;
     /// Records an attempt's outcome if this worker still holds the claim.
     async fn finish_attempt(&self, id: &str, attempt: u32, finish: &AttemptFinish) -> StoreResult<bool>;
-    async fn record_delivery(&self, id: &str, report: &DeliveryReport) -> StoreResult<()>;
-    async fn persist_result(&self, id: &str, result: &Value) -> StoreResult<()>;
     /// Manual retry: only from `dead_lettered`; back to `received`.
     async fn manual_retry(&self, id: &str) -> StoreResult<RetryOutcome>;
     /// Events whose queue task may be lost, marked queued now:

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use engine::{DeliveryReport, StageTrace};
+use engine::StageTrace;
 use serde_json::Value;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, AssertSqlSafe, Row};
@@ -398,12 +398,31 @@ impl Store for SqlStore {
             .transpose()
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let processed = f.status == Status::Processed;
+        let result = f.result.as_ref().map(json_text);
+        let meta = f.result.as_ref().map(|r| match r.get("meta") {
+            Some(m) => json_text(m),
+            None => "{}".to_owned(),
+        });
         let mut tx = self.pool.begin().await?;
+        // Deliveries first, and whatever the claim: the calls happened.
+        for d in &f.deliveries {
+            sqlx::query(
+                "INSERT INTO deliveries (event_id, destination, delivered_at, status_code) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (event_id, destination) DO NOTHING",
+            )
+            .bind(id)
+            .bind(&d.destination)
+            .bind(ms(now))
+            .bind(d.status_code.map(i64::from))
+            .execute(&mut *tx)
+            .await?;
+        }
         let done = sqlx::query(
             "UPDATE events SET status = $1, next_attempt_at = $2, lease_until = NULL, last_error = $3, \
              last_trace = $4, updated_at = $5, queued_at = $5, \
              processed_at = CASE WHEN $6 = 1 THEN $5 ELSE processed_at END, \
-             processing_ms = CASE WHEN $6 = 1 THEN $5 - received_at ELSE processing_ms END \
+             processing_ms = CASE WHEN $6 = 1 THEN $5 - received_at ELSE processing_ms END, \
+             result = COALESCE($9, result), meta = COALESCE($10, meta) \
              WHERE id = $7 AND status = 'processing' AND attempts = $8",
         )
         .bind(f.status.as_str())
@@ -414,6 +433,8 @@ impl Store for SqlStore {
         .bind(i64::from(processed))
         .bind(id)
         .bind(i64::from(attempt))
+        .bind(&result)
+        .bind(&meta)
         .execute(&mut *tx)
         .await?
         .rows_affected()
@@ -434,34 +455,6 @@ impl Store for SqlStore {
         }
         tx.commit().await?;
         Ok(done)
-    }
-
-    async fn record_delivery(&self, id: &str, report: &DeliveryReport) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO deliveries (event_id, destination, delivered_at, status_code) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (event_id, destination) DO NOTHING",
-        )
-        .bind(id)
-        .bind(&report.destination)
-        .bind(ms(Utc::now()))
-        .bind(report.status_code.map(i64::from))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn persist_result(&self, id: &str, result: &Value) -> StoreResult<()> {
-        let meta = result
-            .get("meta")
-            .cloned()
-            .unwrap_or_else(|| Value::Object(Default::default()));
-        sqlx::query("UPDATE events SET result = $1, meta = $2 WHERE id = $3")
-            .bind(json_text(result))
-            .bind(json_text(&meta))
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
     }
 
     async fn manual_retry(&self, id: &str) -> StoreResult<RetryOutcome> {

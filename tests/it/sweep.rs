@@ -70,6 +70,8 @@ async fn stranded_events_are_found_and_waiting_ones_left_alone(backend: Backend)
         next_attempt_at: Some(now + Duration::hours(1)),
         last_error: None,
         trace: Vec::new(),
+        deliveries: Vec::new(),
+        result: None,
     };
     assert!(
         store
