@@ -262,6 +262,28 @@ async fn accept(
     idem: Option<String>,
     request_id: Option<String>,
 ) -> Result<(StatusCode, EventRecord), ApiError> {
+    let new = prepare(state, partner, tipo, dados, idem, request_id)?;
+    let idem = new.idempotency_key.clone();
+    let outcome = state.store.insert_event(new).await?;
+    if let InsertOutcome::Created(ev) = &outcome {
+        let task = QueueTask::Process {
+            event_id: ev.id.clone(),
+            pipeline_version: ev.pipeline_version.clone(),
+        };
+        enqueue(state, ev, task).await;
+    }
+    settle(state, outcome, idem)
+}
+
+/// Checks an event against its type's pipeline and builds the row to store.
+fn prepare(
+    state: &AppState,
+    partner: &crate::store::Partner,
+    tipo: String,
+    dados: Value,
+    idem: Option<String>,
+    request_id: Option<String>,
+) -> Result<NewEvent, ApiError> {
     let set = state.pipelines.current();
     let Some(pipeline) = set.get(&tipo).cloned() else {
         let known: Vec<_> = set.pipelines().iter().map(|p| p.event_type.clone()).collect();
@@ -283,26 +305,31 @@ async fn accept(
                 .collect(),
         })?;
     let tipo = pipeline.event_type.clone();
-    let new = NewEvent {
+    Ok(NewEvent {
         id: ulid::Ulid::new().to_string(),
         partner_id: partner.id.clone(),
         request_hash: request_hash(&tipo, &dados),
-        tipo: tipo.clone(),
+        tipo,
         dados,
         pipeline_version: pipeline.version.clone(),
         received_at: Utc::now(),
-        idempotency_key: idem.clone(),
+        idempotency_key: idem,
         request_id,
-    };
-    match state.store.insert_event(new).await? {
+    })
+}
+
+/// The answer for a stored event (queued by the caller): `202` when created
+/// (counted and logged), `200` for a replay, `409` for a key reused with
+/// another body.
+fn settle(
+    state: &AppState,
+    outcome: InsertOutcome,
+    idem: Option<String>,
+) -> Result<(StatusCode, EventRecord), ApiError> {
+    match outcome {
         InsertOutcome::Created(ev) => {
-            state.metrics.events_received.with_label_values(&[&tipo]).inc();
-            let task = QueueTask::Process {
-                event_id: ev.id.clone(),
-                pipeline_version: ev.pipeline_version.clone(),
-            };
-            enqueue(state, &ev, task).await;
-            tracing::info!(eventId = %ev.id, eventType = %tipo, partnerId = %partner.id,
+            state.metrics.events_received.with_label_values(&[&ev.tipo]).inc();
+            tracing::info!(eventId = %ev.id, eventType = %ev.tipo, partnerId = %ev.partner_id,
                 requestId = ev.request_id.as_deref().unwrap_or_default(), "event accepted");
             Ok((StatusCode::ACCEPTED, ev))
         }
@@ -358,9 +385,9 @@ pub struct BatchOut {
     pub results: Vec<BatchResult>,
 }
 
-/// Accept up to 500 events in one request, each validated, stored and queued
-/// on its own: one bad item does not stop the others. The answer is `200`
-/// with a result per item.
+/// Accept up to 500 events in one request, each validated on its own (one bad
+/// item does not stop the others), the valid ones stored in one transaction
+/// and queued in bulk. The answer is `200` with a result per item.
 #[utoipa::path(post, path = "/events/batch", tag = "events",
     request_body = BatchIn,
     responses((status = 200, description = "One result per item", body = BatchOut)))]
@@ -370,7 +397,6 @@ pub async fn create_batch(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<BatchOut>, ApiError> {
-    use futures::StreamExt;
     let Caller::Partner(partner) = caller else {
         return Err(ApiError::Forbidden(
             "events are sent by partners; the admin key cannot send them",
@@ -400,24 +426,45 @@ pub async fn create_batch(
         }]));
     }
     let request_id = super::request_id(&headers);
-    let (state_ref, partner_ref, rid) = (&state, &partner, &request_id);
-    let mut results: Vec<BatchResult> = futures::stream::iter(items.into_iter().enumerate())
-        .map(|(index, item)| async move {
-            let outcome = async {
-                let mut item = match item {
-                    Value::Object(m) => m,
-                    _ => return Err(batch_item_error("", "each event must be an object")),
-                };
-                let idem = match item.remove("idempotency_key") {
-                    None | Some(Value::Null) => None,
-                    Some(Value::String(k)) => Some(checked_idempotency_key(k.as_bytes())?),
-                    Some(_) => return Err(ApiError::InvalidIdempotencyKey("must be a string")),
-                };
-                let (tipo, dados) = envelope(Value::Object(item))?;
-                accept(state_ref, partner_ref, tipo, dados, idem, rid.clone()).await
+    // Each item checked on its own; the valid ones stored together.
+    // `None` marks a valid item, whose outcome the store decides below.
+    let mut outcomes: Vec<Option<Result<(StatusCode, EventRecord), ApiError>>> =
+        Vec::with_capacity(items.len());
+    let mut valid = Vec::new();
+    for (index, item) in items.into_iter().enumerate() {
+        let prepared = batch_item(item)
+            .and_then(|(tipo, dados, idem)| prepare(&state, &partner, tipo, dados, idem, request_id.clone()));
+        match prepared {
+            Ok(new) => {
+                valid.push((index, new));
+                outcomes.push(None);
             }
-            .await;
-            match outcome {
+            Err(e) => outcomes.push(Some(Err(e))),
+        }
+    }
+    let idems: Vec<Option<String>> = valid.iter().map(|(_, n)| n.idempotency_key.clone()).collect();
+    let (indices, news): (Vec<usize>, Vec<NewEvent>) = valid.into_iter().unzip();
+    let stored = if news.is_empty() {
+        Vec::new()
+    } else {
+        state.store.insert_events(news).await?
+    };
+    let created: Vec<&EventRecord> = stored
+        .iter()
+        .filter_map(|o| match o {
+            InsertOutcome::Created(ev) => Some(ev),
+            _ => None,
+        })
+        .collect();
+    enqueue_many(&state, &created).await;
+    for ((index, outcome), idem) in indices.into_iter().zip(stored).zip(idems) {
+        outcomes[index] = Some(settle(&state, outcome, idem));
+    }
+    let results: Vec<BatchResult> = outcomes
+        .into_iter()
+        .enumerate()
+        .map(|(index, outcome)| {
+            match outcome.unwrap_or_else(|| Err(ApiError::Internal("batch item without an outcome".into()))) {
                 Ok((status, ev)) => BatchResult {
                     index,
                     status: status.as_u16(),
@@ -432,10 +479,7 @@ pub async fn create_batch(
                 },
             }
         })
-        .buffer_unordered(16)
-        .collect()
-        .await;
-    results.sort_by_key(|r| r.index);
+        .collect();
     let count = |s: u16| results.iter().filter(|r| r.status == s).count();
     Ok(Json(BatchOut {
         accepted: count(202),
@@ -443,6 +487,21 @@ pub async fn create_batch(
         rejected: results.iter().filter(|r| r.status >= 400).count(),
         results,
     }))
+}
+
+/// One batch item's envelope: `{tipo, dados, idempotency_key?}`.
+fn batch_item(item: Value) -> Result<(String, Value, Option<String>), ApiError> {
+    let mut item = match item {
+        Value::Object(m) => m,
+        _ => return Err(batch_item_error("", "each event must be an object")),
+    };
+    let idem = match item.remove("idempotency_key") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(k)) => Some(checked_idempotency_key(k.as_bytes())?),
+        Some(_) => return Err(ApiError::InvalidIdempotencyKey("must be a string")),
+    };
+    let (tipo, dados) = envelope(Value::Object(item))?;
+    Ok((tipo, dados, idem))
 }
 
 fn batch_item_error(path: &str, message: &str) -> ApiError {
@@ -460,20 +519,53 @@ const PUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// the sweeper queues it once the queue answers. After a failure, pushes are
 /// skipped for a moment so an outage does not slow every request down.
 pub(crate) async fn enqueue(state: &AppState, ev: &EventRecord, task: QueueTask) {
+    let queue = queue_name(&ev.tipo);
+    push_or_mark_unqueued(state, &[ev], state.queue.push(&queue, task, None)).await;
+}
+
+/// Runs a queue push for stored events; when it fails or hangs, marks them
+/// unqueued (the sweeper queues them once the queue answers) and skips pushes
+/// for a moment so an outage does not slow every request down.
+async fn push_or_mark_unqueued(
+    state: &AppState,
+    events: &[&EventRecord],
+    push: impl std::future::Future<Output = Result<(), crate::queue::QueueError>>,
+) {
     let now_ms = Utc::now().timestamp_millis();
     let error = if state.queue_down_until.load(Ordering::Relaxed) > now_ms {
         "queue recently unavailable".to_owned()
     } else {
-        match tokio::time::timeout(PUSH_TIMEOUT, state.queue.push(&queue_name(&ev.tipo), task, None)).await {
+        match tokio::time::timeout(PUSH_TIMEOUT, push).await {
             Ok(Ok(())) => return,
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {PUSH_TIMEOUT:?}"),
         }
     };
     state.queue_down_until.store(now_ms + 2_000, Ordering::Relaxed);
-    tracing::warn!(eventId = %ev.id, error = %error, "event stored but not queued; the sweeper will queue it");
-    if let Err(e) = state.store.mark_unqueued(&ev.id).await {
-        tracing::warn!(eventId = %ev.id, error = %e, "could not mark the event unqueued");
+    for ev in events {
+        tracing::warn!(eventId = %ev.id, error = %error, "event stored but not queued; the sweeper will queue it");
+        if let Err(e) = state.store.mark_unqueued(&ev.id).await {
+            tracing::warn!(eventId = %ev.id, error = %e, "could not mark the event unqueued");
+        }
+    }
+}
+
+/// Queues stored events, one bulk push per type; as [`enqueue`], a push that
+/// fails or hangs leaves its events marked unqueued for the sweeper.
+async fn enqueue_many(state: &AppState, events: &[&EventRecord]) {
+    let mut by_queue: std::collections::BTreeMap<String, Vec<&EventRecord>> = Default::default();
+    for ev in events {
+        by_queue.entry(queue_name(&ev.tipo)).or_default().push(ev);
+    }
+    for (queue, evs) in by_queue {
+        let tasks = evs
+            .iter()
+            .map(|ev| QueueTask::Process {
+                event_id: ev.id.clone(),
+                pipeline_version: ev.pipeline_version.clone(),
+            })
+            .collect();
+        push_or_mark_unqueued(state, &evs, state.queue.push_bulk(&queue, tasks)).await;
     }
 }
 

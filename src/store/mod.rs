@@ -273,6 +273,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Inserts a new event, or resolves its idempotency key.
     async fn insert_event(&self, new: NewEvent) -> StoreResult<InsertOutcome>;
+    /// Inserts many events in one transaction (multi-row statements),
+    /// resolving each idempotency key as [`Store::insert_event`] does; one
+    /// outcome per event, in order. Two events of the list with the same key
+    /// resolve as if sent one after the other.
+    async fn insert_events(&self, new: Vec<NewEvent>) -> StoreResult<Vec<InsertOutcome>>;
     async fn get_event(&self, id: &str) -> StoreResult<Option<EventRecord>>;
     async fn list_events(&self, filter: &ListFilter) -> StoreResult<Vec<EventRecord>>;
     async fn stats(&self, partner_id: Option<&str>) -> StoreResult<Stats>;

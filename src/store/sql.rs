@@ -114,6 +114,83 @@ fn partner_from_row(r: &AnyRow) -> StoreResult<Partner> {
     })
 }
 
+/// One multi-row `INSERT … ON CONFLICT DO NOTHING RETURNING`: the stored
+/// event for each row inserted, `None` where the idempotency key exists.
+async fn insert_rows(
+    conn: &mut sqlx::AnyConnection,
+    rows: &[NewEvent],
+) -> StoreResult<Vec<Option<EventRecord>>> {
+    use std::fmt::Write as _;
+    let mut sql = String::from(
+        "INSERT INTO events (id, partner_id, tipo, dados, meta, pipeline_version, status, attempts, \
+         received_at, updated_at, queued_at, idempotency_key, request_hash, request_id) VALUES ",
+    );
+    for i in 0..rows.len() {
+        let p = i * 9;
+        let _ = write!(
+            sql,
+            "{}(${}, ${}, ${}, ${}, '{{}}', ${}, 'received', 0, ${}, ${}, ${}, ${}, ${}, ${})",
+            if i == 0 { "" } else { ", " },
+            p + 1,
+            p + 2,
+            p + 3,
+            p + 4,
+            p + 5,
+            p + 6,
+            p + 6,
+            p + 6,
+            p + 7,
+            p + 8,
+            p + 9
+        );
+    }
+    let _ = write!(
+        sql,
+        " ON CONFLICT (partner_id, idempotency_key) DO NOTHING RETURNING {EVENT_COLUMNS}"
+    );
+    let mut q = sqlx::query(AssertSqlSafe(sql));
+    for new in rows {
+        q = q
+            .bind(&new.id)
+            .bind(&new.partner_id)
+            .bind(&new.tipo)
+            .bind(json_text(&new.dados))
+            .bind(&new.pipeline_version)
+            .bind(ms(new.received_at))
+            .bind(&new.idempotency_key)
+            .bind(&new.request_hash)
+            .bind(&new.request_id);
+    }
+    let mut created: std::collections::HashMap<String, EventRecord> = std::collections::HashMap::new();
+    for row in q.fetch_all(&mut *conn).await? {
+        let ev = event_from_row(&row)?;
+        created.insert(ev.id.clone(), ev);
+    }
+    Ok(rows.iter().map(|n| created.remove(&n.id)).collect())
+}
+
+/// The idempotency key of `new` exists for its partner: replay or conflict.
+async fn existing_outcome(conn: &mut sqlx::AnyConnection, new: &NewEvent) -> StoreResult<InsertOutcome> {
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS}, request_hash FROM events WHERE partner_id = $1 AND idempotency_key = $2"
+    );
+    let row = sqlx::query(AssertSqlSafe(sql))
+        .bind(&new.partner_id)
+        .bind(&new.idempotency_key)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| StoreError::Database("idempotency conflict without a row".into()))?;
+    let hash: Option<String> = row.try_get("request_hash")?;
+    let existing = event_from_row(&row)?;
+    if hash.as_deref() == Some(new.request_hash.as_str()) {
+        Ok(InsertOutcome::Replayed(existing))
+    } else {
+        Ok(InsertOutcome::Conflict {
+            existing_id: existing.id,
+        })
+    }
+}
+
 fn event_from_row(row: &AnyRow) -> StoreResult<EventRecord> {
     let status: String = row.try_get("status")?;
     let last_error: Option<String> = row.try_get("last_error")?;
@@ -171,47 +248,30 @@ impl Store for SqlStore {
     }
 
     async fn insert_event(&self, new: NewEvent) -> StoreResult<InsertOutcome> {
-        let now = ms(new.received_at);
-        let sql = format!(
-            "INSERT INTO events (id, partner_id, tipo, dados, meta, pipeline_version, status, attempts, \
-             received_at, updated_at, queued_at, idempotency_key, request_hash, request_id) \
-             VALUES ($1, $2, $3, $4, '{{}}', $5, 'received', 0, $6, $6, $6, $7, $8, $9) \
-             ON CONFLICT (partner_id, idempotency_key) DO NOTHING RETURNING {EVENT_COLUMNS}"
-        );
-        let row = sqlx::query(AssertSqlSafe(sql))
-            .bind(&new.id)
-            .bind(&new.partner_id)
-            .bind(&new.tipo)
-            .bind(json_text(&new.dados))
-            .bind(&new.pipeline_version)
-            .bind(now)
-            .bind(&new.idempotency_key)
-            .bind(&new.request_hash)
-            .bind(&new.request_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        if let Some(row) = row {
-            return Ok(InsertOutcome::Created(event_from_row(&row)?));
+        let mut conn = self.pool.acquire().await?;
+        let mut outcomes = insert_rows(&mut conn, std::slice::from_ref(&new)).await?;
+        match outcomes.pop().flatten() {
+            Some(ev) => Ok(InsertOutcome::Created(ev)),
+            None => existing_outcome(&mut conn, &new).await,
         }
-        // The key exists for this partner: replay or conflict.
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS}, request_hash FROM events WHERE partner_id = $1 AND idempotency_key = $2"
-        );
-        let row = sqlx::query(AssertSqlSafe(sql))
-            .bind(&new.partner_id)
-            .bind(&new.idempotency_key)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| StoreError::Database("idempotency conflict without a row".into()))?;
-        let hash: Option<String> = row.try_get("request_hash")?;
-        let existing = event_from_row(&row)?;
-        if hash.as_deref() == Some(new.request_hash.as_str()) {
-            Ok(InsertOutcome::Replayed(existing))
-        } else {
-            Ok(InsertOutcome::Conflict {
-                existing_id: existing.id,
-            })
+    }
+
+    async fn insert_events(&self, new: Vec<NewEvent>) -> StoreResult<Vec<InsertOutcome>> {
+        let mut tx = self.pool.begin().await?;
+        let mut out = Vec::with_capacity(new.len());
+        // Bounded statements: 100 rows × 9 parameters stays far below every
+        // backend's parameter limit.
+        for chunk in new.chunks(100) {
+            let created = insert_rows(&mut tx, chunk).await?;
+            for (n, ev) in chunk.iter().zip(created) {
+                out.push(match ev {
+                    Some(ev) => InsertOutcome::Created(ev),
+                    None => existing_outcome(&mut tx, n).await?,
+                });
+            }
         }
+        tx.commit().await?;
+        Ok(out)
     }
 
     async fn get_event(&self, id: &str) -> StoreResult<Option<EventRecord>> {

@@ -57,5 +57,6 @@ mod observability;
 mod process;
 mod reload;
 mod security;
+mod store;
 mod sweep;
 mod tables;

@@ -6,7 +6,7 @@ use serde_json::json;
 
 use crate::helpers::*;
 
-async fn store_for(backend: &Backend) -> (SqlStore, Option<Isolation>, tempfile::TempDir) {
+pub(crate) async fn store_for(backend: &Backend) -> (SqlStore, Option<Isolation>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (url, iso) = match backend {
         Backend::Embedded => (format!("sqlite://{}/s.db", dir.path().display()), None),
