@@ -44,6 +44,18 @@ fn shipped_venda_enrich() -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
+/// The `tables:` section of the shipped `pipelines/venda.yaml` (its last
+/// section), which the shipped enrichment script looks up.
+fn shipped_venda_tables() -> String {
+    let path = workspace_root().join("pipelines/venda.yaml");
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let at = text
+        .find("\ntables:\n")
+        .unwrap_or_else(|| panic!("{} has no top-level `tables:` section", path.display()));
+    text[at + 1..].to_owned()
+}
+
 /// The routing script of the shipped `pipelines/venda.yaml`.
 const VENDA_ROUTE: &str = r#"if event.meta.alto_valor { ["erp", "fraude"] } else { ["erp"] }"#;
 
@@ -66,6 +78,7 @@ fn venda_pipeline(event_type: &str, stages: &[String]) -> String {
         yaml.push_str(s);
     }
     yaml.push_str("destinations:\n  erp:\n    type: log\n  fraude:\n    type: log\n");
+    yaml.push_str(&shipped_venda_tables());
     yaml
 }
 
@@ -284,12 +297,14 @@ fn bench_schema(c: &mut Criterion) {
 
 fn bench_rhai(c: &mut Criterion) {
     let host = ScriptHost::default();
+    let tables = Arc::clone(&get(&load(&workspace_root().join("pipelines")), "VENDA").tables);
     let enrich = host
         .compile(
             &shipped_venda_enrich(),
             ScriptOrigin::new("scripts/venda_enrich.rhai", 0),
         )
-        .expect("venda_enrich.rhai compiles");
+        .expect("venda_enrich.rhai compiles")
+        .with_tables(tables);
     let route = host
         .compile(VENDA_ROUTE, ScriptOrigin::new("venda.yaml", 0))
         .expect("the routing script compiles");
