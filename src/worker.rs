@@ -183,7 +183,15 @@ impl Processor {
             .into_iter()
             .filter(|d| d.outcome == "delivered")
             .collect();
-        finish.result = cx.result.take();
+        if cx.persist {
+            // Moved, not copied: the context is not used after this.
+            let mut result = serde_json::Map::with_capacity(3);
+            result.insert("dados".into(), std::mem::take(&mut cx.event.dados));
+            result.insert("meta".into(), std::mem::take(&mut cx.event.meta));
+            let routes = cx.routes.take().unwrap_or_default();
+            result.insert("routes".into(), Value::from(routes));
+            finish.result = Some(Value::Object(result));
+        }
         let processing_ms = elapsed.as_millis();
         match finish.status {
             Status::Processed => {

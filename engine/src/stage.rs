@@ -79,9 +79,10 @@ pub struct EventContext {
     /// with the attempt's outcome, in one transaction, so no later attempt
     /// calls those destinations again.
     pub deliveries: Vec<DeliveryReport>,
-    /// The processed form `persist` asks to store (`{dados, meta, routes}`);
-    /// the service writes it with the attempt's outcome.
-    pub result: Option<Value>,
+    /// Set by `persist`: the service stores the processed form
+    /// (`{dados, meta, routes}` as they are when the attempt ends) with the
+    /// attempt's outcome, moving it out of the context rather than copying.
+    pub persist: bool,
     /// Attempt number, 1-based.
     pub attempt: u32,
     /// No side effects: deliveries are shown, not sent; nothing is persisted.
@@ -95,7 +96,7 @@ impl EventContext {
             routes: None,
             already_delivered: BTreeSet::new(),
             deliveries: Vec::new(),
-            result: None,
+            persist: false,
             attempt: 1,
             dry_run: false,
         }

@@ -205,15 +205,14 @@ fn routes_from(value: Value) -> Result<Vec<String>, StageError> {
     }
 }
 
-/// Hands the processed form of the event (`{dados, meta, routes}`) to the
-/// service, which stores it with the attempt's outcome.
+/// Asks the service to store the processed form of the event
+/// (`{dados, meta, routes}`) with the attempt's outcome.
 struct PersistStage;
 
 #[async_trait]
 impl Stage for PersistStage {
     async fn run(&self, cx: &mut EventContext) -> Result<Option<Value>, StageError> {
-        let routes = cx.routes.clone().unwrap_or_default();
-        cx.result = Some(json!({"dados": cx.event.dados, "meta": cx.event.meta, "routes": routes}));
+        cx.persist = true;
         Ok(cx.dry_run.then(|| json!({"persisted": false})))
     }
 }
