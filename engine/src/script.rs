@@ -965,11 +965,18 @@ mod tests {
             )
             .expect("runs");
         assert_eq!(out, json!(["a"]));
-        // Changes to the event's fields are discarded; assigning `event` itself is an error.
+        // Changes to the event's fields last for the run only; assigning `event` itself is an error.
         let out = host
-            .evaluate(&compile("event.meta.x = 1; event.dados.y = 2; event.meta.x"), &ev)
+            .evaluate(
+                &compile(
+                    "event.meta.x = 1; event.dados.y = 2; [event.meta.x, event.dados.y, event.meta.origem]",
+                ),
+                &ev,
+            )
             .expect("runs");
-        assert!(out.is_null() || out == json!(1), "{out}");
+        // Within the run the script sees its own changes; none reaches the event.
+        assert_eq!(out, json!([1, 2, "api"]));
+        assert_eq!(ev, event(), "the event is unchanged");
         let err = host.evaluate(&compile("\nevent = 1;"), &ev).expect_err("assign");
         let text = err.to_string();
         assert!(text.contains("cannot change `event`"), "{text}");

@@ -7,7 +7,7 @@
 //! * `executor/5_stages`: one VENDA-like event through validate (JSON Schema)
 //!   → script (the shipped `venda_enrich.rhai`) → route (the shipped Rhai
 //!   routing script) → deliver (`log` destinations only: no network) →
-//!   persist ([`NullSink`]), including building the [`EventContext`]. The
+//!   persist (which only flags the result for the service), including building the [`EventContext`]. The
 //!   project's target is ≤ 20 µs per event.
 //! * `executor/per_stage/<n>_…`: the same pipeline cut after 1, 2, 3 and 4
 //!   stages, so the cost of each stage is the difference between neighbours.

@@ -243,7 +243,8 @@ pub async fn create_event(
     let value = parse_json_body(&headers, body, &state.config, None).await?;
     let (tipo, dados) = envelope(value)?;
     let idem = idempotency_key(&headers)?;
-    let (status, ev) = accept(&state, &partner, tipo, dados, idem, super::request_id(&headers)).await?;
+    let new = prepare(&state, &partner, tipo, dados, idem, super::request_id(&headers))?;
+    let (status, ev) = store_one(&state, new).await?;
     let mut resp = (status, Json(accepted(&ev))).into_response();
     if status == StatusCode::OK {
         resp.headers_mut()
@@ -252,17 +253,9 @@ pub async fn create_event(
     Ok(resp)
 }
 
-/// Validates, stores and queues one event: `202` when created, `200` for an
+/// Stores and queues one prepared event: `202` when created, `200` for an
 /// idempotent replay.
-async fn accept(
-    state: &AppState,
-    partner: &crate::store::Partner,
-    tipo: String,
-    dados: Value,
-    idem: Option<String>,
-    request_id: Option<String>,
-) -> Result<(StatusCode, EventRecord), ApiError> {
-    let new = prepare(state, partner, tipo, dados, idem, request_id)?;
+async fn store_one(state: &AppState, new: NewEvent) -> Result<(StatusCode, EventRecord), ApiError> {
     let idem = new.idempotency_key.clone();
     let outcome = state.store.insert_event(new).await?;
     if let InsertOutcome::Created(ev) = &outcome {
