@@ -262,8 +262,9 @@ fn event_types(doc: &mut Value, set: &engine::PipelineSet) {
             "in": "header",
             "required": false,
             "description": "Makes the POST safe to repeat: the same key with the same body answers 200 with the \
-                            original event; with another body, 409. Per partner, kept for good.",
-            "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
+                            original event; with another body, 409. Per partner, kept for good. An empty \
+                            value is no key.",
+            "schema": {"type": "string", "pattern": "^[!-~]{0,255}$"},
         }));
     }
     if !one_of.is_empty() {
