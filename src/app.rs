@@ -226,6 +226,10 @@ impl App {
             .context("cannot save the pipeline versions")?;
         let queue = connect_queue(&config).await?;
         let metrics = Arc::new(Metrics::new());
+        metrics
+            .registry
+            .register(Box::new(sql.batch_size_metric()))
+            .context("store_write_batch_size")?;
         metrics.reloads.with_label_values(&["startup", "ok"]).inc();
         let demo_key = if config.create_demo_partner {
             ensure_demo_partner(store.as_ref()).await?

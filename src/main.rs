@@ -2,6 +2,11 @@ use clap::Parser;
 use orchestrator::cli::{Cli, run};
 use orchestrator::config::Config;
 
+/// mimalloc instead of glibc's malloc: allocation was about a fifth of the
+/// server's CPU under load (perf), spread over many threads.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();

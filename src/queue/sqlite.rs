@@ -29,8 +29,12 @@ use super::{
 
 /// Migration bookkeeping table for apalis-sqlite's own schema (`Jobs`, `Workers`).
 const MIGRATIONS_TABLE: &str = "_apalis_migrations";
-/// Finished rows older than this are deleted.
-const FINISHED_RETENTION_SECS: i64 = 600;
+/// Finished rows older than this are deleted. They serve nothing (the store
+/// records every outcome) and cost: without planner statistics (see
+/// `Inner::analyze`) apalis-sqlite's `ack.sql` walks every row its worker ever
+/// locked, finished ones included (`lock_by` stays set), re-reading its JSON
+/// argument for each, so the embedded mode's CPU per event grew with the run.
+const FINISHED_RETENTION_SECS: i64 = 2;
 /// Rows deleted per statement by the janitor.
 const JANITOR_CHUNK: i64 = 1000;
 /// Worker rows not seen for this long (and no longer referenced) are deleted.
@@ -136,6 +140,24 @@ impl Inner {
             .await
             .map_err(apalis_err)?;
         tx.commit().await.map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Fresh planner statistics for `Jobs`. Without them SQLite runs
+    /// apalis-sqlite's `ack.sql` and `lock.sql` (`… id IN json_each(?)`) by
+    /// walking every row the worker has locked and re-parsing the JSON list
+    /// for each; with them it looks the ids up by primary key. Sampled
+    /// (`analysis_limit`), so the cost stays small however long the table.
+    async fn analyze(&self) -> Result<(), QueueError> {
+        let mut conn = self.pool.acquire().await.map_err(db_err)?;
+        sqlx::query("PRAGMA analysis_limit = 1000")
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?;
+        sqlx::query("ANALYZE Jobs")
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?;
         Ok(())
     }
 
@@ -317,12 +339,18 @@ impl WorkerBackend for Inner {
                 return Ok(());
             }
             debug!(queue = %queue, "sqlite queue janitor");
-            self.janitor(&queue).await
+            self.janitor(&queue).await?;
+            if tick % 5 == 1 {
+                self.analyze().await?;
+            }
+            Ok(())
         })
     }
 
     fn maintenance_interval(&self) -> Duration {
-        Duration::from_secs(30)
+        // Often, to keep finished rows few (see FINISHED_RETENTION_SECS); a
+        // run with nothing to delete is two indexed statements.
+        Duration::from_secs(1)
     }
 
     fn instance_starts(&self) -> &AtomicUsize {

@@ -2,6 +2,7 @@
 //! partners. One trait; [`sql::SqlStore`] implements it for SQLite and
 //! PostgreSQL with the same queries.
 
+mod group;
 pub mod sql;
 
 use async_trait::async_trait;
@@ -12,7 +13,7 @@ use serde_json::Value;
 
 pub use sql::SqlStore;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("database unavailable: {0}")]
     Unavailable(String),

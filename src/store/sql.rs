@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,6 +14,7 @@ use serde_json::Value;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, AssertSqlSafe, Row};
 
+use super::group::{BatchOp, Coalescer};
 use super::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,7 +27,50 @@ pub enum Backend {
 pub struct SqlStore {
     pool: AnyPool,
     backend: Backend,
+    writes: Arc<Writes>,
+    batch_sizes: prometheus::HistogramVec,
 }
+
+/// The group-committed writes of the event path (see [`super::group`]).
+struct Writes {
+    insert: Coalescer<InsertOp>,
+    claim: Coalescer<ClaimOp>,
+    finish: Coalescer<FinishOp>,
+}
+
+impl Writes {
+    fn start(pool: &AnyPool, sizes: &prometheus::HistogramVec) -> Self {
+        // One flusher per kind: the next batch forms while one is in flight.
+        // Measured on PostgreSQL at saturation, one per kind gave 18% more
+        // events/s than two (larger batches, fewer transactions); SQLite has
+        // one writer at a time anyway.
+        let flushers = 1;
+        Self {
+            insert: Coalescer::start(
+                InsertOp { pool: pool.clone() },
+                flushers,
+                ROWS_PER_STATEMENT,
+                sizes.with_label_values(&["insert"]),
+            ),
+            claim: Coalescer::start(
+                ClaimOp { pool: pool.clone() },
+                flushers,
+                ROWS_PER_STATEMENT,
+                sizes.with_label_values(&["claim"]),
+            ),
+            finish: Coalescer::start(
+                FinishOp { pool: pool.clone() },
+                flushers,
+                ROWS_PER_STATEMENT,
+                sizes.with_label_values(&["finish"]),
+            ),
+        }
+    }
+}
+
+/// Rows per multi-row statement: 100 rows × at most 10 parameters stays far
+/// below every backend's parameter limit.
+const ROWS_PER_STATEMENT: usize = 100;
 
 const EVENT_COLUMNS: &str = "id, partner_id, tipo, dados, meta, pipeline_version, status, attempts, attempt_base, received_at, \
      updated_at, next_attempt_at, processed_at, processing_ms, last_error, last_trace, result, idempotency_key, \
@@ -61,6 +106,11 @@ impl SqlStore {
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
+            // No ping before every acquire: that was a round trip per
+            // statement. A connection that died is found by its next query,
+            // which fails (the caller answers 503 or the event is retried)
+            // and is not returned to the pool.
+            .test_before_acquire(false)
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
@@ -76,11 +126,23 @@ impl SqlStore {
             })
             .connect(url)
             .await?;
-        Ok(Self { pool, backend })
+        let batch_sizes = super::group::batch_size_histogram();
+        let writes = Arc::new(Writes::start(&pool, &batch_sizes));
+        Ok(Self {
+            pool,
+            backend,
+            writes,
+            batch_sizes,
+        })
     }
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// `store_write_batch_size`, for the metrics registry.
+    pub fn batch_size_metric(&self) -> prometheus::HistogramVec {
+        self.batch_sizes.clone()
     }
 
     pub fn pool(&self) -> &AnyPool {
@@ -118,7 +180,7 @@ fn partner_from_row(r: &AnyRow) -> StoreResult<Partner> {
 /// event for each row inserted, `None` where the idempotency key exists.
 async fn insert_rows(
     conn: &mut sqlx::AnyConnection,
-    rows: &[NewEvent],
+    rows: &[&NewEvent],
 ) -> StoreResult<Vec<Option<EventRecord>>> {
     use std::fmt::Write as _;
     let mut sql = String::from(
@@ -130,7 +192,7 @@ async fn insert_rows(
         let _ = write!(
             sql,
             "{}(${}, ${}, ${}, ${}, '{{}}', ${}, 'received', 0, ${}, ${}, ${}, ${}, ${}, ${})",
-            if i == 0 { "" } else { ", " },
+            sep(i),
             p + 1,
             p + 2,
             p + 3,
@@ -229,6 +291,287 @@ fn event_from_row(row: &AnyRow) -> StoreResult<EventRecord> {
     })
 }
 
+/// Inserts `new` in one transaction (one statement without one), resolving
+/// each idempotency key in list order: the first of two equal keys is
+/// created, the second replays or conflicts with it.
+async fn insert_all(pool: &AnyPool, new: &[&NewEvent]) -> StoreResult<Vec<InsertOutcome>> {
+    if let [one] = new {
+        let mut conn = pool.acquire().await?;
+        let created = insert_rows(&mut conn, new).await?.pop().flatten();
+        return Ok(vec![match created {
+            Some(ev) => InsertOutcome::Created(ev),
+            None => existing_outcome(&mut conn, one).await?,
+        }]);
+    }
+    let mut tx = pool.begin().await?;
+    let mut out = Vec::with_capacity(new.len());
+    for chunk in new.chunks(ROWS_PER_STATEMENT) {
+        let created = insert_rows(&mut tx, chunk).await?;
+        for (n, ev) in chunk.iter().zip(created) {
+            out.push(match ev {
+                Some(ev) => InsertOutcome::Created(ev),
+                None => existing_outcome(&mut tx, n).await?,
+            });
+        }
+    }
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// Concurrent `POST /events` inserts, group-committed.
+struct InsertOp {
+    pool: AnyPool,
+}
+
+#[async_trait]
+impl BatchOp for InsertOp {
+    type Item = NewEvent;
+    type Out = InsertOutcome;
+
+    async fn run(&self, items: &[NewEvent]) -> StoreResult<Vec<InsertOutcome>> {
+        // Rows in key order, so two batches in flight lock equal keys in the
+        // same order and cannot deadlock; a stable sort keeps arrival order
+        // between equal keys. Results go back in the callers' order.
+        let mut order: Vec<usize> = (0..items.len()).collect();
+        order.sort_by(|&a, &b| {
+            let key = |i: usize| (&items[i].partner_id, &items[i].idempotency_key);
+            key(a).cmp(&key(b))
+        });
+        let sorted: Vec<&NewEvent> = order.iter().map(|&i| &items[i]).collect();
+        let mut outs: Vec<Option<InsertOutcome>> = (0..items.len()).map(|_| None).collect();
+        for (i, o) in order.into_iter().zip(insert_all(&self.pool, &sorted).await?) {
+            outs[i] = Some(o);
+        }
+        outs.into_iter()
+            .map(|o| o.ok_or_else(|| StoreError::Database("an insert returned no outcome".into())))
+            .collect()
+    }
+}
+
+/// A worker's [`Store::claim`].
+struct ClaimReq {
+    id: String,
+    now: DateTime<Utc>,
+    lease_until: DateTime<Utc>,
+}
+
+/// Concurrent claims as one `UPDATE … WHERE id IN (…) RETURNING`.
+struct ClaimOp {
+    pool: AnyPool,
+}
+
+#[async_trait]
+impl BatchOp for ClaimOp {
+    type Item = ClaimReq;
+    type Out = Option<EventRecord>;
+
+    async fn run(&self, items: &[ClaimReq]) -> StoreResult<Vec<Option<EventRecord>>> {
+        // Requests of one batch differ by microseconds: the latest clock and
+        // lease serve them all.
+        let (Some(now), Some(lease_until)) = (
+            items.iter().map(|c| c.now).max(),
+            items.iter().map(|c| c.lease_until).max(),
+        ) else {
+            return Ok(Vec::new());
+        };
+        let ids: Vec<String> = (0..items.len()).map(|i| format!("${}", i + 4)).collect();
+        let sql = format!(
+            "UPDATE events SET status = 'processing', attempts = attempts + 1, lease_until = $1, updated_at = $2 \
+             WHERE id IN ({}) AND (status = 'received' \
+               OR (status = 'retrying' AND (next_attempt_at IS NULL OR next_attempt_at <= $3)) \
+               OR (status = 'processing' AND lease_until < $2)) \
+             RETURNING {EVENT_COLUMNS}",
+            ids.join(", ")
+        );
+        // A task may arrive a little before its due time; do not make it wait another sweep.
+        let due = ms(now) + 250;
+        let mut q = sqlx::query(AssertSqlSafe(sql))
+            .bind(ms(lease_until))
+            .bind(ms(now))
+            .bind(due);
+        for c in items {
+            q = q.bind(&c.id);
+        }
+        let mut claimed = std::collections::HashMap::with_capacity(items.len());
+        for row in q.fetch_all(&self.pool).await? {
+            let ev = event_from_row(&row)?;
+            claimed.insert(ev.id.clone(), ev);
+        }
+        // The same event twice in a batch (a duplicate task): the first gets it.
+        Ok(items.iter().map(|c| claimed.remove(&c.id)).collect())
+    }
+}
+
+/// An [`AttemptFinish`] as bound parameters, serialized by the caller.
+struct FinishRow {
+    id: String,
+    attempt: i64,
+    status: &'static str,
+    processed: i64,
+    next_attempt_at: Option<i64>,
+    error: Option<String>,
+    trace: String,
+    result: Option<String>,
+    meta: Option<String>,
+    deliveries: Vec<(String, Option<i64>)>,
+}
+
+impl FinishRow {
+    fn new(id: &str, attempt: u32, f: &AttemptFinish) -> StoreResult<Self> {
+        let corrupt = |e: serde_json::Error| StoreError::Corrupt(e.to_string());
+        Ok(Self {
+            id: id.to_owned(),
+            attempt: i64::from(attempt),
+            status: f.status.as_str(),
+            processed: i64::from(f.status == Status::Processed),
+            next_attempt_at: f.next_attempt_at.map(ms),
+            error: f
+                .last_error
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(corrupt)?,
+            trace: serde_json::to_string(&f.trace).map_err(corrupt)?,
+            result: f.result.as_ref().map(json_text),
+            meta: f.result.as_ref().map(|r| match r.get("meta") {
+                Some(m) => json_text(m),
+                None => "{}".to_owned(),
+            }),
+            deliveries: f
+                .deliveries
+                .iter()
+                .map(|d| (d.destination.clone(), d.status_code.map(i64::from)))
+                .collect(),
+        })
+    }
+}
+
+/// Concurrent attempt outcomes in one transaction of three multi-row
+/// statements: deliveries, the events' updates, their attempt rows.
+struct FinishOp {
+    pool: AnyPool,
+}
+
+#[async_trait]
+impl BatchOp for FinishOp {
+    type Item = FinishRow;
+    type Out = bool;
+
+    async fn run(&self, items: &[FinishRow]) -> StoreResult<Vec<bool>> {
+        use std::fmt::Write as _;
+        let now = ms(Utc::now());
+        let mut tx = self.pool.begin().await?;
+
+        // Deliveries first, and whatever the claim: the calls happened.
+        let deliveries: Vec<(&str, &str, Option<i64>)> = items
+            .iter()
+            .flat_map(|f| {
+                f.deliveries
+                    .iter()
+                    .map(move |(d, code)| (f.id.as_str(), d.as_str(), *code))
+            })
+            .collect();
+        for chunk in deliveries.chunks(ROWS_PER_STATEMENT) {
+            let mut sql = String::from(
+                "INSERT INTO deliveries (event_id, destination, delivered_at, status_code) VALUES ",
+            );
+            for i in 0..chunk.len() {
+                let p = i * 3;
+                let _ = write!(sql, "{}(${}, ${}, $1, ${})", sep(i), p + 2, p + 3, p + 4);
+            }
+            sql += " ON CONFLICT (event_id, destination) DO NOTHING";
+            let mut q = sqlx::query(AssertSqlSafe(sql)).bind(now);
+            for (id, dest, code) in chunk {
+                q = q.bind(*id).bind(*dest).bind(*code);
+            }
+            q.execute(&mut *tx).await?;
+        }
+
+        // Outcomes, only where the attempt still holds the claim.
+        let mut done = std::collections::HashSet::with_capacity(items.len());
+        for chunk in items.chunks(ROWS_PER_STATEMENT) {
+            let mut sql = String::from("WITH v (eid, att, st, nxt, err, trc, prc, res, mta) AS (VALUES ");
+            for i in 0..chunk.len() {
+                let p = i * 9;
+                let _ = write!(sql, "{}(", sep(i));
+                for k in 1..=9 {
+                    let _ = write!(sql, "{}${}", if k == 1 { "" } else { ", " }, p + k + 1);
+                }
+                sql.push(')');
+            }
+            sql += ") UPDATE events SET status = v.st, next_attempt_at = v.nxt, lease_until = NULL, \
+                    last_error = v.err, last_trace = v.trc, updated_at = $1, queued_at = $1, \
+                    processed_at = CASE WHEN v.prc = 1 THEN $1 ELSE processed_at END, \
+                    processing_ms = CASE WHEN v.prc = 1 THEN $1 - received_at ELSE processing_ms END, \
+                    result = COALESCE(v.res, result), meta = COALESCE(v.mta, meta) \
+                    FROM v WHERE id = v.eid AND status = 'processing' AND attempts = v.att \
+                    RETURNING id, attempts";
+            let mut q = sqlx::query(AssertSqlSafe(sql)).bind(now);
+            for f in chunk {
+                q = q
+                    .bind(&f.id)
+                    .bind(f.attempt)
+                    .bind(f.status)
+                    .bind(f.next_attempt_at)
+                    .bind(&f.error)
+                    .bind(&f.trace)
+                    .bind(f.processed)
+                    .bind(&f.result)
+                    .bind(&f.meta);
+            }
+            for row in q.fetch_all(&mut *tx).await? {
+                done.insert((
+                    row.try_get::<String, _>("id")?,
+                    row.try_get::<i64, _>("attempts")?,
+                ));
+            }
+        }
+
+        let finished: Vec<&FinishRow> = items
+            .iter()
+            .filter(|f| done.contains(&(f.id.clone(), f.attempt)))
+            .collect();
+        for chunk in finished.chunks(ROWS_PER_STATEMENT) {
+            let mut sql = String::from(
+                "INSERT INTO attempts (event_id, attempt, finished_at, outcome, error, trace) VALUES ",
+            );
+            for i in 0..chunk.len() {
+                let p = i * 5;
+                let _ = write!(
+                    sql,
+                    "{}(${}, ${}, $1, ${}, ${}, ${})",
+                    sep(i),
+                    p + 2,
+                    p + 3,
+                    p + 4,
+                    p + 5,
+                    p + 6
+                );
+            }
+            sql += " ON CONFLICT (event_id, attempt) DO NOTHING";
+            let mut q = sqlx::query(AssertSqlSafe(sql)).bind(now);
+            for f in chunk {
+                q = q
+                    .bind(&f.id)
+                    .bind(f.attempt)
+                    .bind(f.status)
+                    .bind(&f.error)
+                    .bind(&f.trace);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(items
+            .iter()
+            .map(|f| done.contains(&(f.id.clone(), f.attempt)))
+            .collect())
+    }
+}
+
+fn sep(i: usize) -> &'static str {
+    if i == 0 { "" } else { ", " }
+}
+
 #[async_trait]
 impl Store for SqlStore {
     async fn migrate(&self) -> StoreResult<()> {
@@ -248,30 +591,11 @@ impl Store for SqlStore {
     }
 
     async fn insert_event(&self, new: NewEvent) -> StoreResult<InsertOutcome> {
-        let mut conn = self.pool.acquire().await?;
-        let mut outcomes = insert_rows(&mut conn, std::slice::from_ref(&new)).await?;
-        match outcomes.pop().flatten() {
-            Some(ev) => Ok(InsertOutcome::Created(ev)),
-            None => existing_outcome(&mut conn, &new).await,
-        }
+        self.writes.insert.submit(new).await
     }
 
     async fn insert_events(&self, new: Vec<NewEvent>) -> StoreResult<Vec<InsertOutcome>> {
-        let mut tx = self.pool.begin().await?;
-        let mut out = Vec::with_capacity(new.len());
-        // Bounded statements: 100 rows × 9 parameters stays far below every
-        // backend's parameter limit.
-        for chunk in new.chunks(100) {
-            let created = insert_rows(&mut tx, chunk).await?;
-            for (n, ev) in chunk.iter().zip(created) {
-                out.push(match ev {
-                    Some(ev) => InsertOutcome::Created(ev),
-                    None => existing_outcome(&mut tx, n).await?,
-                });
-            }
-        }
-        tx.commit().await?;
-        Ok(out)
+        insert_all(&self.pool, &new.iter().collect::<Vec<_>>()).await
     }
 
     async fn get_event(&self, id: &str) -> StoreResult<Option<EventRecord>> {
@@ -429,92 +753,17 @@ impl Store for SqlStore {
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
     ) -> StoreResult<Option<EventRecord>> {
-        let sql = format!(
-            "UPDATE events SET status = 'processing', attempts = attempts + 1, lease_until = $1, updated_at = $2 \
-             WHERE id = $3 AND (status = 'received' \
-               OR (status = 'retrying' AND (next_attempt_at IS NULL OR next_attempt_at <= $4)) \
-               OR (status = 'processing' AND lease_until < $2)) \
-             RETURNING {EVENT_COLUMNS}"
-        );
-        // A task may arrive a little before its due time; do not make it wait another sweep.
-        let due = ms(now) + 250;
-        let row = sqlx::query(AssertSqlSafe(sql))
-            .bind(ms(lease_until))
-            .bind(ms(now))
-            .bind(id)
-            .bind(due)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(event_from_row).transpose()
+        let req = ClaimReq {
+            id: id.to_owned(),
+            now,
+            lease_until,
+        };
+        self.writes.claim.submit(req).await
     }
 
     async fn finish_attempt(&self, id: &str, attempt: u32, f: &AttemptFinish) -> StoreResult<bool> {
-        let now = Utc::now();
-        let trace = serde_json::to_string(&f.trace).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let error = f
-            .last_error
-            .as_ref()
-            .map(serde_json::to_string)
-            .transpose()
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let processed = f.status == Status::Processed;
-        let result = f.result.as_ref().map(json_text);
-        let meta = f.result.as_ref().map(|r| match r.get("meta") {
-            Some(m) => json_text(m),
-            None => "{}".to_owned(),
-        });
-        let mut tx = self.pool.begin().await?;
-        // Deliveries first, and whatever the claim: the calls happened.
-        for d in &f.deliveries {
-            sqlx::query(
-                "INSERT INTO deliveries (event_id, destination, delivered_at, status_code) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT (event_id, destination) DO NOTHING",
-            )
-            .bind(id)
-            .bind(&d.destination)
-            .bind(ms(now))
-            .bind(d.status_code.map(i64::from))
-            .execute(&mut *tx)
-            .await?;
-        }
-        let done = sqlx::query(
-            "UPDATE events SET status = $1, next_attempt_at = $2, lease_until = NULL, last_error = $3, \
-             last_trace = $4, updated_at = $5, queued_at = $5, \
-             processed_at = CASE WHEN $6 = 1 THEN $5 ELSE processed_at END, \
-             processing_ms = CASE WHEN $6 = 1 THEN $5 - received_at ELSE processing_ms END, \
-             result = COALESCE($9, result), meta = COALESCE($10, meta) \
-             WHERE id = $7 AND status = 'processing' AND attempts = $8",
-        )
-        .bind(f.status.as_str())
-        .bind(f.next_attempt_at.map(ms))
-        .bind(&error)
-        .bind(&trace)
-        .bind(ms(now))
-        .bind(i64::from(processed))
-        .bind(id)
-        .bind(i64::from(attempt))
-        .bind(&result)
-        .bind(&meta)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if done {
-            sqlx::query(
-                "INSERT INTO attempts (event_id, attempt, finished_at, outcome, error, trace) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id, attempt) DO NOTHING",
-            )
-            .bind(id)
-            .bind(i64::from(attempt))
-            .bind(ms(now))
-            .bind(f.status.as_str())
-            .bind(&error)
-            .bind(&trace)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(done)
+        let row = FinishRow::new(id, attempt, f)?;
+        self.writes.finish.submit(row).await
     }
 
     async fn manual_retry(&self, id: &str) -> StoreResult<RetryOutcome> {

@@ -1,5 +1,6 @@
 //! The store's batch insert (`POST /events/batch`): one transaction, outcomes
-//! in order, idempotency resolved per item, within the list too.
+//! in order, idempotency resolved per item, within the list too; and the
+//! group-committed single-event writes under concurrency.
 
 use chrono::Utc;
 use orchestrator::store::{InsertOutcome, NewEvent, Store};
@@ -87,4 +88,155 @@ async fn batch_insert_resolves_every_key_in_order(backend: Backend) {
     }
 }
 
-crate::both_backends!(batch_insert_resolves_every_key_in_order);
+/// Single-event writes from concurrent callers (requests, workers) are
+/// group-committed; each caller still gets exactly its own outcome.
+async fn concurrent_writes_each_get_their_own_outcome(backend: Backend) {
+    use orchestrator::store::{AttemptFinish, LastError, Status};
+    let (store, iso, _dir) = store_for(&backend).await;
+
+    // 200 concurrent inserts; i and i + 100 share a key: the same request
+    // (replay) for even i, a different one (conflict) for odd i.
+    let inserts: Vec<_> = (0..200)
+        .map(|i| {
+            let store = store.clone();
+            let hash = if i % 2 == 0 || i < 100 {
+                format!("h{}", i % 100)
+            } else {
+                "other".to_owned()
+            };
+            let ev = new_event(i, Some(&format!("k{}", i % 100)), &hash);
+            tokio::spawn(async move { (i, store.insert_event(ev).await.expect("insert")) })
+        })
+        .collect();
+    let mut winner = std::collections::HashMap::new();
+    let mut losers = Vec::new();
+    for t in inserts {
+        let (i, o) = t.await.expect("task");
+        match o {
+            InsertOutcome::Created(ev) => {
+                assert_eq!(ev.id, format!("01EV{i:05}"));
+                assert_eq!(ev.dados, json!({"i": i}));
+                assert!(
+                    winner.insert(i % 100, ev.id).is_none(),
+                    "key k{} created twice",
+                    i % 100
+                );
+            }
+            other => losers.push((i, summary(&other))),
+        }
+    }
+    assert_eq!(winner.len(), 100);
+    assert_eq!(losers.len(), 100);
+    for (i, (kind, id)) in losers {
+        let conflict = i % 2 == 1;
+        assert_eq!(kind, if conflict { "conflict" } else { "replayed" }, "item {i}");
+        assert_eq!(id, winner[&(i % 100)], "item {i} names the stored event");
+    }
+    assert_eq!(store.stats(None).await.expect("stats").total, 100);
+
+    // Two concurrent claims per event (a duplicated task): one wins.
+    let now = Utc::now();
+    let claims: Vec<_> = winner
+        .values()
+        .flat_map(|id| [id.clone(), id.clone()])
+        .map(|id| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let claimed = store
+                    .claim(&id, now, now + chrono::Duration::seconds(30))
+                    .await
+                    .expect("claim");
+                (id, claimed)
+            })
+        })
+        .collect();
+    let mut claimed = std::collections::HashMap::new();
+    for t in claims {
+        let (id, ev) = t.await.expect("task");
+        if let Some(ev) = ev {
+            assert_eq!((ev.status, ev.attempts), (Status::Processing, 1), "{id}");
+            assert!(claimed.insert(id.clone(), ev).is_none(), "{id} claimed twice");
+        }
+    }
+    assert_eq!(claimed.len(), 100);
+
+    // Concurrent outcomes: even events processed with two deliveries, odd ones
+    // retrying; plus a stale attempt number, which must not record.
+    let finishes: Vec<_> = claimed
+        .keys()
+        .cloned()
+        .enumerate()
+        .map(|(n, id)| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let processed = n % 2 == 0;
+                let finish = AttemptFinish {
+                    status: if processed {
+                        Status::Processed
+                    } else {
+                        Status::Retrying
+                    },
+                    next_attempt_at: (!processed).then(|| Utc::now() + chrono::Duration::hours(1)),
+                    last_error: (!processed).then(|| LastError {
+                        category: "http".into(),
+                        message: format!("failed {id}"),
+                        transient: true,
+                        stage: Some("deliver".into()),
+                    }),
+                    trace: Vec::new(),
+                    deliveries: if processed {
+                        ["a", "b"]
+                            .map(|d| engine::DeliveryReport {
+                                destination: d.into(),
+                                outcome: "delivered".into(),
+                                status_code: Some(200),
+                                error: None,
+                                duration_ms: 1.0,
+                            })
+                            .to_vec()
+                    } else {
+                        Vec::new()
+                    },
+                    result: processed.then(|| json!({"dados": {"id": id}, "meta": {"m": 1}, "routes": []})),
+                };
+                let stale = store.finish_attempt(&id, 2, &finish).await.expect("finish");
+                let recorded = store.finish_attempt(&id, 1, &finish).await.expect("finish");
+                (id, processed, stale, recorded)
+            })
+        })
+        .collect();
+    for t in finishes {
+        let (id, processed, stale, recorded) = t.await.expect("task");
+        assert!(!stale, "{id}: a stale attempt must not record");
+        assert!(recorded, "{id}");
+        let ev = store.get_event(&id).await.expect("get").expect("exists");
+        let deliveries = store.deliveries(&id).await.expect("deliveries");
+        if processed {
+            assert_eq!(ev.status, Status::Processed);
+            assert!(ev.processed_at.is_some() && ev.processing_ms.is_some());
+            assert_eq!(
+                ev.result,
+                Some(json!({"dados": {"id": id}, "meta": {"m": 1}, "routes": []}))
+            );
+            assert_eq!(ev.meta, json!({"m": 1}));
+            assert_eq!(deliveries.len(), 2, "{id}");
+        } else {
+            assert_eq!(ev.status, Status::Retrying);
+            assert!(ev.next_attempt_at.is_some() && ev.processed_at.is_none());
+            assert_eq!(
+                ev.last_error.as_ref().map(|e| e.message.clone()),
+                Some(format!("failed {id}"))
+            );
+            assert!(deliveries.is_empty());
+        }
+    }
+    store.close().await;
+    if let Some(i) = iso {
+        i.remove().await;
+    }
+}
+
+crate::both_backends!(
+    batch_insert_resolves_every_key_in_order,
+    concurrent_writes_each_get_their_own_outcome
+);
