@@ -21,6 +21,10 @@
 //! `tracing::info!` costs next to nothing here; with the service's JSON
 //! logging it would add the formatting and the write of one log line.
 
+/// The allocator the service runs with (see `src/main.rs`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
