@@ -89,7 +89,8 @@ peak=0
 pids+=("$!")
 
 start=$(date +%s.%N)
-"$bin/examples/loadgen" --url "http://127.0.0.1:$port" --admin-key "$admin" "${keys[@]}" "$@"
+/usr/bin/time -f "%U %S" -o "$dir/loadgen.cpu" \
+    "$bin/examples/loadgen" --url "http://127.0.0.1:$port" --admin-key "$admin" "${keys[@]}" "$@"
 end=$(date +%s.%N)
 
 tck=$(getconf CLK_TCK)
@@ -101,7 +102,8 @@ echo "server peak RSS:  $((peak / 1024)) MiB"
 echo "CPU seconds:      server $(echo "scale=1; ($(cpu $server) - $server0) / $tck" | bc)," \
      "postgres $(echo "scale=1; ($(pg_cpu) - $pg0) / $tck" | bc)," \
      "redis $(echo "scale=1; ($redis1 - $redis0) / $tck" | bc)," \
-     "sink $(echo "scale=1; ($(cpu $sink) - $sink0) / $tck" | bc)"
+     "sink $(echo "scale=1; ($(cpu $sink) - $sink0) / $tck" | bc)," \
+     "loadgen $(awk '{print $1 + $2}' "$dir/loadgen.cpu")"
 echo "store writes per transaction (mean):" \
     "$(curl -s "http://127.0.0.1:$port/metrics" -H "X-API-Key: $admin" | awk '
         /^store_write_batch_size_sum/ { split($1, a, "\""); sum[a[2]] = $2 }

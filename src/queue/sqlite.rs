@@ -48,6 +48,8 @@ struct Inner {
     pool: SqlitePool,
     poll: Duration,
     instance_starts: AtomicUsize,
+    /// [`FINISHED_RETENTION_SECS`]; the tests lengthen it.
+    retention_secs: std::sync::atomic::AtomicI64,
 }
 
 fn db_err(e: sqlx::Error) -> QueueError {
@@ -108,6 +110,7 @@ impl SqliteQueue {
                 pool,
                 poll,
                 instance_starts: AtomicUsize::new(0),
+                retention_secs: std::sync::atomic::AtomicI64::new(FINISHED_RETENTION_SECS),
             }),
         })
     }
@@ -143,7 +146,8 @@ impl Inner {
         Ok(())
     }
 
-    /// Fresh planner statistics for `Jobs`. Without them SQLite runs
+    /// Fresh planner statistics for `Jobs`, for every pooled connection.
+    /// Without them SQLite runs
     /// apalis-sqlite's `ack.sql` and `lock.sql` (`… id IN json_each(?)`) by
     /// walking every row the worker has locked and re-parsing the JSON list
     /// for each; with them it looks the ids up by primary key. Sampled
@@ -155,6 +159,16 @@ impl Inner {
             .await
             .map_err(db_err)?;
         sqlx::query("ANALYZE Jobs")
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?;
+        // ANALYZE loads the new statistics into this connection only; a
+        // schema change makes every pooled connection reload them.
+        sqlx::query("CREATE TABLE IF NOT EXISTS _orchestrator_replan (x INTEGER)")
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?;
+        sqlx::query("DROP TABLE _orchestrator_replan")
             .execute(&mut *conn)
             .await
             .map_err(db_err)?;
@@ -174,7 +188,7 @@ impl Inner {
                      LIMIT ?3)",
             )
             .bind(queue)
-            .bind(FINISHED_RETENTION_SECS)
+            .bind(self.retention_secs.load(std::sync::atomic::Ordering::Relaxed))
             .bind(JANITOR_CHUNK)
             .execute(&self.pool)
             .await
@@ -396,6 +410,10 @@ mod tests {
                 .await
                 .expect("queue again")
         };
+        // The worker's own janitor must not delete what this test counts.
+        q.inner
+            .retention_secs
+            .store(3600, std::sync::atomic::Ordering::Relaxed);
         let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
             .fetch_one(&pool)
             .await

@@ -16,9 +16,11 @@
 //! The channel is bounded: when every flusher is busy and the channel is
 //! full, callers wait (backpressure) instead of buffering without limit.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use futures::FutureExt as _;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::{StoreError, StoreResult};
@@ -100,17 +102,38 @@ async fn flush_loop<T: BatchOp>(
         }
         sizes.observe(jobs.len() as f64);
         let (items, replies): (Vec<_>, Vec<_>) = jobs.drain(..).unzip();
-        for (reply, result) in replies.into_iter().zip(run_batch(op.as_ref(), &items).await) {
+        // A panic must not take this kind of write down with the flusher.
+        let results = match AssertUnwindSafe(run_batch(op.as_ref(), &items))
+            .catch_unwind()
+            .await
+        {
+            Ok(results) => results,
+            Err(_) => {
+                tracing::error!(writes = items.len(), "a group-committed batch panicked");
+                items
+                    .iter()
+                    .map(|_| Err(StoreError::Database("the write panicked".into())))
+                    .collect()
+            }
+        };
+        for (reply, result) in replies.into_iter().zip(results) {
             // The caller may have gone (a dropped request); its write stands.
             let _ = reply.send(result);
         }
     }
 }
 
-/// The batch's results, one per item; a failed batch of several is retried
-/// item by item so that only the faulty item fails.
+/// The batch's results, one per item. A batch that met an unreachable or
+/// busy database (a dead pooled connection, a deadlock, a lock timeout) is
+/// run once more as a whole, on another connection; one that failed
+/// otherwise is retried item by item, so that only the faulty item fails.
 async fn run_batch<T: BatchOp>(op: &T, items: &[T::Item]) -> Vec<StoreResult<T::Out>> {
-    let err = match op.run(items).await {
+    let mut result = op.run(items).await;
+    if let Err(StoreError::Unavailable(e)) = &result {
+        tracing::warn!(writes = items.len(), error = %e, "a group-committed batch failed; running it once more");
+        result = op.run(items).await;
+    }
+    let err = match result {
         Ok(outs) if outs.len() == items.len() => return outs.into_iter().map(Ok).collect(),
         Ok(outs) => StoreError::Database(format!(
             "a batch of {} writes returned {} results",
@@ -184,6 +207,42 @@ mod tests {
                 assert_eq!(r.expect("others succeed"), i * 2);
             }
         }
+    }
+
+    /// Fails its first call with a busy database, then panics on item 7.
+    struct Flaky {
+        calls: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl BatchOp for Flaky {
+        type Item = i64;
+        type Out = i64;
+        async fn run(&self, items: &[i64]) -> StoreResult<Vec<i64>> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Err(StoreError::Unavailable("database busy".into()));
+            }
+            assert!(!items.contains(&7), "item 7 panics");
+            Ok(items.to_vec())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_busy_batch_runs_again_and_a_panic_fails_only_its_batch() {
+        let c = Coalescer::start(
+            Flaky {
+                calls: AtomicUsize::new(0),
+            },
+            1,
+            10,
+            batch_size_histogram().with_label_values(&["test"]),
+        );
+        // The first call fails as busy: the batch runs once more and succeeds.
+        assert_eq!(c.submit(1).await.expect("second run succeeds"), 1);
+        let e = c.submit(7).await.expect_err("the panic is the caller's error");
+        assert!(e.to_string().contains("panicked"), "{e}");
+        // The flusher survived the panic.
+        assert_eq!(c.submit(8).await.expect("still serving"), 8);
     }
 
     #[tokio::test]

@@ -29,6 +29,17 @@ impl From<sqlx::Error> for StoreError {
             sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
                 StoreError::Unavailable(e.to_string())
             }
+            // Contention, not the statement's fault: PostgreSQL deadlock,
+            // serialization failure, lock not available; SQLite busy or
+            // locked (after the busy timeout).
+            sqlx::Error::Database(ref d)
+                if d.code().is_some_and(|c| {
+                    matches!(c.as_ref(), "40P01" | "40001" | "55P03")
+                        || c.parse::<i32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6))
+                }) =>
+            {
+                StoreError::Unavailable(format!("database busy: {e}"))
+            }
             other => StoreError::Database(other.to_string()),
         }
     }

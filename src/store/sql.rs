@@ -337,23 +337,27 @@ impl BatchOp for InsertOp {
     type Out = InsertOutcome;
 
     async fn run(&self, items: &[NewEvent]) -> StoreResult<Vec<InsertOutcome>> {
-        // Rows in key order, so two batches in flight lock equal keys in the
-        // same order and cannot deadlock; a stable sort keeps arrival order
-        // between equal keys. Results go back in the callers' order.
-        let mut order: Vec<usize> = (0..items.len()).collect();
-        order.sort_by(|&a, &b| {
-            let key = |i: usize| (&items[i].partner_id, &items[i].idempotency_key);
-            key(a).cmp(&key(b))
-        });
-        let sorted: Vec<&NewEvent> = order.iter().map(|&i| &items[i]).collect();
-        let mut outs: Vec<Option<InsertOutcome>> = (0..items.len()).map(|_| None).collect();
-        for (i, o) in order.into_iter().zip(insert_all(&self.pool, &sorted).await?) {
-            outs[i] = Some(o);
-        }
-        outs.into_iter()
-            .map(|o| o.ok_or_else(|| StoreError::Database("an insert returned no outcome".into())))
-            .collect()
+        insert_in_key_order(&self.pool, &items.iter().collect::<Vec<_>>()).await
     }
+}
+
+/// [`insert_all`] with the rows in key order, so two transactions in flight
+/// lock equal keys in the same order and cannot deadlock; the stable sort
+/// keeps list order between equal keys. Outcomes come back in list order.
+async fn insert_in_key_order(pool: &AnyPool, items: &[&NewEvent]) -> StoreResult<Vec<InsertOutcome>> {
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by(|&a, &b| {
+        let key = |i: usize| (&items[i].partner_id, &items[i].idempotency_key);
+        key(a).cmp(&key(b))
+    });
+    let sorted: Vec<&NewEvent> = order.iter().map(|&i| items[i]).collect();
+    let mut outs: Vec<Option<InsertOutcome>> = (0..items.len()).map(|_| None).collect();
+    for (i, o) in order.into_iter().zip(insert_all(pool, &sorted).await?) {
+        outs[i] = Some(o);
+    }
+    outs.into_iter()
+        .map(|o| o.ok_or_else(|| StoreError::Database("an insert returned no outcome".into())))
+        .collect()
 }
 
 /// A worker's [`Store::claim`].
@@ -371,9 +375,11 @@ struct ClaimOp {
 #[async_trait]
 impl BatchOp for ClaimOp {
     type Item = ClaimReq;
-    type Out = Option<EventRecord>;
+    /// Per caller: the claimed event, `None`, or the error decoding its row
+    /// (the claim is committed by then, so it must not be rerun).
+    type Out = StoreResult<Option<EventRecord>>;
 
-    async fn run(&self, items: &[ClaimReq]) -> StoreResult<Vec<Option<EventRecord>>> {
+    async fn run(&self, items: &[ClaimReq]) -> StoreResult<Vec<StoreResult<Option<EventRecord>>>> {
         // Requests of one batch differ by microseconds: the latest clock and
         // lease serve them all.
         let (Some(now), Some(lease_until)) = (
@@ -402,11 +408,10 @@ impl BatchOp for ClaimOp {
         }
         let mut claimed = std::collections::HashMap::with_capacity(items.len());
         for row in q.fetch_all(&self.pool).await? {
-            let ev = event_from_row(&row)?;
-            claimed.insert(ev.id.clone(), ev);
+            claimed.insert(row.try_get::<String, _>("id")?, event_from_row(&row));
         }
         // The same event twice in a batch (a duplicate task): the first gets it.
-        Ok(items.iter().map(|c| claimed.remove(&c.id)).collect())
+        Ok(items.iter().map(|c| claimed.remove(&c.id).transpose()).collect())
     }
 }
 
@@ -634,7 +639,7 @@ impl Store for SqlStore {
     }
 
     async fn insert_events(&self, new: Vec<NewEvent>) -> StoreResult<Vec<InsertOutcome>> {
-        insert_all(&self.pool, &new.iter().collect::<Vec<_>>()).await
+        insert_in_key_order(&self.pool, &new.iter().collect::<Vec<_>>()).await
     }
 
     async fn get_event(&self, id: &str) -> StoreResult<Option<EventRecord>> {
@@ -797,7 +802,7 @@ impl Store for SqlStore {
             now,
             lease_until,
         };
-        self.writes.claim.submit(req).await
+        self.writes.claim.submit(req).await?
     }
 
     async fn finish_attempt(&self, id: &str, attempt: u32, f: &AttemptFinish) -> StoreResult<bool> {
