@@ -120,6 +120,11 @@ async fn metrics_move_with_traffic_and_pass_promtool() {
         "pipeline_reloads_total",
         &[("trigger", "admin"), ("result", "ok")],
     );
+    // Every event went through the group-committed writes.
+    for write in ["insert", "claim", "finish", "key"] {
+        grew("store_write_batch_size_count", &[("write", write)]);
+        grew("store_write_batch_size_sum", &[("write", write)]);
+    }
     for gauge in ["queue_depth", "queue_oldest_pending_seconds", "events_by_status"] {
         assert!(
             after.contains(&format!("# TYPE {gauge} gauge")),
