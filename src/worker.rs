@@ -271,7 +271,22 @@ impl Processor {
         attempt: u32,
         finish: AttemptFinish,
     ) -> anyhow::Result<()> {
-        if !self.store.finish_attempt(event_id, attempt, &finish).await? {
+        // The attempt's calls have happened: a store hiccup here would leave
+        // the event `processing` until its lease expires and then run it (and
+        // its deliveries) again, so try a few times before giving up.
+        let mut tries = 0;
+        let recorded = loop {
+            match self.store.finish_attempt(event_id, attempt, &finish).await {
+                Ok(recorded) => break recorded,
+                Err(e) if tries < 4 => {
+                    tries += 1;
+                    warn!(eventId = %event_id, attempt, error = %e, "could not record the outcome; trying again");
+                    tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        if !recorded {
             warn!(eventId = %event_id, attempt, "outcome not recorded: the claim was lost (lease expired?)");
             return Ok(());
         }
