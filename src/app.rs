@@ -53,12 +53,7 @@ pub struct App {
 }
 
 pub async fn connect_store(config: &Config) -> anyhow::Result<Arc<SqlStore>> {
-    // SQLite writes one transaction at a time (and the event path's writes
-    // are group-committed), so a few connections serve it; each one keeps its
-    // own page cache in this process's memory.
-    let sqlite = config.database_url.expose_secret().starts_with("sqlite:");
-    let connections = if sqlite { 6 } else { 16 };
-    let store = SqlStore::connect(config.database_url.expose_secret(), connections)
+    let store = SqlStore::connect(config.database_url.expose_secret(), 16)
         .await
         .context("cannot open the database (DATABASE_URL)")?;
     Ok(Arc::new(store))

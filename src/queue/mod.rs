@@ -50,24 +50,12 @@ pub enum QueueTask {
     },
 }
 
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     #[error("queue unavailable: {0}")]
     Unavailable(String),
     #[error("queue error: {0}")]
     Other(String),
-}
-
-impl crate::store::group::BatchError for QueueError {
-    fn is_transient(&self) -> bool {
-        matches!(self, QueueError::Unavailable(_))
-    }
-    fn unavailable(message: String) -> Self {
-        QueueError::Unavailable(message)
-    }
-    fn internal(message: String) -> Self {
-        QueueError::Other(message)
-    }
 }
 
 #[async_trait::async_trait]

@@ -22,8 +22,6 @@ use futures::StreamExt;
 use sqlx::SqlitePool;
 use tracing::{debug, info, warn};
 
-use crate::store::group::{BatchOp, Coalescer};
-
 use super::{
     BoxFut, Incoming, Queue, QueueError, QueueTask, TaskCodec, TaskHandler, WorkerBackend, batch_size,
     dispatch, drive_worker, encode_task, new_task_id, spawn_supervised,
@@ -48,7 +46,6 @@ pub struct SqliteQueue {
 
 struct Inner {
     pool: SqlitePool,
-    pushes: Coalescer<PushOp>,
     poll: Duration,
     instance_starts: AtomicUsize,
     /// [`FINISHED_RETENTION_SECS`]; the tests lengthen it.
@@ -110,12 +107,6 @@ impl SqliteQueue {
         info!(poll = ?poll, "SQLite queue ready");
         Ok(Self {
             inner: Arc::new(Inner {
-                pushes: Coalescer::start(
-                    PushOp { pool: pool.clone() },
-                    1,
-                    100,
-                    crate::store::group::batch_size_histogram().with_label_values(&["push"]),
-                ),
                 pool,
                 poll,
                 instance_starts: AtomicUsize::new(0),
@@ -132,54 +123,29 @@ impl SqliteQueue {
     }
 }
 
-/// Stores tasks for any queues in one transaction: all or nothing.
-async fn insert_tasks(
-    pool: &SqlitePool,
-    tasks: &[(&str, &QueueTask, Option<Duration>)],
-) -> Result<(), QueueError> {
-    if tasks.is_empty() {
-        return Ok(());
-    }
-    let now = SystemTime::now();
-    let mut by_queue: std::collections::BTreeMap<&str, Vec<SqliteTask>> = Default::default();
-    for (queue, task, delay) in tasks {
-        let id = TaskId::from_str(&new_task_id()).map_err(|e| QueueError::Other(e.to_string()))?;
-        let mut b = TaskBuilder::new(encode_task(task)?).task_id(id).max_attempts(1);
-        if let Some(d) = delay.filter(|d| !d.is_zero()) {
-            b = b.run_at_timestamp(epoch_secs_ceil(now + d));
+impl Inner {
+    async fn insert(&self, queue: &str, tasks: Vec<(QueueTask, Option<Duration>)>) -> Result<(), QueueError> {
+        if tasks.is_empty() {
+            return Ok(());
         }
-        by_queue.entry(queue).or_default().push(b.build());
-    }
-    let mut tx = pool.begin().await.map_err(db_err)?;
-    for (queue, rows) in &by_queue {
-        apalis_sqlite::queries::push_tasks(&mut *tx, queue, rows)
+        let now = SystemTime::now();
+        let mut rows: Vec<SqliteTask> = Vec::with_capacity(tasks.len());
+        for (task, delay) in &tasks {
+            let id = TaskId::from_str(&new_task_id()).map_err(|e| QueueError::Other(e.to_string()))?;
+            let mut b = TaskBuilder::new(encode_task(task)?).task_id(id).max_attempts(1);
+            if let Some(d) = delay.filter(|d| !d.is_zero()) {
+                b = b.run_at_timestamp(epoch_secs_ceil(now + d));
+            }
+            rows.push(b.build());
+        }
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        apalis_sqlite::queries::push_tasks(&mut *tx, queue, &rows)
             .await
             .map_err(apalis_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(())
     }
-    tx.commit().await.map_err(db_err)?;
-    Ok(())
-}
 
-/// Single pushes from concurrent requests (`POST /events`, retries),
-/// group-committed like the store's writes: one transaction for all.
-struct PushOp {
-    pool: SqlitePool,
-}
-
-#[async_trait::async_trait]
-impl BatchOp for PushOp {
-    type Item = (String, QueueTask, Option<Duration>);
-    type Out = ();
-    type Error = QueueError;
-
-    async fn run(&self, items: &[Self::Item]) -> Result<Vec<()>, QueueError> {
-        let tasks: Vec<_> = items.iter().map(|(q, t, d)| (q.as_str(), t, *d)).collect();
-        insert_tasks(&self.pool, &tasks).await?;
-        Ok(vec![(); items.len()])
-    }
-}
-
-impl Inner {
     /// Fresh planner statistics for `Jobs`, for every pooled connection.
     /// Without them SQLite runs
     /// apalis-sqlite's `ack.sql` and `lock.sql` (`… id IN json_each(?)`) by
@@ -251,13 +217,14 @@ impl Inner {
 #[async_trait::async_trait]
 impl Queue for SqliteQueue {
     async fn push(&self, queue: &str, task: QueueTask, delay: Option<Duration>) -> Result<(), QueueError> {
-        self.inner.pushes.submit((queue.to_owned(), task, delay)).await
+        self.inner.insert(queue, vec![(task, delay)]).await
     }
 
     async fn push_bulk(&self, queue: &str, tasks: Vec<QueueTask>) -> Result<(), QueueError> {
         // One transaction: all or nothing.
-        let tasks: Vec<_> = tasks.iter().map(|t| (queue, t, None)).collect();
-        insert_tasks(&self.inner.pool, &tasks).await
+        self.inner
+            .insert(queue, tasks.into_iter().map(|t| (t, None)).collect())
+            .await
     }
 
     async fn ping(&self) -> Result<(), QueueError> {

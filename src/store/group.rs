@@ -23,43 +23,21 @@ use async_trait::async_trait;
 use futures::FutureExt as _;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::StoreError;
-
-/// What a batch can fail with.
-pub(crate) trait BatchError: Clone + std::fmt::Display + Send + Sync + 'static {
-    /// Not the items' fault (an unreachable or busy backend): the whole
-    /// batch is worth one more run, item-by-item reruns are not.
-    fn is_transient(&self) -> bool;
-    /// The coalescer itself is gone (shutdown).
-    fn unavailable(message: String) -> Self;
-    /// A batch that broke its contract or panicked.
-    fn internal(message: String) -> Self;
-}
-
-impl BatchError for StoreError {
-    fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
-    }
-    fn unavailable(message: String) -> Self {
-        StoreError::Unavailable(message)
-    }
-    fn internal(message: String) -> Self {
-        StoreError::Database(message)
-    }
-}
+use super::{StoreError, StoreResult};
 
 /// One kind of write, run for many items at once.
 #[async_trait]
 pub(crate) trait BatchOp: Send + Sync + 'static {
     type Item: Send + Sync + 'static;
     type Out: Send + 'static;
-    type Error: BatchError;
     /// Runs `items` atomically; one output per item, in order.
-    async fn run(&self, items: &[Self::Item]) -> Result<Vec<Self::Out>, Self::Error>;
+    async fn run(&self, items: &[Self::Item]) -> StoreResult<Vec<Self::Out>>;
 }
 
-type Outcome<T> = Result<<T as BatchOp>::Out, <T as BatchOp>::Error>;
-type Job<T> = (<T as BatchOp>::Item, oneshot::Sender<Outcome<T>>);
+type Job<T> = (
+    <T as BatchOp>::Item,
+    oneshot::Sender<StoreResult<<T as BatchOp>::Out>>,
+);
 
 pub(crate) struct Coalescer<T: BatchOp> {
     tx: mpsc::Sender<Job<T>>,
@@ -96,15 +74,15 @@ impl<T: BatchOp> Coalescer<T> {
     }
 
     /// Runs `item` in the next batch and returns its own result.
-    pub(crate) async fn submit(&self, item: T::Item) -> Outcome<T> {
+    pub(crate) async fn submit(&self, item: T::Item) -> StoreResult<T::Out> {
         let (reply, result) = oneshot::channel();
         self.tx
             .send((item, reply))
             .await
-            .map_err(|_| T::Error::unavailable("shutting down".into()))?;
+            .map_err(|_| StoreError::Unavailable("the store is shutting down".into()))?;
         result
             .await
-            .map_err(|_| T::Error::unavailable("the write task ended".into()))?
+            .map_err(|_| StoreError::Unavailable("the store's write task ended".into()))?
     }
 }
 
@@ -134,7 +112,7 @@ async fn flush_loop<T: BatchOp>(
                 tracing::error!(writes = items.len(), "a group-committed batch panicked");
                 items
                     .iter()
-                    .map(|_| Err(T::Error::internal("the write panicked".into())))
+                    .map(|_| Err(StoreError::Database("the write panicked".into())))
                     .collect()
             }
         };
@@ -149,24 +127,22 @@ async fn flush_loop<T: BatchOp>(
 /// busy database (a dead pooled connection, a deadlock, a lock timeout) is
 /// run once more as a whole, on another connection; one that failed
 /// otherwise is retried item by item, so that only the faulty item fails.
-async fn run_batch<T: BatchOp>(op: &T, items: &[T::Item]) -> Vec<Outcome<T>> {
+async fn run_batch<T: BatchOp>(op: &T, items: &[T::Item]) -> Vec<StoreResult<T::Out>> {
     let mut result = op.run(items).await;
-    if let Err(e) = &result
-        && e.is_transient()
-    {
+    if let Err(StoreError::Unavailable(e)) = &result {
         tracing::warn!(writes = items.len(), error = %e, "a group-committed batch failed; running it once more");
         result = op.run(items).await;
     }
     let err = match result {
         Ok(outs) if outs.len() == items.len() => return outs.into_iter().map(Ok).collect(),
-        Ok(outs) => T::Error::internal(format!(
+        Ok(outs) => StoreError::Database(format!(
             "a batch of {} writes returned {} results",
             items.len(),
             outs.len()
         )),
         Err(e) => e,
     };
-    if items.len() == 1 || err.is_transient() {
+    if items.len() == 1 || matches!(err, StoreError::Unavailable(_)) {
         return items.iter().map(|_| Err(err.clone())).collect();
     }
     tracing::warn!(writes = items.len(), error = %err, "a group-committed batch failed; running its writes one by one");
@@ -174,7 +150,7 @@ async fn run_batch<T: BatchOp>(op: &T, items: &[T::Item]) -> Vec<Outcome<T>> {
     for item in items {
         out.push(match op.run(std::slice::from_ref(item)).await {
             Ok(mut one) if one.len() == 1 => Ok(one.remove(0)),
-            Ok(_) => Err(T::Error::internal("a write returned no result".into())),
+            Ok(_) => Err(StoreError::Database("a write returned no result".into())),
             Err(e) => Err(e),
         });
     }
@@ -186,7 +162,6 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-    use crate::store::StoreResult;
 
     /// Doubles numbers; fails any batch holding a negative one.
     struct Double {
@@ -197,7 +172,6 @@ mod tests {
     impl BatchOp for Double {
         type Item = i64;
         type Out = i64;
-        type Error = StoreError;
         async fn run(&self, items: &[i64]) -> StoreResult<Vec<i64>> {
             self.batches.fetch_add(1, Ordering::SeqCst);
             tokio::task::yield_now().await;
@@ -244,7 +218,6 @@ mod tests {
     impl BatchOp for Flaky {
         type Item = i64;
         type Out = i64;
-        type Error = StoreError;
         async fn run(&self, items: &[i64]) -> StoreResult<Vec<i64>> {
             if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
                 return Err(StoreError::Unavailable("database busy".into()));

@@ -2,7 +2,7 @@
 //! partners. One trait; [`sql::SqlStore`] implements it for SQLite and
 //! PostgreSQL with the same queries.
 
-pub(crate) mod group;
+mod group;
 pub mod sql;
 
 use async_trait::async_trait;

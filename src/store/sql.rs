@@ -336,8 +336,6 @@ impl BatchOp for InsertOp {
     type Item = NewEvent;
     type Out = InsertOutcome;
 
-    type Error = StoreError;
-
     async fn run(&self, items: &[NewEvent]) -> StoreResult<Vec<InsertOutcome>> {
         insert_in_key_order(&self.pool, &items.iter().collect::<Vec<_>>()).await
     }
@@ -380,8 +378,6 @@ impl BatchOp for ClaimOp {
     /// Per caller: the claimed event, `None`, or the error decoding its row
     /// (the claim is committed by then, so it must not be rerun).
     type Out = StoreResult<Option<EventRecord>>;
-
-    type Error = StoreError;
 
     async fn run(&self, items: &[ClaimReq]) -> StoreResult<Vec<StoreResult<Option<EventRecord>>>> {
         // Requests of one batch differ by microseconds: the latest clock and
@@ -473,8 +469,6 @@ struct FinishOp {
 impl BatchOp for FinishOp {
     type Item = FinishRow;
     type Out = bool;
-
-    type Error = StoreError;
 
     async fn run(&self, items: &[FinishRow]) -> StoreResult<Vec<bool>> {
         use std::fmt::Write as _;
@@ -598,8 +592,6 @@ struct KeyLookupOp {
 impl BatchOp for KeyLookupOp {
     type Item = String;
     type Out = Option<Partner>;
-
-    type Error = StoreError;
 
     async fn run(&self, items: &[String]) -> StoreResult<Vec<Option<Partner>>> {
         let params: Vec<String> = (0..items.len()).map(|i| format!("${}", i + 1)).collect();
