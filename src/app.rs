@@ -13,7 +13,8 @@ use tracing::{info, warn};
 
 use crate::api::{self, AppState};
 use crate::config::Config;
-use crate::pipelines::Pipelines;
+use crate::dispatch::Dispatcher;
+use crate::pipelines::{OnInstall, Pipelines, Reloader};
 use crate::queue::{Queue, RedisQueue, SqliteQueue};
 use crate::store::{SqlStore, Store};
 use crate::telemetry::Metrics;
@@ -108,48 +109,11 @@ pub fn load_pipelines(config: &Config) -> Result<Pipelines, engine::LoadErrors> 
     )
 }
 
-/// Reloads the pipeline set (all or nothing), records the outcome in the
-/// metrics and the log, and starts workers for new event types. Every reload
-/// trigger goes through here. Blocking: loading reads files and compiles.
-pub fn reload_pipelines(
-    state: &AppState,
-    trigger: &'static str,
-) -> Result<Arc<engine::PipelineSet>, engine::LoadErrors> {
-    let result = state.pipelines.reload(trigger);
-    match &result {
-        Ok(set) => {
-            state.metrics.reloads.with_label_values(&[trigger, "ok"]).inc();
-            if let Some(w) = &state.workers {
-                w.ensure(&state.pipelines);
-            }
-            info!(trigger, version = %set.version, pipelines = set.len(), "pipelines reloaded");
-            // Keep the new versions' files, so events accepted with them run
-            // with them after a restart too.
-            let (pipelines, store) = (state.pipelines.clone(), state.store.clone());
-            if let Ok(h) = tokio::runtime::Handle::try_current() {
-                h.spawn(async move {
-                    if let Err(e) = pipelines.save_versions(store.as_ref()).await {
-                        warn!(error = %e, "could not save the pipeline versions");
-                    }
-                });
-            }
-        }
-        Err(errors) => {
-            state
-                .metrics
-                .reloads
-                .with_label_values(&[trigger, "rejected"])
-                .inc();
-            warn!(trigger, errors = %errors, "pipeline reload rejected; the previous set keeps serving");
-        }
-    }
-    result
-}
-
 /// Reloads when files under `PIPELINES_DIR` or `SCHEMAS_DIR` change, once
 /// they have been quiet for `debounce` (editors write in several steps).
 fn watch_pipelines(
-    state: AppState,
+    pipelines: &Pipelines,
+    reloader: Arc<Reloader>,
     debounce: std::time::Duration,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use notify_debouncer_mini::notify::RecursiveMode;
@@ -157,7 +121,7 @@ fn watch_pipelines(
     let mut debouncer = notify_debouncer_mini::new_debouncer(debounce, move |res| {
         let _ = tx.send(res);
     })?;
-    for dir in state.pipelines.dirs() {
+    for dir in pipelines.dirs() {
         debouncer
             .watcher()
             .watch(dir, RecursiveMode::Recursive)
@@ -169,8 +133,8 @@ fn watch_pipelines(
             let res: notify_debouncer_mini::DebounceEventResult = res;
             match res {
                 Ok(events) if !events.is_empty() => {
-                    let state = state.clone();
-                    let _ = tokio::task::spawn_blocking(move || reload_pipelines(&state, "watch")).await;
+                    // The outcome is counted and logged by the reloader.
+                    let _ = reloader.reload_async("watch").await;
                 }
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "pipeline directory watch error"),
@@ -237,6 +201,7 @@ impl App {
             None
         };
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let dispatch = Dispatcher::new(store.clone(), queue.clone(), metrics.clone());
         let mut background = Vec::new();
         let mut workers = None;
         let mut watcher = None;
@@ -251,7 +216,7 @@ impl App {
             }
             let processor = Arc::new(Processor {
                 store: store.clone(),
-                queue: queue.clone(),
+                dispatch: dispatch.clone(),
                 pipelines: pipelines.clone(),
                 metrics: metrics.clone(),
                 lease: config.processing_lease,
@@ -263,6 +228,7 @@ impl App {
                 crate::worker::Sweeper {
                     store: store.clone(),
                     queue: queue.clone(),
+                    dispatch: dispatch.clone(),
                     pipelines: pipelines.clone(),
                     metrics: metrics.clone(),
                     interval: config.sweep_interval,
@@ -271,25 +237,31 @@ impl App {
                 shutdown_rx.clone(),
             )));
         }
-        let state = AppState {
-            login_limits: Arc::new(api::limits::LoginLimits::new(&config)),
-            config,
-            store,
-            queue,
-            pipelines,
-            metrics,
-            workers: workers.clone(),
-            queue_down_until: Arc::default(),
-            partner_limits: Arc::default(),
-        };
-        if state.config.watch_pipelines {
-            match watch_pipelines(state.clone(), state.config.watch_debounce) {
+        let reloader = Arc::new(Reloader::new(
+            pipelines.clone(),
+            store.clone(),
+            metrics.clone(),
+            workers.clone().map(|w| w as Arc<dyn OnInstall>),
+        ));
+        if config.watch_pipelines {
+            match watch_pipelines(&pipelines, reloader.clone(), config.watch_debounce) {
                 Ok(h) => watcher = Some(h),
                 Err(e) => {
                     warn!(error = %e, "not watching the pipeline directories; reload with SIGHUP or the admin API")
                 }
             }
         }
+        let state = AppState {
+            login_limits: Arc::new(api::limits::LoginLimits::new(&config)),
+            config,
+            store,
+            queue,
+            dispatch,
+            pipelines,
+            reloader,
+            metrics,
+            partner_limits: Arc::default(),
+        };
         Ok(App {
             state,
             watcher,
@@ -307,7 +279,7 @@ impl App {
 
     /// Reloads pipelines and starts workers for new event types.
     pub fn reload(&self) -> Result<(), engine::LoadErrors> {
-        reload_pipelines(&self.state, "admin").map(|_| ())
+        self.state.reloader.reload("admin").map(|_| ())
     }
 
     /// Stops workers (letting in-flight events finish) and background tasks.

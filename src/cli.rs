@@ -364,7 +364,7 @@ async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
         crate::api::ops_router(app.state.clone())
     };
     tracing::info!(%addr, ?role, "listening");
-    let state = app.state.clone();
+    let reloader = app.state.reloader.clone();
     #[cfg(unix)]
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
@@ -372,8 +372,8 @@ async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
             return;
         };
         while hup.recv().await.is_some() {
-            let state = state.clone();
-            let _ = tokio::task::spawn_blocking(move || crate::app::reload_pipelines(&state, "sighup")).await;
+            // The outcome is counted and logged by the reloader.
+            let _ = reloader.reload_async("sighup").await;
         }
     });
     axum::serve(

@@ -8,6 +8,8 @@ pub mod api;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod credentials;
+pub mod dispatch;
 pub mod partners;
 pub mod pipelines;
 pub mod queue;

@@ -4,15 +4,13 @@
 
 use serde::{Deserialize, Deserializer};
 
-use crate::api::auth::{generate_api_key, hash_api_key, hash_password};
+use crate::credentials::{generate_api_key, hash_api_key, hash_password, key_id, key_prefix};
 use crate::store::{NewPartner, PartnerInfo, PartnerUpdate, Store, StoreError};
 
 /// Shortest API key accepted when the operator supplies one.
 pub const MIN_KEY_LEN: usize = 16;
 /// Longest API key accepted (longer `X-API-Key` values are refused unread).
 pub const MAX_KEY_LEN: usize = 256;
-/// Characters of a key kept, in clear, to recognise it in listings.
-const PREFIX_LEN: usize = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PartnerError {
@@ -152,12 +150,12 @@ async fn add_key(
         return Err(PartnerError::InvalidKey);
     }
     let hash = hash_api_key(&key);
-    let prefix: String = key.chars().take(PREFIX_LEN).collect();
+    let prefix = key_prefix(&key);
     if !store.add_api_key(partner_id, &hash, &prefix).await? {
         return Err(PartnerError::KeyInUse);
     }
     Ok(IssuedKey {
-        key_id: hash[..16].to_owned(),
+        key_id: key_id(&hash),
         key,
     })
 }

@@ -10,6 +10,7 @@ use engine::{LoadErrors, LoadOptions, Pipeline, PipelineSet, ScriptHost, StageFa
 use serde::Serialize;
 
 use crate::store::Store;
+use crate::telemetry::Metrics;
 
 /// One reload attempt, as operators see it in `GET /admin/pipelines`.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -223,6 +224,86 @@ impl Pipelines {
     }
 }
 
-pub fn queue_name(tipo: &str) -> String {
-    format!("events:{tipo}")
+/// Told about every set a reload installs (the worker pool starts workers
+/// for new event types), so the reloader needs no knowledge of workers.
+pub trait OnInstall: Send + Sync {
+    fn installed(&self, pipelines: &Pipelines);
+}
+
+/// Every reload trigger (startup is the load itself; the admin API, `SIGHUP`
+/// and the directory watcher) goes through [`Reloader::reload`]: load all or
+/// nothing, count and log the outcome, start workers for new types, keep the
+/// new versions' files in the store.
+pub struct Reloader {
+    pipelines: Arc<Pipelines>,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    on_install: Option<Arc<dyn OnInstall>>,
+}
+
+impl Reloader {
+    pub fn new(
+        pipelines: Arc<Pipelines>,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        on_install: Option<Arc<dyn OnInstall>>,
+    ) -> Self {
+        Self {
+            pipelines,
+            store,
+            metrics,
+            on_install,
+        }
+    }
+
+    /// Reloads the pipeline set. Blocking: loading reads files and compiles,
+    /// so async callers run it with `spawn_blocking`.
+    pub fn reload(&self, trigger: &'static str) -> Result<Arc<PipelineSet>, LoadErrors> {
+        let result = self.pipelines.reload(trigger);
+        match &result {
+            Ok(set) => {
+                self.metrics.reloads.with_label_values(&[trigger, "ok"]).inc();
+                if let Some(hook) = &self.on_install {
+                    hook.installed(&self.pipelines);
+                }
+                tracing::info!(trigger, version = %set.version, pipelines = set.len(), "pipelines reloaded");
+                // Keep the new versions' files, so events accepted with them
+                // run with them after a restart too.
+                let (pipelines, store) = (self.pipelines.clone(), self.store.clone());
+                if let Ok(h) = tokio::runtime::Handle::try_current() {
+                    h.spawn(async move {
+                        if let Err(e) = pipelines.save_versions(store.as_ref()).await {
+                            tracing::warn!(error = %e, "could not save the pipeline versions");
+                        }
+                    });
+                }
+            }
+            Err(errors) => {
+                self.metrics
+                    .reloads
+                    .with_label_values(&[trigger, "rejected"])
+                    .inc();
+                tracing::warn!(trigger, errors = %errors,
+                    "pipeline reload rejected; the previous set keeps serving");
+            }
+        }
+        result
+    }
+
+    /// [`Self::reload`] off the async executor.
+    pub async fn reload_async(
+        self: &Arc<Self>,
+        trigger: &'static str,
+    ) -> Result<Arc<PipelineSet>, LoadErrors> {
+        let me = self.clone();
+        match tokio::task::spawn_blocking(move || me.reload(trigger)).await {
+            Ok(result) => result,
+            Err(e) => Err(LoadErrors(vec![engine::LoadError {
+                file: std::path::PathBuf::new(),
+                line: None,
+                stage: None,
+                message: format!("the reload task failed: {e}"),
+            }])),
+        }
+    }
 }

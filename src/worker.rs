@@ -15,14 +15,15 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::pipelines::{Pipelines, queue_name};
+use crate::dispatch::{Dispatcher, Pending, Pushed, queue_name};
+use crate::pipelines::{OnInstall, Pipelines};
 use crate::queue::{Queue, QueueTask, TaskHandler};
 use crate::store::{AttemptFinish, LastError, Status, Store, Sweep};
 use crate::telemetry::Metrics;
 
 pub struct Processor {
     pub store: Arc<dyn Store>,
-    pub queue: Arc<dyn Queue>,
+    pub dispatch: Arc<Dispatcher>,
     pub pipelines: Arc<Pipelines>,
     pub metrics: Arc<Metrics>,
     pub lease: Duration,
@@ -295,15 +296,12 @@ impl Processor {
                 .next_attempt_at
                 .map(|t| (t - Utc::now()).to_std().unwrap_or_default())
                 .unwrap_or_default();
-            let task = QueueTask::Process {
-                event_id: event_id.to_owned(),
-                pipeline_version: version.to_owned(),
+            let pending = Pending {
+                event_id,
+                tipo,
+                pipeline_version: version,
             };
-            if let Err(e) = self.queue.push(&queue_name(tipo), task, Some(delay)).await {
-                // Marked unqueued, the sweeper queues it as soon as it is due.
-                warn!(eventId = %event_id, error = %e, "could not schedule the retry; the sweeper will");
-                self.store.mark_unqueued(event_id).await?;
-            }
+            self.dispatch.queue_later(pending, delay).await;
         }
         Ok(())
     }
@@ -361,10 +359,18 @@ impl Workers {
     }
 }
 
+impl OnInstall for Workers {
+    fn installed(&self, pipelines: &Pipelines) {
+        self.ensure(pipelines);
+    }
+}
+
 /// What the sweeper needs.
 pub struct Sweeper {
     pub store: Arc<dyn Store>,
+    /// Read for queue depths; pushes go through `dispatch`.
     pub queue: Arc<dyn Queue>,
+    pub dispatch: Arc<Dispatcher>,
     pub pipelines: Arc<Pipelines>,
     pub metrics: Arc<Metrics>,
     pub interval: Duration,
@@ -414,20 +420,11 @@ pub async fn sweeper(s: Sweeper, mut shutdown: watch::Receiver<bool>) {
                 Ok(batch) if batch.is_empty() => break,
                 Ok(batch) => {
                     let n = batch.len();
-                    let mut by_queue: HashMap<String, Vec<QueueTask>> = HashMap::new();
-                    for r in batch {
-                        by_queue
-                            .entry(queue_name(&r.tipo))
-                            .or_default()
-                            .push(QueueTask::Process {
-                                event_id: r.id,
-                                pipeline_version: r.pipeline_version,
-                            });
-                    }
-                    for (q, tasks) in by_queue {
-                        if let Err(e) = s.queue.push_bulk(&q, tasks).await {
-                            warn!(queue = %q, error = %e, "sweeper could not queue stranded events");
-                        }
+                    let pending: Vec<Pending<'_>> = batch.iter().map(Pending::from).collect();
+                    // A push that fails marks its events unqueued again: the
+                    // next sweep takes them, not the staleness window.
+                    if s.dispatch.queue_now(&pending).await == Pushed::NotAll {
+                        break;
                     }
                     info!(count = n, "sweeper queued stranded events");
                     if n < BATCH as usize {

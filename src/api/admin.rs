@@ -32,7 +32,7 @@ async fn json_body<T: DeserializeOwned>(
     let value = if empty_ok && empty {
         serde_json::json!({})
     } else {
-        super::events::parse_json_body(headers, body, &state.config, Some(ADMIN_BODY_LIMIT)).await?
+        super::body::parse_json_body(headers, body, &state.config, Some(ADMIN_BODY_LIMIT)).await?
     };
     serde_json::from_value(value).map_err(|e| ApiError::InvalidRequest(format!("invalid body: {e}")))
 }
@@ -258,19 +258,17 @@ pub async fn redrive(
     let more = matched.len() > limit;
     matched.truncate(limit);
     matched.reverse();
-    let mut redriven = 0;
+    let mut requeued = Vec::new();
     if !input.dry_run {
         for ev in &matched {
             if let RetryOutcome::Requeued(ev) = state.store.manual_retry(&ev.id).await? {
-                let task = crate::queue::QueueTask::Process {
-                    event_id: ev.id.clone(),
-                    pipeline_version: ev.pipeline_version.clone(),
-                };
-                super::events::enqueue(&state, &ev, task).await;
-                redriven += 1;
+                requeued.push(ev);
             }
         }
+        let pending: Vec<_> = requeued.iter().map(Into::into).collect();
+        state.dispatch.queue_now(&pending).await;
     }
+    let redriven = requeued.len();
     tracing::info!(
         matched = matched.len(),
         redriven,

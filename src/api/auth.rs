@@ -5,10 +5,10 @@ use axum::http::request::Parts;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::AppState;
 use super::error::ApiError;
+use crate::credentials::{constant_time_eq, hash_api_key, verify_nobody, verify_password};
 use crate::store::Partner;
 
 #[derive(Debug, Clone)]
@@ -31,27 +31,6 @@ impl Caller {
     }
 }
 
-/// The stored form of an API key: keys are long random strings, so a fast
-/// hash is enough (passwords get argon2).
-pub fn hash_api_key(key: &str) -> String {
-    hex::encode(Sha256::digest(key.as_bytes()))
-}
-
-/// A new random key: `eo_` + 40 hex characters.
-pub fn generate_api_key() -> String {
-    use rand::RngCore;
-    let mut bytes = [0u8; 20];
-    rand::rng().fill_bytes(&mut bytes);
-    format!("eo_{}", hex::encode(bytes))
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Claims of the tokens `POST /auth/login` issues.
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
@@ -59,35 +38,6 @@ struct Claims {
     iat: i64,
     exp: i64,
 }
-
-/// Argon2id hash of a partner password.
-pub fn hash_password(password: &str) -> Result<String, String> {
-    use argon2::password_hash::{PasswordHasher, SaltString};
-    use rand::RngCore;
-    let mut bytes = [0u8; 16];
-    rand::rng().fill_bytes(&mut bytes);
-    let salt = SaltString::encode_b64(&bytes).map_err(|e| e.to_string())?;
-    argon2::Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| e.to_string())
-}
-
-fn verify_password(password: &str, hash: &str) -> bool {
-    use argon2::password_hash::{PasswordHash, PasswordVerifier};
-    PasswordHash::new(hash)
-        .map(|h| {
-            argon2::Argon2::default()
-                .verify_password(password.as_bytes(), &h)
-                .is_ok()
-        })
-        .unwrap_or(false)
-}
-
-/// A hash to verify against when the user does not exist, so a missing user
-/// takes as long as a wrong password.
-static DUMMY_HASH: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| hash_password("no such user").unwrap_or_default());
 
 fn jwt_secret(state: &AppState) -> Result<&secrecy::SecretString, ApiError> {
     state
@@ -148,7 +98,7 @@ pub async fn login(
     let secret = jwt_secret(&state)?.expose_secret().to_owned();
     let client_ip = super::limits::request_client_ip(&request, &state.config.trusted_proxies);
     let (parts, body) = request.into_parts();
-    let value = super::events::parse_json_body(&parts.headers, body, &state.config, Some(16 * 1024)).await?;
+    let value = super::body::parse_json_body(&parts.headers, body, &state.config, Some(16 * 1024)).await?;
     let login: Login = serde_json::from_value(value)
         .map_err(|e| ApiError::InvalidRequest(format!("expected {{\"username\", \"password\"}}: {e}")))?;
     if let Err(e) = state.login_limits.check(&login.username, client_ip) {
@@ -168,10 +118,9 @@ pub async fn login(
                 .await
                 .unwrap_or(false)
         }
-        _ => {
-            let _ = tokio::task::spawn_blocking(move || verify_password(&password, &DUMMY_HASH)).await;
-            false
-        }
+        _ => tokio::task::spawn_blocking(move || verify_nobody(&password))
+            .await
+            .unwrap_or(false),
     };
     if !ok {
         tracing::info!(partnerId = %login.username, clientIp = ?client_ip, "login failed");

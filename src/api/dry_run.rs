@@ -11,8 +11,8 @@ use serde_json::Value;
 
 use super::AppState;
 use super::auth::Caller;
+use super::body::parse_json_body;
 use super::error::{ApiError, FieldError};
-use super::events::parse_json_body;
 
 /// What a dry run did.
 #[derive(Debug, Serialize, utoipa::ToSchema)]

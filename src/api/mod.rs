@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod body;
 pub mod docs;
 pub mod dry_run;
 pub mod error;
@@ -18,7 +19,8 @@ use axum::response::Response;
 use axum::routing::{get, post};
 
 use crate::config::Config;
-use crate::pipelines::Pipelines;
+use crate::dispatch::Dispatcher;
+use crate::pipelines::{Pipelines, Reloader};
 use crate::queue::Queue;
 use crate::store::Store;
 use crate::telemetry::Metrics;
@@ -28,12 +30,12 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub store: Arc<dyn Store>,
     pub queue: Arc<dyn Queue>,
+    /// Every push of a task goes through it (see [`crate::dispatch`]).
+    pub dispatch: Arc<Dispatcher>,
     pub pipelines: Arc<Pipelines>,
+    /// Every reload goes through it (see [`crate::pipelines::Reloader`]).
+    pub reloader: Arc<Reloader>,
     pub metrics: Arc<Metrics>,
-    /// Present in processes that run pipelines: reloads start workers for new types.
-    pub workers: Option<Arc<crate::worker::Workers>>,
-    /// Epoch ms until which pushes are skipped after a queue failure.
-    pub queue_down_until: Arc<std::sync::atomic::AtomicI64>,
     pub partner_limits: Arc<limits::PartnerLimits>,
     pub login_limits: Arc<limits::LoginLimits>,
 }

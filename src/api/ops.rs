@@ -71,7 +71,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             .set(age);
         if let Ok(depth) = state
             .queue
-            .depth(&crate::pipelines::queue_name(&p.event_type))
+            .depth(&crate::dispatch::queue_name(&p.event_type))
             .await
         {
             state
@@ -155,11 +155,7 @@ pub async fn reload_pipelines(
     State(state): State<AppState>,
     _: Admin,
 ) -> Result<Json<PipelineList>, ApiError> {
-    let for_reload = state.clone();
-    let result = tokio::task::spawn_blocking(move || crate::app::reload_pipelines(&for_reload, "admin"))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    match result {
+    match state.reloader.reload_async("admin").await {
         Ok(set) => Ok(Json(pipeline_list(&state, &set))),
         Err(errors) => Err(ApiError::InvalidPipelines(
             errors

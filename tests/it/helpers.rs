@@ -398,10 +398,10 @@ impl TestApp {
             })
             .await
             .expect("partner");
-        let key = orchestrator::api::auth::generate_api_key();
+        let key = orchestrator::credentials::generate_api_key();
         crate::logcap::secret(&key);
         store
-            .add_api_key(id, &orchestrator::api::auth::hash_api_key(&key), "test")
+            .add_api_key(id, &orchestrator::credentials::hash_api_key(&key), "test")
             .await
             .expect("key");
         key
@@ -438,6 +438,21 @@ impl TestApp {
         self.addr = addr;
         self.server = server;
         self
+    }
+
+    /// The Redis key prefix of a production-path app.
+    pub fn redis_prefix(&self) -> Option<&str> {
+        self.values.get("REDIS_PREFIX").map(String::as_str)
+    }
+
+    /// The Redis URL a production-path app uses.
+    pub fn redis_url(&self) -> Option<&str> {
+        self.values.get("REDIS_URL").map(String::as_str)
+    }
+
+    /// The PostgreSQL URL of a production-path app's own database.
+    pub fn database_url(&self) -> Option<&str> {
+        self.values.get("DATABASE_URL").map(String::as_str)
     }
 
     pub async fn stop(mut self) {

@@ -514,7 +514,9 @@ mod jwt {
             .create_partner(&orchestrator::store::NewPartner {
                 id: "acme".into(),
                 name: "ACME".into(),
-                password_hash: Some(orchestrator::api::auth::hash_password("s3cret-passw0rd").expect("hash")),
+                password_hash: Some(
+                    orchestrator::credentials::hash_password("s3cret-passw0rd").expect("hash"),
+                ),
                 rate_per_minute: None,
                 burst: None,
             })

@@ -1,0 +1,131 @@
+//! `POST /events`: one event checked against its type's pipeline, stored
+//! and queued before the answer.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::envelope::{envelope, idempotency_key, request_hash};
+use super::{Accepted, accepted, sender};
+use crate::api::AppState;
+use crate::api::auth::Caller;
+use crate::api::body::parse_json_body;
+use crate::api::error::{ApiError, FieldError};
+use crate::store::{EventRecord, InsertOutcome, NewEvent, Partner};
+
+/// Body of `POST /events` (the served document lists one schema per loaded type).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EventIn {
+    /// Event type, e.g. `VENDA`.
+    #[schema(min_length = 1, max_length = 128)]
+    pub tipo: String,
+    /// The payload the type's JSON Schema validates.
+    #[schema(value_type = Object)]
+    pub dados: Value,
+}
+
+/// Accept an event: validate, store, queue, then answer.
+#[utoipa::path(post, path = "/events", tag = "events",
+    request_body = EventIn,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Replays return the original event")),
+    responses(
+        (status = 202, description = "Stored and queued", body = Accepted),
+        (status = 200, description = "Idempotent replay", body = Accepted),
+        (status = 400, description = "Malformed JSON", body = crate::api::error::Problem),
+        (status = 401, description = "No or bad credentials", body = crate::api::error::Problem),
+        (status = 409, description = "Idempotency key reused with another body", body = crate::api::error::Problem),
+        (status = 413, description = "Body too large", body = crate::api::error::Problem),
+        (status = 415, description = "Not JSON", body = crate::api::error::Problem),
+        (status = 422, description = "Unknown type or schema violations", body = crate::api::error::Problem),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn create_event(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let partner = sender(caller)?;
+    let value = parse_json_body(&headers, body, &state.config, None).await?;
+    let (tipo, dados) = envelope(value)?;
+    let idem = idempotency_key(&headers)?;
+    let new = prepare(
+        &state,
+        &partner,
+        tipo,
+        dados,
+        idem,
+        crate::api::request_id(&headers),
+    )?;
+    let idem = new.idempotency_key.clone();
+    let (status, ev) = settle(state.dispatch.accept(new).await?, idem)?;
+    let mut resp = (status, Json(accepted(&ev))).into_response();
+    if status == StatusCode::OK {
+        resp.headers_mut()
+            .insert("idempotent-replayed", header::HeaderValue::from_static("true"));
+    }
+    Ok(resp)
+}
+
+/// Checks an event against its type's pipeline and builds the row to store.
+pub(super) fn prepare(
+    state: &AppState,
+    partner: &Partner,
+    tipo: String,
+    dados: Value,
+    idem: Option<String>,
+    request_id: Option<String>,
+) -> Result<NewEvent, ApiError> {
+    let set = state.pipelines.current();
+    let Some(pipeline) = set.get(&tipo).cloned() else {
+        let known: Vec<_> = set.pipelines().iter().map(|p| p.event_type.clone()).collect();
+        return Err(ApiError::UnknownEventType {
+            tipo,
+            known: known.join(", "),
+        });
+    };
+    pipeline
+        .validate_dados(&dados)
+        .map_err(|violations| ApiError::ValidationFailed {
+            tipo: pipeline.event_type.clone(),
+            errors: violations
+                .into_iter()
+                .map(|v| FieldError {
+                    path: format!("/dados{}", v.path),
+                    message: v.message,
+                })
+                .collect(),
+        })?;
+    let tipo = pipeline.event_type.clone();
+    Ok(NewEvent {
+        id: ulid::Ulid::new().to_string(),
+        partner_id: partner.id.clone(),
+        request_hash: request_hash(&tipo, &dados),
+        tipo,
+        dados,
+        pipeline_version: pipeline.version.clone(),
+        received_at: Utc::now(),
+        idempotency_key: idem,
+        request_id,
+    })
+}
+
+/// The answer for a stored event: `202` when created, `200` for a replay,
+/// `409` for a key reused with another body.
+pub(super) fn settle(
+    outcome: InsertOutcome,
+    idem: Option<String>,
+) -> Result<(StatusCode, EventRecord), ApiError> {
+    match outcome {
+        InsertOutcome::Created(ev) => Ok((StatusCode::ACCEPTED, ev)),
+        InsertOutcome::Replayed(ev) => Ok((StatusCode::OK, ev)),
+        InsertOutcome::Conflict { .. } => Err(ApiError::IdempotencyConflict(idem.unwrap_or_default())),
+    }
+}

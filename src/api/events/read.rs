@@ -1,0 +1,244 @@
+//! The event reads: one event, its status and trace, keyset-paged lists,
+//! and statistics.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use super::{Links, links, visible_event};
+use crate::api::AppState;
+use crate::api::auth::Caller;
+use crate::api::error::ApiError;
+use crate::store::{DeliveryRow, LastError, ListFilter, Stats, Status};
+
+/// The full event.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EventOut {
+    pub id: String,
+    pub tipo: String,
+    pub partner_id: String,
+    pub status: Status,
+    pub attempts: u32,
+    pub pipeline_version: String,
+    pub received_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processed_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// `X-Request-Id` of the request that created the event.
+    pub request_id: Option<String>,
+    /// As received.
+    pub dados: Value,
+    pub meta: Value,
+    /// The processed form: enriched `dados`, `meta` and `routes`.
+    pub result: Option<Value>,
+    pub deliveries: Vec<DeliveryRow>,
+    pub last_error: Option<LastError>,
+    pub links: Links,
+}
+
+#[utoipa::path(get, path = "/events/{id}", tag = "events",
+    params(("id" = String, Path)),
+    responses((status = 200, body = EventOut), (status = 404, body = crate::api::error::Problem)),
+    security(("api_key" = [])))]
+pub async fn get_event(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<EventOut>, ApiError> {
+    let ev = visible_event(&state, &caller, &id).await?;
+    let deliveries = state.store.deliveries(&id).await?;
+    Ok(Json(EventOut {
+        links: links(&ev.id),
+        id: ev.id,
+        tipo: ev.tipo,
+        partner_id: ev.partner_id,
+        status: ev.status,
+        attempts: ev.attempts,
+        pipeline_version: ev.pipeline_version,
+        received_at: ev.received_at,
+        updated_at: ev.updated_at,
+        processed_at: ev.processed_at,
+        idempotency_key: ev.idempotency_key,
+        request_id: ev.request_id,
+        dados: ev.dados,
+        meta: ev.meta,
+        result: ev.result,
+        deliveries,
+        last_error: ev.last_error,
+    }))
+}
+
+/// Processing state and the trace of the last attempt.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StatusOut {
+    pub id: String,
+    pub status: Status,
+    pub attempts: u32,
+    /// First attempt plus the pipeline's retries.
+    pub max_attempts: Option<u32>,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub last_error: Option<LastError>,
+    #[schema(value_type = Vec<Object>)]
+    pub trace: Vec<engine::StageTrace>,
+}
+
+#[utoipa::path(get, path = "/events/{id}/status", tag = "events",
+    params(("id" = String, Path)),
+    responses((status = 200, body = StatusOut), (status = 404, body = crate::api::error::Problem)),
+    security(("api_key" = [])))]
+pub async fn get_status(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<StatusOut>, ApiError> {
+    let ev = visible_event(&state, &caller, &id).await?;
+    let max_attempts = state
+        .pipelines
+        .for_event(&ev.tipo, &ev.pipeline_version)
+        .map(|p| p.retry.max_retries + 1);
+    Ok(Json(StatusOut {
+        id: ev.id,
+        status: ev.status,
+        attempts: ev.attempts,
+        max_attempts,
+        next_attempt_at: ev.next_attempt_at,
+        last_error: ev.last_error,
+        trace: ev.last_trace,
+    }))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    #[param(value_type = Option<Status>)]
+    pub status: Option<String>,
+    pub tipo: Option<String>,
+    /// RFC 3339; received at or after.
+    #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
+    pub since: Option<String>,
+    /// RFC 3339; received before.
+    #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
+    pub until: Option<String>,
+    /// 1 to 1000, default 50.
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// Admin only: one partner's events.
+    pub partner_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EventSummary {
+    pub id: String,
+    pub tipo: String,
+    pub partner_id: String,
+    pub status: Status,
+    pub attempts: u32,
+    pub received_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub last_error: Option<LastError>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EventPage {
+    pub items: Vec<EventSummary>,
+    pub next_cursor: Option<String>,
+}
+
+/// An optional RFC 3339 time; the error is the message to show.
+pub fn parse_time(name: &str, v: &Option<String>) -> Result<Option<DateTime<Utc>>, String> {
+    v.as_deref()
+        .map(|s| {
+            DateTime::parse_from_rfc3339(s)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|e| format!("{name}: {e} (expected RFC 3339)"))
+        })
+        .transpose()
+}
+
+#[utoipa::path(get, path = "/events", tag = "events", params(ListQuery),
+    responses((status = 200, body = EventPage), (status = 422, body = crate::api::error::Problem)),
+    security(("api_key" = [])))]
+pub async fn list_events(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<EventPage>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
+    let status = q
+        .status
+        .as_deref()
+        .map(|s| {
+            Status::parse(s).ok_or_else(|| {
+                ApiError::InvalidQuery(format!(
+                    "status {s:?}; one of {}",
+                    Status::ALL.map(|s| s.as_str()).join(", ")
+                ))
+            })
+        })
+        .transpose()?;
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::InvalidQuery("limit must be 1 to 1000".into()));
+    }
+    let partner_id = match caller.partner_scope() {
+        Some(p) => Some(p.to_owned()),
+        None => q.partner_id.clone(),
+    };
+    let filter = ListFilter {
+        partner_id,
+        status,
+        tipo: q.tipo.as_deref().map(engine::normalize_tipo),
+        since: parse_time("since", &q.since).map_err(ApiError::InvalidQuery)?,
+        until: parse_time("until", &q.until).map_err(ApiError::InvalidQuery)?,
+        before_id: q.cursor.clone(),
+        limit: limit + 1,
+    };
+    let mut rows = state.store.list_events(&filter).await?;
+    let next_cursor = if rows.len() > limit as usize {
+        rows.truncate(limit as usize);
+        rows.last().map(|e| e.id.clone())
+    } else {
+        None
+    };
+    Ok(Json(EventPage {
+        items: rows
+            .into_iter()
+            .map(|e| EventSummary {
+                id: e.id,
+                tipo: e.tipo,
+                partner_id: e.partner_id,
+                status: e.status,
+                attempts: e.attempts,
+                received_at: e.received_at,
+                updated_at: e.updated_at,
+                last_error: e.last_error,
+            })
+            .collect(),
+        next_cursor,
+    }))
+}
+
+#[utoipa::path(get, path = "/events/stats", tag = "events",
+    responses((status = 200, body = Stats)), security(("api_key" = [])))]
+pub async fn stats(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    let s = state.store.stats(caller.partner_scope()).await?;
+    let mut by_status: Map<String, Value> = Status::ALL
+        .iter()
+        .map(|st| (st.as_str().to_owned(), json!(0)))
+        .collect();
+    for (k, v) in s.by_status {
+        by_status.insert(k, json!(v));
+    }
+    Ok(Json(json!({
+        "total": s.total,
+        "by_status": by_status,
+        "by_type": s.by_type,
+        "processing_ms": s.processing_ms,
+    })))
+}

@@ -1,0 +1,35 @@
+//! `POST /events/{id}/retry`: a dead letter back in the queue, with a fresh
+//! retry budget.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use super::{Accepted, accepted, visible_event};
+use crate::api::AppState;
+use crate::api::auth::Caller;
+use crate::api::error::ApiError;
+use crate::store::RetryOutcome;
+
+#[utoipa::path(post, path = "/events/{id}/retry", tag = "events",
+    params(("id" = String, Path)),
+    responses((status = 202, body = Accepted), (status = 404, body = crate::api::error::Problem),
+              (status = 409, body = crate::api::error::Problem)),
+    security(("api_key" = [])))]
+pub async fn retry_event(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    visible_event(&state, &caller, &id).await?;
+    match state.store.manual_retry(&id).await? {
+        RetryOutcome::Requeued(ev) => {
+            state.dispatch.queue_now(&[(&ev).into()]).await;
+            tracing::info!(eventId = %ev.id, eventType = %ev.tipo, "manual retry queued");
+            Ok((StatusCode::ACCEPTED, Json(accepted(&ev))).into_response())
+        }
+        RetryOutcome::WrongStatus(s) => Err(ApiError::NotRetryable(s.as_str().to_owned())),
+        RetryOutcome::NotFound => Err(ApiError::NotFound("event")),
+    }
+}
