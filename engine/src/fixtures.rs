@@ -17,12 +17,14 @@
 
 use std::path::{Path, PathBuf};
 
+use chrono::{DateTime, NaiveDate, Utc};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::model::RetryPolicy;
 use crate::pipeline::{PipelineSet, normalize_tipo};
-use crate::script::ScriptEvent;
-use crate::stage::{EventContext, StageError};
+use crate::retry::RetryDecision;
+use crate::stage::{Event, EventContext, StageError};
 
 /// One fixture file.
 #[derive(Debug, Deserialize)]
@@ -49,7 +51,9 @@ pub struct Case {
 #[serde(deny_unknown_fields)]
 pub struct Expect {
     /// `processed`, `invalid` (schema), `rejected` (a script's `reject`),
-    /// `dead_lettered` (any other permanent error) or `retrying` (transient).
+    /// `dead_lettered` (any other permanent error, or a transient one the
+    /// retry policy gives no retry) or `retrying` (a transient failure the
+    /// policy retries, as [`RetryPolicy::decide`] says for a first attempt).
     pub outcome: Option<String>,
     /// The routes chosen, in order.
     pub routes: Option<Vec<String>>,
@@ -178,20 +182,17 @@ async fn run_case(set: &PipelineSet, tipo: &str, case: &Case) -> Vec<String> {
     if expected_outcome.as_deref() == Some("invalid") {
         return vec!["expected the schema to refuse the event, but it was valid".to_owned()];
     }
-    let mut cx = EventContext::new(ScriptEvent {
-        id: "01FIXTURE0000000000000000000".to_owned(),
-        tipo: pipeline.event_type.clone(),
-        partner_id: case.partner_id.clone().unwrap_or_else(|| "test".to_owned()),
-        received_at: "2026-01-01T12:00:00.000Z".to_owned(),
-        dados: case.dados.clone(),
-        meta: case
-            .meta
-            .clone()
-            .unwrap_or_else(|| Value::Object(Default::default())),
-    });
+    let mut cx = EventContext::new(Event::new(
+        "01FIXTURE0000000000000000000".to_owned(),
+        pipeline.event_type.clone(),
+        case.partner_id.clone().unwrap_or_else(|| "test".to_owned()),
+        fixture_received_at(),
+        case.dados.clone(),
+        case.meta.clone().unwrap_or(Value::Null),
+    ));
     cx.dry_run = true;
     let execution = pipeline.execute(&mut cx).await;
-    let outcome = outcome_name(execution.error.as_ref(), pipeline.retry.max_retries);
+    let outcome = outcome_name(execution.error.as_ref(), &pipeline.retry);
     if let Some(want) = &expected_outcome
         && want != outcome
     {
@@ -244,12 +245,24 @@ async fn run_case(set: &PipelineSet, tipo: &str, case: &Case) -> Vec<String> {
     failures
 }
 
-fn outcome_name(error: Option<&StageError>, max_retries: u32) -> &'static str {
+/// 2026-01-01T12:00:00Z: a fixed time, so that cases whose scripts read
+/// `received_at` give the same result on every run.
+fn fixture_received_at() -> DateTime<Utc> {
+    NaiveDate::from_ymd_opt(2026, 1, 1)
+        .and_then(|d| d.and_hms_opt(12, 0, 0))
+        .map(|t| t.and_utc())
+        .unwrap_or_default()
+}
+
+/// A dry run is the event's first attempt.
+fn outcome_name(error: Option<&StageError>, retry: &RetryPolicy) -> &'static str {
     match error {
         None => "processed",
         Some(e) if e.category == "rejected" => "rejected",
-        Some(e) if e.is_transient() && max_retries > 0 => "retrying",
-        Some(_) => "dead_lettered",
+        Some(e) => match retry.decide(e, 1) {
+            RetryDecision::Retry { .. } => "retrying",
+            RetryDecision::DeadLetter => "dead_lettered",
+        },
     }
 }
 
@@ -292,6 +305,40 @@ mod tests {
         assert_eq!(f.len(), 3, "{f:?}");
         assert!(f[0].contains("dados.b.c"));
         assert!(f[1].contains("dados.z") && f[1].contains("absent"));
+    }
+
+    #[test]
+    fn fixture_events_are_received_at_a_fixed_time() {
+        let ev = Event::new(
+            String::new(),
+            String::new(),
+            String::new(),
+            fixture_received_at(),
+            json!({}),
+            Value::Null,
+        );
+        assert_eq!(ev.received_at, "2026-01-01T12:00:00.000Z");
+    }
+
+    #[test]
+    fn outcomes_follow_the_retry_decision_of_a_first_attempt() {
+        let retry = RetryPolicy::default();
+        let transient = StageError::transient("delivery", "x");
+        assert_eq!(outcome_name(None, &retry), "processed");
+        assert_eq!(
+            outcome_name(Some(&StageError::permanent("rejected", "x")), &retry),
+            "rejected"
+        );
+        assert_eq!(outcome_name(Some(&transient), &retry), "retrying");
+        assert_eq!(
+            outcome_name(Some(&StageError::permanent("script", "x")), &retry),
+            "dead_lettered"
+        );
+        let once = RetryPolicy {
+            max_retries: 0,
+            ..RetryPolicy::default()
+        };
+        assert_eq!(outcome_name(Some(&transient), &once), "dead_lettered");
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The pipeline engine: the pipeline model, the all-or-nothing loader, the
-//! `Stage` trait, the executor and the Rhai host.
+//! The pipeline engine: the pipeline model, the all-or-nothing loader (from
+//! directories or from files held in memory), the `Stage` trait and the
+//! [`Event`] it runs on, the executor, the retry decision and the Rhai host.
 //!
 //! Architecture invariant: nothing here knows about HTTP, SQL or queues.
 //! Stages leave what must be stored (deliveries made, the processed form) in
@@ -10,13 +11,21 @@ pub mod json;
 pub mod loader;
 pub mod model;
 pub mod pipeline;
+pub mod retry;
 pub mod script;
 pub mod stage;
 pub mod tables;
 
-pub use loader::{LoadError, LoadErrors, LoadOptions, StageBuildContext, StageFactory, load_set};
+pub use loader::{
+    LoadError, LoadErrors, LoadOptions, SourceFiles, StageBuildContext, StageFactory, load_from, load_set,
+    load_stored,
+};
 pub use model::{DestinationConfig, PipelineSpec, RetryPolicy, StageConfig};
 pub use pipeline::{Execution, Pipeline, PipelineSet, Violation, normalize_tipo, validate_with};
-pub use script::{CompiledScript, ScriptEvent, ScriptHost, ScriptLimits};
-pub use stage::{DeliveryReport, ErrorClass, EventContext, Stage, StageError, StageOutcome, StageTrace};
+pub use retry::RetryDecision;
+pub use script::{CompiledScript, ScriptHost, ScriptLimits};
+pub use stage::{
+    DeliveryOutcome, DeliveryReport, ErrorClass, Event, EventContext, Stage, StageError, StageOutcome,
+    StageTrace,
+};
 pub use tables::Tables;

@@ -70,7 +70,8 @@ fn default_concurrency() -> usize {
     8
 }
 
-/// How transient failures are retried before the event is dead-lettered.
+/// How transient failures are retried before the event is dead-lettered
+/// (what it decides: [`crate::retry`]).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RetryPolicy {
@@ -113,25 +114,6 @@ impl Default for RetryPolicy {
             multiplier: default_multiplier(),
             max_delay: default_max_delay(),
         }
-    }
-}
-
-impl RetryPolicy {
-    /// Delay before retry number `retry` (1-based): 1s, 4s, 16s with the defaults.
-    pub fn delay_for(&self, retry: u32) -> Duration {
-        let delay = match self.backoff {
-            Backoff::Fixed => self.initial_delay,
-            Backoff::Exponential => {
-                let exp = retry.saturating_sub(1).min(64) as i32;
-                let secs = self.initial_delay.as_secs_f64() * self.multiplier.powi(exp);
-                if secs.is_finite() && secs < self.max_delay.as_secs_f64() {
-                    Duration::from_secs_f64(secs)
-                } else {
-                    self.max_delay
-                }
-            }
-        };
-        delay.min(self.max_delay)
     }
 }
 
@@ -291,26 +273,6 @@ pub(crate) mod duration_str {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn default_backoff_is_1_4_16_seconds() {
-        let p = RetryPolicy::default();
-        assert_eq!(p.delay_for(1), Duration::from_secs(1));
-        assert_eq!(p.delay_for(2), Duration::from_secs(4));
-        assert_eq!(p.delay_for(3), Duration::from_secs(16));
-        assert_eq!(p.delay_for(60), Duration::from_secs(600));
-    }
-
-    #[test]
-    fn fixed_backoff_and_cap() {
-        let p = RetryPolicy {
-            backoff: Backoff::Fixed,
-            initial_delay: Duration::from_secs(20),
-            max_delay: Duration::from_secs(5),
-            ..RetryPolicy::default()
-        };
-        assert_eq!(p.delay_for(3), Duration::from_secs(5));
-    }
 
     #[test]
     fn unknown_keys_are_rejected() {

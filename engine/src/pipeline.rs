@@ -32,6 +32,8 @@ pub struct Pipeline {
     pub description: Option<String>,
     /// Content hash of the pipeline file, its schema and its scripts.
     pub version: String,
+    /// The pipeline file: under the pipelines directory when loaded from
+    /// disk, `pipelines/<file name>` when rebuilt from stored files.
     pub source_file: PathBuf,
     pub schema_file: String,
     pub retry: RetryPolicy,
@@ -42,7 +44,8 @@ pub struct Pipeline {
     pub schema_json: Arc<Value>,
     /// The files this version was loaded from, by path (`pipelines/…`,
     /// `schemas/…`): the service stores them so an event accepted with this
-    /// version runs with it even after a restart or a later reload.
+    /// version runs with it even after a restart or a later reload
+    /// ([`crate::load_stored`] rebuilds it, with the same `version`).
     pub sources: BTreeMap<String, String>,
     /// Reference tables the scripts look up.
     pub tables: Arc<Tables>,

@@ -1,14 +1,59 @@
-//! The `Stage` trait every plugin implements, the per-event context the
-//! stages share, and the error classes that decide retry versus dead letter.
+//! The `Stage` trait every plugin implements, the event and the per-event
+//! context the stages share, the error classes that decide retry versus dead
+//! letter, and what a delivery attempt reports.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::script::ScriptEvent;
+/// The event a pipeline runs on; scripts see it as
+/// `#{id, tipo, partner_id, received_at, dados, meta}`.
+///
+/// The fields are public because stages and scripts read and change them;
+/// build one with [`Event::new`] so that `received_at` and `meta` always have
+/// the form scripts and webhook bodies rely on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    pub id: String,
+    pub tipo: String,
+    pub partner_id: String,
+    /// RFC 3339, UTC, milliseconds, `Z` (as [`Event::new`] writes it).
+    pub received_at: String,
+    pub dados: Value,
+    /// Always an object.
+    pub meta: Value,
+}
+
+impl Event {
+    /// `received_at` is written as RFC 3339 with milliseconds and `Z`; a
+    /// `meta` that is not a JSON object becomes `{}`, since scripts and
+    /// stages add keys to it.
+    pub fn new(
+        id: String,
+        tipo: String,
+        partner_id: String,
+        received_at: DateTime<Utc>,
+        dados: Value,
+        meta: Value,
+    ) -> Event {
+        Event {
+            id,
+            tipo,
+            partner_id,
+            received_at: received_at.to_rfc3339_opts(SecondsFormat::Millis, true),
+            dados,
+            meta: if meta.is_object() {
+                meta
+            } else {
+                Value::Object(serde_json::Map::new())
+            },
+        }
+    }
+}
 
 /// Whether a failure may succeed on a later attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,13 +98,42 @@ impl StageError {
     }
 }
 
+/// How one destination fared in one attempt. Serialised in snake case
+/// (`"delivered"`, …), which is what the service stores and shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryOutcome {
+    /// The destination accepted the event (2xx, or written to the log).
+    Delivered,
+    /// A failure worth retrying: timeout, connection error, 408, 429, 5xx.
+    Failed,
+    /// The destination refused the event for good (other 4xx, 3xx, a bad
+    /// request); the attempt fails permanently.
+    Rejected,
+    /// Not called: the destination accepted the event in an earlier attempt.
+    Skipped,
+    /// Not called: a dry run.
+    Simulated,
+}
+
+impl DeliveryOutcome {
+    /// The serialised name, for metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Delivered => "delivered",
+            Self::Failed => "failed",
+            Self::Rejected => "rejected",
+            Self::Skipped => "skipped",
+            Self::Simulated => "simulated",
+        }
+    }
+}
+
 /// What happened at one destination during this attempt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeliveryReport {
     pub destination: String,
-    /// `delivered`, `failed`, `skipped` (already delivered earlier) or
-    /// `simulated` (dry run).
-    pub outcome: String,
+    pub outcome: DeliveryOutcome,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status_code: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -70,7 +144,7 @@ pub struct DeliveryReport {
 /// The state one event carries through the stages of one attempt.
 #[derive(Debug, Clone)]
 pub struct EventContext {
-    pub event: ScriptEvent,
+    pub event: Event,
     /// Set by `route`; `None` means every destination.
     pub routes: Option<Vec<String>>,
     /// Destinations that already answered 2xx in an earlier attempt.
@@ -90,7 +164,7 @@ pub struct EventContext {
 }
 
 impl EventContext {
-    pub fn new(event: ScriptEvent) -> Self {
+    pub fn new(event: Event) -> Self {
         Self {
             event,
             routes: None,
@@ -147,4 +221,67 @@ pub struct StageTrace {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<Value>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn event_new_formats_received_at_and_makes_meta_an_object() {
+        let at = DateTime::parse_from_rfc3339("2026-01-01T12:00:00.5+02:00")
+            .expect("timestamp")
+            .with_timezone(&Utc);
+        let ev = Event::new(
+            "e".into(),
+            "VENDA".into(),
+            "p".into(),
+            at,
+            json!({"a": 1}),
+            json!([1]),
+        );
+        assert_eq!(ev.received_at, "2026-01-01T10:00:00.500Z");
+        assert_eq!(ev.meta, json!({}));
+        let ev = Event::new("e".into(), "VENDA".into(), "p".into(), at, json!({}), Value::Null);
+        assert_eq!(ev.meta, json!({}));
+        let ev = Event::new(
+            "e".into(),
+            "VENDA".into(),
+            "p".into(),
+            at,
+            json!({}),
+            json!({"k": "v"}),
+        );
+        assert_eq!(ev.meta, json!({"k": "v"}));
+    }
+
+    #[test]
+    fn delivery_outcomes_serialise_as_their_names() {
+        let all = [
+            DeliveryOutcome::Delivered,
+            DeliveryOutcome::Failed,
+            DeliveryOutcome::Rejected,
+            DeliveryOutcome::Skipped,
+            DeliveryOutcome::Simulated,
+        ];
+        let names: Vec<&str> = all.iter().map(|o| o.as_str()).collect();
+        assert_eq!(names, ["delivered", "failed", "rejected", "skipped", "simulated"]);
+        for o in all {
+            let json = serde_json::to_string(&o).expect("serialises");
+            assert_eq!(json, format!("\"{}\"", o.as_str()));
+            assert_eq!(serde_json::from_str::<DeliveryOutcome>(&json).expect("parses"), o);
+        }
+        let report = DeliveryReport {
+            destination: "erp".into(),
+            outcome: DeliveryOutcome::Delivered,
+            status_code: Some(204),
+            error: None,
+            duration_ms: 1.5,
+        };
+        assert_eq!(
+            serde_json::to_string(&report).expect("serialises"),
+            r#"{"destination":"erp","outcome":"delivered","status_code":204,"duration_ms":1.5}"#
+        );
+    }
 }

@@ -5,9 +5,10 @@
 //! (`rows:` a mapping key → value) or as a file under `PIPELINES_DIR`: a CSV
 //! file with a header row (the key column is `key:` or the first column; cells
 //! are strings unless `columns:` gives a type), or a YAML/JSON file holding a
-//! mapping key → value. Tables are read and converted once, when the pipeline
-//! loads; their files are part of the pipeline's version, so editing one is a
-//! reload like any other. Scripts call `lookup(table, key)`,
+//! mapping key → value. Tables are parsed and converted to Rhai values once,
+//! when the pipeline loads (the loader reads the files and hands their text
+//! over as [`TableFile`]); their files are part of the pipeline's version, so
+//! editing one is a reload like any other. Scripts call `lookup(table, key)`,
 //! `lookup(table, key, default)` and `has_row(table, key)` (see
 //! [`crate::script`]).
 
@@ -18,7 +19,7 @@ use rhai::{Dynamic, Map};
 use serde_json::Value;
 
 use crate::model::{ColumnType, TableSpec};
-use crate::script::json_to_dynamic;
+use crate::script::convert::json_to_dynamic;
 
 /// Largest table file read, in bytes.
 pub const MAX_TABLE_BYTES: u64 = 64 * 1024 * 1024;
@@ -108,11 +109,23 @@ pub struct LoadedTable {
     pub source: Option<(String, String)>,
 }
 
-/// Reads one declared table. `resolve` maps a relative file name to a path
-/// inside `PIPELINES_DIR` (or `None` when it would leave it).
-pub fn load_table(
+/// A table file as the loader found it (the loader reads files, not this
+/// module, so that a set can be built from files held in memory).
+pub enum TableFile<'a> {
+    /// The relative path would leave `PIPELINES_DIR`.
+    Outside,
+    /// The file could not be read; `error` is the I/O error's text.
+    Unreadable { path: PathBuf, error: String },
+    /// The file is larger than [`MAX_TABLE_BYTES`] and was not read.
+    TooLarge { path: PathBuf, bytes: u64 },
+    /// The file's text; `path` names it in errors.
+    Text { path: PathBuf, text: &'a str },
+}
+
+/// Loads one declared table. `fetch` gives the file for a relative file name.
+pub fn load_table<'a>(
     spec: &TableSpec,
-    resolve: &dyn Fn(&str) -> Option<PathBuf>,
+    fetch: &dyn Fn(&str) -> TableFile<'a>,
 ) -> Result<LoadedTable, TableError> {
     match (&spec.file, &spec.rows) {
         (Some(_), Some(_)) => Err(TableError::spec("give either `file` or `rows`, not both")),
@@ -125,24 +138,36 @@ pub fn load_table(
             Ok(LoadedTable { table, source: None })
         }
         (Some(rel), None) => {
-            let path = resolve(rel).ok_or_else(|| {
-                TableError::spec(format!(
-                    "table file {rel:?} must be a relative path inside the pipelines directory"
-                ))
-            })?;
-            let text = read_limited(&path)?;
+            let (path, text) = match fetch(rel) {
+                TableFile::Outside => {
+                    return Err(TableError::spec(format!(
+                        "table file {rel:?} must be a relative path inside the pipelines directory"
+                    )));
+                }
+                TableFile::Unreadable { path, error } => {
+                    return Err(TableError::spec(format!(
+                        "cannot read {}: {error}",
+                        path.display()
+                    )));
+                }
+                TableFile::TooLarge { path, bytes } => return Err(too_large(&path, bytes)),
+                TableFile::Text { path, text } if text.len() as u64 > MAX_TABLE_BYTES => {
+                    return Err(too_large(&path, text.len() as u64));
+                }
+                TableFile::Text { path, text } => (path, text),
+            };
             let ext = path
                 .extension()
                 .and_then(|e| e.to_str())
                 .map(str::to_ascii_lowercase)
                 .unwrap_or_default();
             let table = match ext.as_str() {
-                "csv" => csv_table(&text, spec, &path)?,
+                "csv" => csv_table(text, spec, &path)?,
                 "yaml" | "yml" | "json" => {
                     if spec.key.is_some() || !spec.columns.is_empty() {
                         return Err(TableError::spec("`key` and `columns` apply to CSV files only"));
                     }
-                    let rows: serde_yaml::Value = serde_yaml::from_str(&text)
+                    let rows: serde_yaml::Value = serde_yaml::from_str(text)
                         .map_err(|e| TableError::at(&path, e.location().map(|l| l.line()), e.to_string()))?;
                     mapping_table(&rows).map_err(|m| TableError::at(&path, None, m))?
                 }
@@ -154,27 +179,18 @@ pub fn load_table(
             };
             Ok(LoadedTable {
                 table,
-                source: Some((rel.clone(), text)),
+                source: Some((rel.clone(), text.to_owned())),
             })
         }
     }
 }
 
-fn read_limited(path: &Path) -> Result<String, TableError> {
-    let meta = std::fs::metadata(path)
-        .map_err(|e| TableError::spec(format!("cannot read {}: {e}", path.display())))?;
-    if meta.len() > MAX_TABLE_BYTES {
-        return Err(TableError::at(
-            path,
-            None,
-            format!(
-                "table file is {} bytes; the limit is {MAX_TABLE_BYTES}",
-                meta.len()
-            ),
-        ));
-    }
-    std::fs::read_to_string(path)
-        .map_err(|e| TableError::spec(format!("cannot read {}: {e}", path.display())))
+fn too_large(path: &Path, bytes: u64) -> TableError {
+    TableError::at(
+        path,
+        None,
+        format!("table file is {bytes} bytes; the limit is {MAX_TABLE_BYTES}"),
+    )
 }
 
 /// A YAML mapping key → value. Keys are strings or integers (integers are

@@ -31,7 +31,9 @@ use std::sync::Arc;
 
 use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
 use engine::script::ScriptOrigin;
-use engine::{EventContext, LoadOptions, Pipeline, PipelineSet, ScriptEvent, ScriptHost, StageOutcome};
+use engine::{
+    DeliveryOutcome, Event, EventContext, LoadOptions, Pipeline, PipelineSet, ScriptHost, StageOutcome,
+};
 use plugins::BuiltinFactory;
 use serde_json::{Value, json};
 
@@ -144,19 +146,22 @@ fn get(set: &PipelineSet, tipo: &str) -> Arc<Pipeline> {
         .clone()
 }
 
-fn event(tipo: &str, dados: Value) -> ScriptEvent {
-    ScriptEvent {
-        id: "01JBENCH000000000000000000".to_owned(),
-        tipo: tipo.to_owned(),
-        partner_id: "loja-7".to_owned(),
-        received_at: "2026-01-01T12:00:00.000Z".to_owned(),
+fn event(tipo: &str, dados: Value) -> Event {
+    let received_at = chrono::DateTime::parse_from_rfc3339("2026-01-01T12:00:00.000Z")
+        .expect("a valid timestamp")
+        .with_timezone(&chrono::Utc);
+    Event::new(
+        "01JBENCH000000000000000000".to_owned(),
+        tipo.to_owned(),
+        "loja-7".to_owned(),
+        received_at,
         dados,
-        meta: json!({}),
-    }
+        json!({}),
+    )
 }
 
 /// An ordinary sale: total 119.8, routed to `erp` only.
-fn venda() -> ScriptEvent {
+fn venda() -> Event {
     event(
         "VENDA",
         json!({"produto_id": "P-100", "quantidade": 2, "valor": 59.9, "cliente_id": "C-42", "canal": "loja"}),
@@ -171,12 +176,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// Runs one event and checks that every stage succeeded.
-fn run_checked(
-    rt: &tokio::runtime::Runtime,
-    pipeline: &Pipeline,
-    ev: &ScriptEvent,
-    stages: usize,
-) -> EventContext {
+fn run_checked(rt: &tokio::runtime::Runtime, pipeline: &Pipeline, ev: &Event, stages: usize) -> EventContext {
     let mut cx = EventContext::new(ev.clone());
     let execution = rt.block_on(pipeline.execute(&mut cx));
     assert!(
@@ -208,9 +208,9 @@ fn check_full_pipeline(rt: &tokio::runtime::Runtime, pipeline: &Pipeline) {
     let delivered: Vec<_> = cx
         .deliveries
         .iter()
-        .map(|d| (d.destination.as_str(), d.outcome.as_str()))
+        .map(|d| (d.destination.as_str(), d.outcome))
         .collect();
-    assert_eq!(delivered, [("erp", "delivered")]);
+    assert_eq!(delivered, [("erp", DeliveryOutcome::Delivered)]);
 
     let big = event(
         "VENDA",

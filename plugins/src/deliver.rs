@@ -1,10 +1,11 @@
-//! The `deliver` stage: sends the event to its routed destinations.
+//! The `deliver` stage: sends the event to its routed destinations and
+//! reports each one's [`DeliveryOutcome`].
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use engine::{DeliveryReport, DestinationConfig, EventContext, Stage, StageError};
+use engine::{DeliveryOutcome, DeliveryReport, DestinationConfig, EventContext, Stage, StageError};
 use serde_json::{Value, json};
 
 use crate::webhook::{self, WebhookCall, WebhookOutcome};
@@ -61,15 +62,16 @@ impl DeliverStage {
         body: &bytes::Bytes,
     ) -> DeliveryReport {
         let started = Instant::now();
-        let report = |outcome: &str, status_code: Option<u16>, error: Option<String>| DeliveryReport {
-            destination: name.to_owned(),
-            outcome: outcome.to_owned(),
-            status_code,
-            error,
-            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
-        };
+        let report =
+            |outcome: DeliveryOutcome, status_code: Option<u16>, error: Option<String>| DeliveryReport {
+                destination: name.to_owned(),
+                outcome,
+                status_code,
+                error,
+                duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+            };
         if cx.dry_run {
-            return report("simulated", None, None);
+            return report(DeliveryOutcome::Simulated, None, None);
         }
         match target {
             Target::Log => {
@@ -81,7 +83,7 @@ impl DeliverStage {
                     dados = %cx.event.dados,
                     "event delivered to log destination"
                 );
-                report("delivered", None, None)
+                report(DeliveryOutcome::Delivered, None, None)
             }
             Target::Webhook {
                 url,
@@ -101,11 +103,8 @@ impl DeliverStage {
                     },
                 )
                 .await;
-                match outcome {
-                    WebhookOutcome::Delivered(s) => report("delivered", Some(s), None),
-                    WebhookOutcome::Transient { status, error } => report("failed", status, Some(error)),
-                    WebhookOutcome::Permanent { status, error } => report("rejected", status, Some(error)),
-                }
+                let (outcome, status, error) = webhook_report(outcome);
+                report(outcome, status, error)
             }
         }
     }
@@ -135,7 +134,7 @@ impl Stage for DeliverStage {
             if cx.already_delivered.contains(name) {
                 reports.push(DeliveryReport {
                     destination: name.clone(),
-                    outcome: "skipped".into(),
+                    outcome: DeliveryOutcome::Skipped,
                     status_code: None,
                     error: Some("already delivered in an earlier attempt".into()),
                     duration_ms: 0.0,
@@ -154,22 +153,22 @@ impl Stage for DeliverStage {
 
         let mut failure: Option<StageError> = None;
         for r in &done {
-            match r.outcome.as_str() {
-                "delivered" => {
+            match r.outcome {
+                DeliveryOutcome::Delivered => {
                     cx.already_delivered.insert(r.destination.clone());
                 }
-                "rejected" => {
+                DeliveryOutcome::Rejected => {
                     let msg = format!("{}: {}", r.destination, r.error.as_deref().unwrap_or("rejected"));
                     // A permanent failure wins over transient ones: retrying cannot help.
                     if failure.as_ref().is_none_or(|f| f.is_transient()) {
                         failure = Some(StageError::permanent("delivery", msg));
                     }
                 }
-                "failed" => {
+                DeliveryOutcome::Failed => {
                     let msg = format!("{}: {}", r.destination, r.error.as_deref().unwrap_or("failed"));
                     failure.get_or_insert(StageError::transient("delivery", msg));
                 }
-                _ => {}
+                DeliveryOutcome::Skipped | DeliveryOutcome::Simulated => {}
             }
         }
         reports.extend(done);
@@ -179,6 +178,16 @@ impl Stage for DeliverStage {
             Some(f) => Err(f),
             None => Ok(output),
         }
+    }
+}
+
+/// How a webhook call's outcome is reported: outcome, status code, error.
+/// The one place a [`WebhookOutcome`] becomes a [`DeliveryOutcome`].
+fn webhook_report(outcome: WebhookOutcome) -> (DeliveryOutcome, Option<u16>, Option<String>) {
+    match outcome {
+        WebhookOutcome::Delivered(status) => (DeliveryOutcome::Delivered, Some(status), None),
+        WebhookOutcome::Transient { status, error } => (DeliveryOutcome::Failed, status, Some(error)),
+        WebhookOutcome::Permanent { status, error } => (DeliveryOutcome::Rejected, status, Some(error)),
     }
 }
 
@@ -203,4 +212,31 @@ fn webhook_body(cx: &EventContext) -> Result<Vec<u8>, StageError> {
         meta: &e.meta,
     })
     .map_err(|err| StageError::permanent("internal", err.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn webhook_outcomes_map_to_delivery_outcomes() {
+        assert_eq!(
+            webhook_report(WebhookOutcome::Delivered(204)),
+            (DeliveryOutcome::Delivered, Some(204), None)
+        );
+        assert_eq!(
+            webhook_report(WebhookOutcome::Transient {
+                status: None,
+                error: "timed out".into()
+            }),
+            (DeliveryOutcome::Failed, None, Some("timed out".into()))
+        );
+        assert_eq!(
+            webhook_report(WebhookOutcome::Permanent {
+                status: Some(404),
+                error: "HTTP 404".into()
+            }),
+            (DeliveryOutcome::Rejected, Some(404), Some("HTTP 404".into()))
+        );
+    }
 }

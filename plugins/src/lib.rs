@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use engine::{
-    CompiledScript, EventContext, ScriptHost, Stage, StageBuildContext, StageConfig, StageError,
+    CompiledScript, Event, EventContext, ScriptHost, Stage, StageBuildContext, StageConfig, StageError,
     StageFactory, script::ScriptError,
 };
 use serde_json::{Value, json};
@@ -105,13 +105,13 @@ impl StageScript {
     /// Runs the script; a rejection keeps the script's reason as its message,
     /// other errors say which pipeline and stage (the script's error already
     /// says which file and line).
-    fn run(&self, event: &mut engine::ScriptEvent) -> Result<Value, StageError> {
+    fn run(&self, event: &mut Event) -> Result<Value, StageError> {
         let result = self.host.run(&self.script, event);
         self.stage_error(result)
     }
 
     /// Runs a script that only reads the event (routes).
-    fn evaluate(&self, event: &engine::ScriptEvent) -> Result<Value, StageError> {
+    fn evaluate(&self, event: &Event) -> Result<Value, StageError> {
         let result = self.host.evaluate(&self.script, event);
         self.stage_error(result)
     }

@@ -7,7 +7,8 @@ use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-/// How a webhook call ended.
+/// How a webhook call ended (reported as an [`engine::DeliveryOutcome`] by
+/// the `deliver` stage).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WebhookOutcome {
     Delivered(u16),

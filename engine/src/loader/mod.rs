@@ -1,57 +1,38 @@
-//! Loads a directory of pipelines and schemas into an immutable
-//! [`PipelineSet`], all or nothing: every error names its file and, where it
-//! has one, its line and stage.
+//! Builds an immutable [`PipelineSet`] from pipeline files, schemas, scripts
+//! and tables, all or nothing: every error names its file and, where it has
+//! one, its line and stage.
+//!
+//! The files come as [`SourceFiles`], held in memory: [`load_set`] reads them
+//! from the pipelines and schemas directories, [`load_stored`] takes them from
+//! a stored pipeline version, and both build with [`load_from`]. A version's
+//! hash covers the texts only, so a stored version rebuilt hashes to the
+//! version it was stored as.
+//!
+//! Submodules: `sources` (the files in memory, path checks), `error` (what
+//! the loader reports), `lines` (where in the YAML an error is), `env`
+//! (`${VAR}` expansion).
+
+mod env;
+mod error;
+mod lines;
+mod sources;
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
+pub use self::env::expand_env;
+pub use self::error::{LoadError, LoadErrors};
+use self::lines::{find_key_line, find_key_line_after, inline_script_offset, stage_item_lines};
+pub use self::sources::{LoadOptions, SourceFiles};
+use self::sources::{PipelineFile, ReadFailure, resolve_under};
 use crate::model::{DestinationConfig, Fallback, PipelineSpec, StageConfig};
 use crate::pipeline::{Pipeline, PipelineSet, normalize_tipo};
 use crate::script::{CompiledScript, ScriptHost, ScriptOrigin};
 use crate::stage::{NamedStage, Stage};
-use crate::tables::{self, Tables};
-
-/// One problem found while loading.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LoadError {
-    pub file: PathBuf,
-    pub line: Option<usize>,
-    pub stage: Option<String>,
-    pub message: String,
-}
-
-impl fmt::Display for LoadError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
-        if let Some(line) = self.line {
-            write!(f, ":{line}")?;
-        }
-        if let Some(stage) = &self.stage {
-            write!(f, ": stage {stage:?}")?;
-        }
-        write!(f, ": {}", self.message)
-    }
-}
-
-/// Every problem found in a pipeline set.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct LoadErrors(pub Vec<LoadError>);
-
-impl fmt::Display for LoadErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
+use crate::tables::{self, TableFile, Tables};
 
 /// What a plugin factory gets to build one stage.
 pub struct StageBuildContext<'a> {
@@ -69,14 +50,8 @@ pub trait StageFactory: Send + Sync {
     fn build(&self, config: &StageConfig, cx: &StageBuildContext<'_>) -> Result<Arc<dyn Stage>, String>;
 }
 
-/// Where to load from.
-#[derive(Debug, Clone)]
-pub struct LoadOptions {
-    pub pipelines_dir: PathBuf,
-    pub schemas_dir: PathBuf,
-}
-
-/// Loads every `*.yaml`/`*.yml` file in `pipelines_dir`.
+/// Loads every `*.yaml`/`*.yml` file in `pipelines_dir` (read with
+/// [`SourceFiles::read`], then built with [`load_from`]).
 ///
 /// `env` resolves `${VAR}` references (the process environment in the
 /// service; a map in tests).
@@ -86,31 +61,41 @@ pub fn load_set(
     factory: &dyn StageFactory,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<PipelineSet, LoadErrors> {
+    load_from(&SourceFiles::read(opts)?, scripts, factory, env)
+}
+
+/// Builds a set from stored files (a [`Pipeline::sources`], keyed
+/// `pipelines/…` and `schemas/…`) without touching the disk; a key that is
+/// not a plain relative path under one of those is refused. Errors name the
+/// files `pipelines/…` and `schemas/…`.
+pub fn load_stored(
+    sources: &BTreeMap<String, String>,
+    scripts: &Arc<ScriptHost>,
+    factory: &dyn StageFactory,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<PipelineSet, LoadErrors> {
+    load_from(&SourceFiles::from_stored(sources)?, scripts, factory, env)
+}
+
+/// Builds a set from files held in memory.
+pub fn load_from(
+    files: &SourceFiles,
+    scripts: &Arc<ScriptHost>,
+    factory: &dyn StageFactory,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<PipelineSet, LoadErrors> {
     let mut errors = Vec::new();
-    let files = match pipeline_files(&opts.pipelines_dir) {
-        Ok(f) => f,
-        Err(e) => {
-            return Err(LoadErrors(vec![LoadError {
-                file: opts.pipelines_dir.clone(),
-                line: None,
-                stage: None,
-                message: format!("cannot read pipelines directory: {e}"),
-            }]));
-        }
-    };
     let mut pipelines: HashMap<String, Arc<Pipeline>> = HashMap::new();
     let mut origins: HashMap<String, PathBuf> = HashMap::new();
-    for file in files {
-        match load_file(&file, opts, scripts, factory, env) {
+    for pipeline_file in files.pipeline_files() {
+        let file = &pipeline_file.path;
+        match load_file(pipeline_file, files, scripts, factory, env) {
             Ok(p) => {
                 let key = normalize_tipo(&p.event_type);
                 if let Some(first) = origins.get(&key) {
                     errors.push(LoadError {
                         file: file.clone(),
-                        line: find_key_line(
-                            &std::fs::read_to_string(&file).unwrap_or_default(),
-                            "event_type",
-                        ),
+                        line: find_key_line(pipeline_file.text.as_deref().unwrap_or_default(), "event_type"),
                         stage: None,
                         message: format!(
                             "event type {:?} is already defined in {}",
@@ -120,7 +105,7 @@ pub fn load_set(
                     });
                     continue;
                 }
-                origins.insert(key.clone(), file);
+                origins.insert(key.clone(), file.clone());
                 pipelines.insert(key, Arc::new(p));
             }
             Err(mut e) => errors.append(&mut e),
@@ -133,35 +118,25 @@ pub fn load_set(
     }
 }
 
-fn pipeline_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        let is_yaml = matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"));
-        if is_yaml && path.is_file() {
-            files.push(path);
-        }
-    }
-    files.sort();
-    Ok(files)
-}
-
 fn load_file(
-    file: &Path,
-    opts: &LoadOptions,
+    pipeline_file: &PipelineFile,
+    files: &SourceFiles,
     scripts: &Arc<ScriptHost>,
     factory: &dyn StageFactory,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Pipeline, Vec<LoadError>> {
+    let file = pipeline_file.path.as_path();
     let err = |line: Option<usize>, stage: Option<&str>, message: String| LoadError {
         file: file.to_path_buf(),
         line,
         stage: stage.map(str::to_owned),
         message,
     };
-    let text =
-        std::fs::read_to_string(file).map_err(|e| vec![err(None, None, format!("cannot read: {e}"))])?;
-    let spec: PipelineSpec = serde_yaml::from_str(&text).map_err(|e| {
+    let text = match &pipeline_file.text {
+        Ok(text) => text.as_str(),
+        Err(e) => return Err(vec![err(None, None, format!("cannot read: {e}"))]),
+    };
+    let spec: PipelineSpec = serde_yaml::from_str(text).map_err(|e| {
         let line = e.location().map(|l| l.line());
         vec![err(line, None, e.to_string())]
     })?;
@@ -171,40 +146,36 @@ fn load_file(
     hasher.update(text.as_bytes());
     // Every file this version is made of, to rebuild it later (see `Pipeline::sources`).
     let mut sources = BTreeMap::new();
-    let file_name = file
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    sources.insert(format!("pipelines/{file_name}"), text.clone());
+    sources.insert(pipeline_file.key.clone(), text.to_owned());
 
     let event_type = normalize_tipo(spec.event_type.trim());
     if event_type.is_empty() || event_type != spec.event_type {
         errors.push(err(
-            find_key_line(&text, "event_type"),
+            find_key_line(text, "event_type"),
             None,
             "event_type must be non-empty without surrounding spaces".into(),
         ));
     }
     if spec.concurrency == 0 || spec.concurrency > 1024 {
         errors.push(err(
-            find_key_line(&text, "concurrency"),
+            find_key_line(text, "concurrency"),
             None,
             "concurrency must be between 1 and 1024".into(),
         ));
     }
     if spec.retry.multiplier < 1.0 || !spec.retry.multiplier.is_finite() {
         errors.push(err(
-            find_key_line(&text, "multiplier"),
+            find_key_line(text, "multiplier"),
             None,
             "multiplier must be ≥ 1".into(),
         ));
     }
 
     // Schema.
-    let schema = match resolve_under(&opts.schemas_dir, &spec.schema) {
+    let schema = match resolve_under(files.schemas_dir(), &spec.schema) {
         None => {
             errors.push(err(
-                find_key_line(&text, "schema"),
+                find_key_line(text, "schema"),
                 None,
                 format!(
                     "schema {:?} must be a relative path inside the schemas directory",
@@ -213,10 +184,10 @@ fn load_file(
             ));
             None
         }
-        Some(path) => match std::fs::read_to_string(&path) {
+        Some(path) => match files.fetch(&format!("schemas/{}", spec.schema)) {
             Err(e) => {
                 errors.push(err(
-                    find_key_line(&text, "schema"),
+                    find_key_line(text, "schema"),
                     None,
                     format!("cannot read schema {}: {e}", path.display()),
                 ));
@@ -224,8 +195,8 @@ fn load_file(
             }
             Ok(schema_text) => {
                 hasher.update(schema_text.as_bytes());
-                sources.insert(format!("schemas/{}", spec.schema), schema_text.clone());
-                match serde_json::from_str::<serde_json::Value>(&schema_text) {
+                sources.insert(format!("schemas/{}", spec.schema), schema_text.to_owned());
+                match serde_json::from_str::<serde_json::Value>(schema_text) {
                     Err(e) => {
                         errors.push(LoadError {
                             file: path.clone(),
@@ -260,7 +231,7 @@ fn load_file(
                 destinations.insert(name.clone(), d);
             }
             Err(message) => errors.push(err(
-                find_key_line(&text, &format!("{name}:")).or_else(|| find_key_line(&text, "destinations")),
+                find_key_line(text, &format!("{name}:")).or_else(|| find_key_line(text, "destinations")),
                 None,
                 format!("destination {name:?}: {message}"),
             )),
@@ -270,8 +241,18 @@ fn load_file(
     // Reference tables, read once here; their files are part of the version.
     let mut tables = Tables::default();
     for (name, table_spec) in &spec.tables {
-        let resolve = |rel: &str| resolve_under(&opts.pipelines_dir, rel);
-        match tables::load_table(table_spec, &resolve) {
+        let fetch = |rel: &str| match resolve_under(files.pipelines_dir(), rel) {
+            None => TableFile::Outside,
+            Some(path) => match files.fetch(&format!("pipelines/{rel}")) {
+                Ok(text) => TableFile::Text { path, text },
+                Err(ReadFailure::TooLarge(bytes)) => TableFile::TooLarge { path, bytes },
+                Err(e) => TableFile::Unreadable {
+                    path,
+                    error: e.to_string(),
+                },
+            },
+        };
+        match tables::load_table(table_spec, &fetch) {
             Ok(loaded) => {
                 if let Some((rel, table_text)) = loaded.source {
                     hasher.update(table_text.as_bytes());
@@ -281,7 +262,7 @@ fn load_file(
             }
             Err(e) => errors.push(LoadError {
                 file: e.file.unwrap_or_else(|| file.to_path_buf()),
-                line: e.line.or_else(|| find_key_line_after(&text, "tables", name)),
+                line: e.line.or_else(|| find_key_line_after(text, "tables", name)),
                 stage: None,
                 message: format!("table {name:?}: {}", e.message),
             }),
@@ -290,7 +271,7 @@ fn load_file(
     let tables = Arc::new(tables);
 
     // Stages: the implicit `validate` first unless listed.
-    let stage_lines = stage_item_lines(&text);
+    let stage_lines = stage_item_lines(text);
     let mut configs: Vec<(StageConfig, Option<usize>)> = spec
         .stages
         .iter()
@@ -354,7 +335,7 @@ fn load_file(
             seen_route = true;
         }
         // Scripts: resolve, hash and compile now, never at run time.
-        let script = match script_source(config, &opts.pipelines_dir, file, &text, *line) {
+        let script = match script_source(config, files, file, text, *line) {
             Ok(None) => None,
             Ok(Some((source, origin))) => {
                 hasher.update(source.as_bytes());
@@ -426,10 +407,10 @@ fn load_file(
     })
 }
 
-/// Finds the script text of a stage: a file under `pipelines_dir`, or inline.
+/// Finds the script text of a stage: a file under the pipelines directory, or inline.
 fn script_source(
     config: &StageConfig,
-    pipelines_dir: &Path,
+    files: &SourceFiles,
     pipeline_file: &Path,
     text: &str,
     stage_line: Option<usize>,
@@ -439,11 +420,13 @@ fn script_source(
         _ => return Ok(None),
     };
     if let Some(rel) = file {
-        let path = resolve_under(pipelines_dir, rel).ok_or_else(|| {
+        let path = resolve_under(files.pipelines_dir(), rel).ok_or_else(|| {
             format!("script file {rel:?} must be a relative path inside the pipelines directory")
         })?;
-        let source = std::fs::read_to_string(&path)
-            .map_err(|e| format!("cannot read script {}: {e}", path.display()))?;
+        let source = files
+            .fetch(&format!("pipelines/{rel}"))
+            .map_err(|e| format!("cannot read script {}: {e}", path.display()))?
+            .to_owned();
         return Ok(Some((
             source,
             ScriptOrigin {
@@ -462,19 +445,6 @@ fn script_source(
         )));
     }
     Ok(None)
-}
-
-/// Joins `rel` to `base`, refusing absolute paths and `..`.
-fn resolve_under(base: &Path, rel: &str) -> Option<PathBuf> {
-    let rel_path = Path::new(rel);
-    if rel.is_empty()
-        || rel_path
-            .components()
-            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
-    {
-        return None;
-    }
-    Some(base.join(rel_path))
 }
 
 fn expand_destination(
@@ -517,135 +487,5 @@ fn expand_destination(
     }
 }
 
-/// Expands `${VAR}` and `${VAR:-default}`; an unset variable without a default
-/// is an error naming it.
-pub fn expand_env(input: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
-    let mut out = String::with_capacity(input.len());
-    let mut rest = input;
-    while let Some(start) = rest.find("${") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| format!("unclosed ${{ in {input:?}"))?;
-        let inner = &after[..end];
-        let (name, default) = match inner.split_once(":-") {
-            Some((n, d)) => (n, Some(d)),
-            None => (inner, None),
-        };
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(format!("invalid variable name {name:?}"));
-        }
-        match (env(name).filter(|v| !v.is_empty()), default) {
-            (Some(v), _) => out.push_str(&v),
-            (None, Some(d)) => out.push_str(d),
-            (None, None) => return Err(format!("environment variable {name} is not set")),
-        }
-        rest = &after[end + 1..];
-    }
-    out.push_str(rest);
-    Ok(out)
-}
-
-/// 1-based line of the first top-level `key:`.
-fn find_key_line(text: &str, key: &str) -> Option<usize> {
-    let key = key.trim_end_matches(':');
-    text.lines()
-        .position(|l| {
-            let t = l.trim_start();
-            t.strip_prefix(key)
-                .is_some_and(|r| r.trim_start().starts_with(':'))
-        })
-        .map(|i| i + 1)
-}
-
-/// 1-based line of `key:` among the lines after the top-level `section:`.
-fn find_key_line_after(text: &str, section: &str, key: &str) -> Option<usize> {
-    let start = text.lines().position(|l| l.trim_end() == format!("{section}:"))?;
-    let rest: String = text.lines().skip(start + 1).collect::<Vec<_>>().join("\n");
-    find_key_line(&rest, key).map(|l| l + start + 1)
-}
-
-/// 1-based lines where each item of the top-level `stages:` list starts.
-fn stage_item_lines(text: &str) -> Vec<usize> {
-    let mut lines = Vec::new();
-    let mut in_stages = false;
-    let mut indent: Option<usize> = None;
-    for (i, line) in text.lines().enumerate() {
-        let trimmed = line.trim_start();
-        if trimmed.is_empty() || trimmed.starts_with('#') {
-            continue;
-        }
-        let ind = line.len() - trimmed.len();
-        if !in_stages {
-            if ind == 0 && trimmed.trim_end() == "stages:" {
-                in_stages = true;
-            }
-            continue;
-        }
-        if ind == 0 && !trimmed.starts_with('-') {
-            break;
-        }
-        if trimmed.starts_with("- ") || trimmed == "-" {
-            match indent {
-                None => {
-                    indent = Some(ind);
-                    lines.push(i + 1);
-                }
-                Some(x) if x == ind => lines.push(i + 1),
-                _ => {}
-            }
-        }
-    }
-    lines
-}
-
-/// For an inline script in the stage starting at `stage_line`: the number to
-/// add to a script line to get the YAML line.
-fn inline_script_offset(text: &str, stage_line: usize) -> usize {
-    for (i, line) in text.lines().enumerate().skip(stage_line.saturating_sub(1)) {
-        let t = line.trim_start().trim_start_matches("- ");
-        if let Some(rest) = t.strip_prefix("script:") {
-            let rest = rest.trim();
-            let block = rest.starts_with('|') || rest.starts_with('>');
-            return if block { i + 1 } else { i };
-        }
-    }
-    stage_line
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn env_expansion() {
-        let env = |k: &str| (k == "A").then(|| "x".to_owned());
-        assert_eq!(expand_env("http://${A}/p", &env), Ok("http://x/p".into()));
-        assert_eq!(expand_env("${B:-d}", &env), Ok("d".into()));
-        assert!(
-            expand_env("${B}", &env)
-                .expect_err("unset")
-                .contains("B is not set")
-        );
-        assert!(expand_env("${A", &env).is_err());
-    }
-
-    #[test]
-    fn stage_lines_found() {
-        let text = "event_type: X\nstages:\n  - plugin: script\n    script: |\n      1\n  - plugin: deliver\ndestinations: {}\n";
-        assert_eq!(stage_item_lines(text), vec![3, 6]);
-        assert_eq!(inline_script_offset(text, 3), 4);
-    }
-
-    #[test]
-    fn paths_stay_inside() {
-        let base = Path::new("/p");
-        assert!(resolve_under(base, "../etc/passwd").is_none());
-        assert!(resolve_under(base, "/etc/passwd").is_none());
-        assert_eq!(
-            resolve_under(base, "scripts/a.rhai"),
-            Some(PathBuf::from("/p/scripts/a.rhai"))
-        );
-    }
-}
+mod tests;
