@@ -170,7 +170,8 @@ async fn partner(store: &dyn Store, command: PartnerCommand) -> anyhow::Result<i
         PartnerCommand::List { json } => {
             let all = partners::list(store).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&all)?);
+                let shown: Vec<_> = all.into_iter().map(crate::api::views::PartnerOut::from).collect();
+                println!("{}", serde_json::to_string_pretty(&shown)?);
                 return Ok(0);
             }
             println!(

@@ -187,29 +187,11 @@ impl Pipelines {
         let Some((_, files)) = store.pipeline_version(version).await? else {
             return Ok(None);
         };
-        let dir = std::env::temp_dir().join(format!("orchestrator-version-{version}-{}", ulid::Ulid::new()));
         let (scripts, factory) = (self.scripts.clone(), self.factory.clone());
         let wanted = version.to_owned();
+        // Compiling schemas and scripts is CPU work: off the async executor.
         let loaded = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Arc<Pipeline>>> {
-            for (path, text) in &files {
-                let rel = std::path::Path::new(path);
-                let safe = rel
-                    .components()
-                    .all(|c| matches!(c, std::path::Component::Normal(_)))
-                    && (path.starts_with("pipelines/") || path.starts_with("schemas/"));
-                anyhow::ensure!(safe, "stored pipeline file {path:?} is not a plain relative path");
-                let target = dir.join(rel);
-                if let Some(parent) = target.parent() {
-                    std::fs::create_dir_all(parent)?;
-                }
-                std::fs::write(target, text)?;
-            }
-            let options = LoadOptions {
-                pipelines_dir: dir.join("pipelines"),
-                schemas_dir: dir.join("schemas"),
-            };
-            let result = engine::load_set(&options, &scripts, factory.as_ref(), &|k| std::env::var(k).ok());
-            let _ = std::fs::remove_dir_all(&dir);
+            let result = engine::load_stored(&files, &scripts, factory.as_ref(), &|k| std::env::var(k).ok());
             let set = result.map_err(|e| anyhow::anyhow!("{e}"))?;
             let pipeline = set.pipelines().into_iter().next().cloned();
             if let Some(p) = &pipeline

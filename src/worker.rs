@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
-use engine::{EventContext, ScriptEvent, StageError, StageOutcome};
+use engine::{DeliveryOutcome, Event, EventContext, RetryDecision, StageError, StageOutcome};
 use serde_json::Value;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
@@ -56,21 +56,17 @@ impl Processor {
         let Some(pipeline) = self.pipelines.resolve(self.store.as_ref(), &tipo, version).await else {
             let err =
                 StageError::transient("pipeline_missing", format!("no pipeline is loaded for {tipo:?}"));
-            let finish = self.decide(
-                &tipo,
-                attempt,
-                3,
-                &engine::RetryPolicy::default(),
-                err,
-                None,
-                Vec::new(),
-            );
+            // Three attempts, in case the set is being reloaded.
+            let policy = engine::RetryPolicy {
+                max_retries: 2,
+                ..engine::RetryPolicy::default()
+            };
+            let finish = self.decide(&tipo, attempt, &policy, err, None, Vec::new());
             return self.finish(event_id, &tipo, version, attempt, finish).await;
         };
         // Attempts since the last manual retry count against the policy.
         let cycle_attempt = attempt.saturating_sub(event.attempt_base);
-        let max_attempts = pipeline.retry.max_retries + 1;
-        if cycle_attempt > max_attempts {
+        if cycle_attempt > pipeline.retry.max_attempts() {
             // Only a crash mid-attempt (the lease expired) gets here.
             let err = StageError::permanent(
                 "attempts_exhausted",
@@ -79,15 +75,7 @@ impl Processor {
                     cycle_attempt - 1
                 ),
             );
-            let finish = self.decide(
-                &tipo,
-                cycle_attempt,
-                max_attempts,
-                &pipeline.retry,
-                err,
-                None,
-                Vec::new(),
-            );
+            let finish = self.decide(&tipo, cycle_attempt, &pipeline.retry, err, None, Vec::new());
             return self.finish(event_id, &tipo, version, attempt, finish).await;
         }
 
@@ -102,20 +90,14 @@ impl Processor {
         } else {
             BTreeSet::new()
         };
-        let mut cx = EventContext::new(ScriptEvent {
-            id: event.id.clone(),
-            tipo: tipo.clone(),
-            partner_id: event.partner_id.clone(),
-            received_at: event
-                .received_at
-                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            dados: event.dados.clone(),
-            meta: if event.meta.is_object() {
-                event.meta.clone()
-            } else {
-                Value::Object(Default::default())
-            },
-        });
+        let mut cx = EventContext::new(Event::new(
+            event.id.clone(),
+            tipo.clone(),
+            event.partner_id.clone(),
+            event.received_at,
+            event.dados.clone(),
+            event.meta.clone(),
+        ));
         cx.already_delivered = already;
         cx.attempt = attempt;
 
@@ -149,7 +131,7 @@ impl Processor {
         for d in &cx.deliveries {
             self.metrics
                 .deliveries
-                .with_label_values(&[&tipo, &d.destination, &d.outcome])
+                .with_label_values(&[&tipo, &d.destination, d.outcome.as_str()])
                 .inc();
         }
 
@@ -168,21 +150,13 @@ impl Processor {
                     .iter()
                     .find(|t| t.outcome == StageOutcome::Failed)
                     .map(|t| t.stage.clone());
-                self.decide(
-                    &tipo,
-                    cycle_attempt,
-                    max_attempts,
-                    &pipeline.retry,
-                    err,
-                    stage,
-                    execution.trace,
-                )
+                self.decide(&tipo, cycle_attempt, &pipeline.retry, err, stage, execution.trace)
             }
         };
         // Stored with the outcome, in one transaction.
         finish.deliveries = std::mem::take(&mut cx.deliveries)
             .into_iter()
-            .filter(|d| d.outcome == "delivered")
+            .filter(|d| d.outcome == DeliveryOutcome::Delivered)
             .collect();
         if cx.persist {
             // Moved, not copied: the context is not used after this.
@@ -219,12 +193,12 @@ impl Processor {
         self.finish(event_id, &tipo, version, attempt, finish).await
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The outcome of a failed attempt, by the pipeline's retry policy;
+    /// counted in the metrics.
     fn decide(
         &self,
         tipo: &str,
         attempt: u32,
-        max_attempts: u32,
         retry: &engine::RetryPolicy,
         err: StageError,
         stage: Option<String>,
@@ -234,33 +208,29 @@ impl Processor {
             .events_failed
             .with_label_values(&[tipo, &err.category])
             .inc();
-        let last_error = Some(LastError {
-            category: err.category.clone(),
-            message: err.message.clone(),
-            transient: err.is_transient(),
-            stage,
-        });
-        if err.is_transient() && attempt < max_attempts {
-            let delay = retry.delay_for(attempt);
-            self.metrics.events_retried.with_label_values(&[tipo]).inc();
-            AttemptFinish {
-                status: Status::Retrying,
-                next_attempt_at: Some(Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default()),
-                last_error,
-                trace,
-                deliveries: Vec::new(),
-                result: None,
+        let (status, next_attempt_at) = match retry.decide(&err, attempt) {
+            RetryDecision::Retry { delay } => {
+                self.metrics.events_retried.with_label_values(&[tipo]).inc();
+                let at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                (Status::Retrying, Some(at))
             }
-        } else {
-            self.metrics.events_dead_lettered.with_label_values(&[tipo]).inc();
-            AttemptFinish {
-                status: Status::DeadLettered,
-                next_attempt_at: None,
-                last_error,
-                trace,
-                deliveries: Vec::new(),
-                result: None,
+            RetryDecision::DeadLetter => {
+                self.metrics.events_dead_lettered.with_label_values(&[tipo]).inc();
+                (Status::DeadLettered, None)
             }
+        };
+        AttemptFinish {
+            status,
+            next_attempt_at,
+            last_error: Some(LastError {
+                category: err.category,
+                message: err.message,
+                transient: err.class == engine::ErrorClass::Transient,
+                stage,
+            }),
+            trace,
+            deliveries: Vec::new(),
+            result: None,
         }
     }
 

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use super::AppState;
 use super::auth::Admin;
 use super::error::{ApiError, Problem};
+use super::views::PartnerOut;
 use crate::partners::{self, ChangePartner, CreatePartner};
-use crate::store::PartnerInfo;
 
 /// Largest admin request body.
 const ADMIN_BODY_LIMIT: usize = 16 * 1024;
@@ -39,7 +39,7 @@ async fn json_body<T: DeserializeOwned>(
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CreatedPartner {
-    pub partner: PartnerInfo,
+    pub partner: PartnerOut,
     pub key_id: String,
     /// Shown this once; only its hash is stored.
     pub api_key: String,
@@ -68,12 +68,13 @@ pub struct NewKeyOut {
 
 /// Every partner with its keys (ids and prefixes, never the keys).
 #[utoipa::path(get, path = "/admin/partners", tag = "admin",
-    responses((status = 200, body = [PartnerInfo]), (status = 401, body = Problem), (status = 403, body = Problem)))]
+    responses((status = 200, body = [PartnerOut]), (status = 401, body = Problem), (status = 403, body = Problem)))]
 pub async fn list_partners(
     _: Admin,
     State(state): State<AppState>,
-) -> Result<Json<Vec<PartnerInfo>>, ApiError> {
-    Ok(Json(partners::list(state.store.as_ref()).await?))
+) -> Result<Json<Vec<PartnerOut>>, ApiError> {
+    let all = partners::list(state.store.as_ref()).await?;
+    Ok(Json(all.into_iter().map(PartnerOut::from).collect()))
 }
 
 /// Create a partner; the answer holds its first API key, shown this once.
@@ -93,7 +94,7 @@ pub async fn create_partner(
     Ok((
         StatusCode::CREATED,
         Json(CreatedPartner {
-            partner,
+            partner: partner.into(),
             key_id: issued.key_id,
             api_key: issued.key,
         }),
@@ -102,20 +103,20 @@ pub async fn create_partner(
 
 #[utoipa::path(get, path = "/admin/partners/{id}", tag = "admin",
     params(("id" = String, Path, description = "Partner id")),
-    responses((status = 200, body = PartnerInfo), (status = 401, body = Problem), (status = 403, body = Problem),
+    responses((status = 200, body = PartnerOut), (status = 401, body = Problem), (status = 403, body = Problem),
               (status = 404, body = Problem)))]
 pub async fn get_partner(
     _: Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<PartnerInfo>, ApiError> {
-    Ok(Json(partners::get(state.store.as_ref(), &id).await?))
+) -> Result<Json<PartnerOut>, ApiError> {
+    Ok(Json(partners::get(state.store.as_ref(), &id).await?.into()))
 }
 
 /// Change a partner: name, password, limits, disabled.
 #[utoipa::path(patch, path = "/admin/partners/{id}", tag = "admin", request_body = ChangePartner,
     params(("id" = String, Path, description = "Partner id")),
-    responses((status = 200, body = PartnerInfo), (status = 401, body = Problem), (status = 403, body = Problem),
+    responses((status = 200, body = PartnerOut), (status = 401, body = Problem), (status = 403, body = Problem),
               (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn update_partner(
     _: Admin,
@@ -123,11 +124,11 @@ pub async fn update_partner(
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<PartnerInfo>, ApiError> {
+) -> Result<Json<PartnerOut>, ApiError> {
     let patch: ChangePartner = json_body(&state, &headers, body, false).await?;
     let info = partners::change(state.store.as_ref(), &id, patch).await?;
     tracing::info!(partnerId = %info.id, disabled = info.disabled, "partner updated");
-    Ok(Json(info))
+    Ok(Json(info.into()))
 }
 
 /// Issue a new API key (rotation); the old keys keep working unless `revoke_others`.

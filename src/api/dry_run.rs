@@ -5,7 +5,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use chrono::Utc;
-use engine::{EventContext, ScriptEvent, StageOutcome};
+use engine::{Event, EventContext, RetryDecision, StageOutcome};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -83,20 +83,23 @@ pub async fn dry_run(
         Some(m @ Value::Object(_)) => m,
         Some(_) => return Err(invalid("/meta", "must be an object")),
     };
-    let mut cx = EventContext::new(ScriptEvent {
-        id: format!("dry-run-{}", ulid::Ulid::new()),
-        tipo: pipeline.event_type.clone(),
-        partner_id: caller.partner_scope().unwrap_or("admin").to_owned(),
-        received_at: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    let mut cx = EventContext::new(Event::new(
+        format!("dry-run-{}", ulid::Ulid::new()),
+        pipeline.event_type.clone(),
+        caller.partner_scope().unwrap_or("admin").to_owned(),
+        Utc::now(),
         dados,
         meta,
-    });
+    ));
     cx.dry_run = true;
     let execution = pipeline.execute(&mut cx).await;
+    // As if this were the event's first attempt.
     let outcome = match &execution.error {
         None => "processed",
-        Some(e) if e.is_transient() && pipeline.retry.max_retries > 0 => "retrying",
-        Some(_) => "dead_lettered",
+        Some(e) => match pipeline.retry.decide(e, 1) {
+            RetryDecision::Retry { .. } => "retrying",
+            RetryDecision::DeadLetter => "dead_lettered",
+        },
     };
     debug_assert!(execution.error.is_some() || execution.trace.iter().all(|t| t.outcome == StageOutcome::Ok));
     Ok(Json(DryRun {

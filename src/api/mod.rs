@@ -9,6 +9,7 @@ pub mod error;
 pub mod events;
 pub mod limits;
 pub mod ops;
+pub mod views;
 
 use std::sync::Arc;
 

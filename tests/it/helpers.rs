@@ -678,3 +678,75 @@ pub async fn admin_stats(http: &reqwest::Client, port: u16) -> Value {
         .await
         .expect("json")
 }
+
+/// A store of the backend's kind for store-level tests: a fresh SQLite file,
+/// or a fresh PostgreSQL database (remove the isolation when done).
+pub async fn test_store(
+    backend: &Backend,
+) -> (
+    orchestrator::store::SqlStore,
+    Option<Isolation>,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (url, iso) = match backend {
+        Backend::Embedded => (format!("sqlite://{}/s.db", dir.path().display()), None),
+        Backend::Production {
+            database_url,
+            redis_url,
+        } => {
+            let (iso, url) = Isolation::create(database_url, redis_url).await;
+            (url, Some(iso))
+        }
+    };
+    use orchestrator::store::Store;
+    let store = orchestrator::store::SqlStore::connect(&url, 4)
+        .await
+        .expect("connect");
+    store.migrate().await.expect("migrate");
+    (store, iso, dir)
+}
+
+/// An event of type `T` from partner `p`, without idempotency key, to
+/// insert straight into a store; change fields with `..new_event(id)`.
+pub fn new_event(id: &str) -> orchestrator::store::NewEvent {
+    orchestrator::store::NewEvent {
+        id: id.into(),
+        partner_id: "p".into(),
+        tipo: "T".into(),
+        dados: json!({}),
+        pipeline_version: "v".into(),
+        received_at: chrono::Utc::now(),
+        idempotency_key: None,
+        request_hash: "h".into(),
+        request_id: None,
+    }
+}
+
+/// A JWT with exactly these claims, signed with `secret` by `alg`.
+pub fn signed_token(secret: &str, claims: Value, alg: jsonwebtoken::Algorithm) -> String {
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).expect("key");
+    jsonwebtoken::encode(&jsonwebtoken::Header::new(alg), &claims, &key).expect("encode")
+}
+
+/// An HS256 JWT for `sub`, issued 10 s ago, expiring at `exp` (epoch seconds).
+pub fn jwt(secret: &str, sub: &str, exp: i64) -> String {
+    let now = chrono::Utc::now().timestamp();
+    signed_token(
+        secret,
+        json!({"sub": sub, "iat": now - 10, "exp": exp}),
+        jsonwebtoken::Algorithm::HS256,
+    )
+}
+
+/// An unsigned (`alg: none`) token for `sub`, valid for ten minutes if it were accepted.
+pub fn alg_none(sub: &str) -> String {
+    use base64::Engine;
+    let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let exp = chrono::Utc::now().timestamp() + 600;
+    format!(
+        "{}.{}.",
+        e.encode(br#"{"alg":"none","typ":"JWT"}"#),
+        e.encode(json!({"sub": sub, "exp": exp}).to_string())
+    )
+}

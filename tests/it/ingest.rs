@@ -496,11 +496,6 @@ mod jwt {
 
     use crate::helpers::*;
 
-    fn token(secret: &str, claims: Value, alg: jsonwebtoken::Algorithm) -> String {
-        let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).expect("key");
-        jsonwebtoken::encode(&jsonwebtoken::Header::new(alg), &claims, &key).expect("encode")
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn login_and_bearer_tokens() {
         let secret = "jwt-secret-for-tests-0123456789abcdef";
@@ -556,27 +551,27 @@ mod jwt {
 
         let now = chrono::Utc::now().timestamp();
         let bad = [
-            token(
+            signed_token(
                 secret,
                 json!({"sub": "acme", "iat": now - 7200, "exp": now - 3600}),
                 jsonwebtoken::Algorithm::HS256,
             ),
-            token(
+            signed_token(
                 "another-secret-0123456789",
                 json!({"sub": "acme", "iat": now, "exp": now + 600}),
                 jsonwebtoken::Algorithm::HS256,
             ),
-            token(
+            signed_token(
                 secret,
                 json!({"sub": "ghost", "iat": now, "exp": now + 600}),
                 jsonwebtoken::Algorithm::HS256,
             ),
-            token(
+            signed_token(
                 secret,
                 json!({"sub": "acme", "iat": now, "exp": now + 600}),
                 jsonwebtoken::Algorithm::HS512,
             ),
-            token(
+            signed_token(
                 secret,
                 json!({"sub": "acme", "iat": now}),
                 jsonwebtoken::Algorithm::HS256,

@@ -617,28 +617,6 @@ async fn hostile_input_gets_a_problem_and_changes_nothing() {
     app.stop().await;
 }
 
-/// A JWT for `sub` signed with `key` (HS256), expiring at `exp`.
-fn jwt(key: &str, sub: &str, exp: i64) -> String {
-    let now = chrono::Utc::now().timestamp();
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &json!({"sub": sub, "iat": now - 10, "exp": exp}),
-        &jsonwebtoken::EncodingKey::from_secret(key.as_bytes()).expect("key"),
-    )
-    .expect("encode")
-}
-
-fn alg_none(sub: &str) -> String {
-    use base64::Engine;
-    let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let exp = chrono::Utc::now().timestamp() + 600;
-    format!(
-        "{}.{}.",
-        e.encode(br#"{"alg":"none","typ":"JWT"}"#),
-        e.encode(json!({"sub": sub, "exp": exp}).to_string())
-    )
-}
-
 /// Every operation of the OpenAPI document, with the credentials it
 /// declares: none, wrong, expired or unsigned ones get 401; another partner's
 /// get 404 for the first partner's events and 403 on admin routes; routes
@@ -659,12 +637,11 @@ async fn every_documented_route_enforces_its_auth() {
     let expired = jwt(JWT_SECRET, "demo", now - 120);
     let wrong_signature = jwt("not-the-server-secret-0000000000", "demo", now + 600);
     let demo_token = jwt(JWT_SECRET, "demo", now + 600);
-    let not_yet_valid = jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &json!({"sub": "demo", "iat": now, "nbf": now + 3600, "exp": now + 7200}),
-        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()).expect("key"),
-    )
-    .expect("encode");
+    let not_yet_valid = signed_token(
+        JWT_SECRET,
+        json!({"sub": "demo", "iat": now, "nbf": now + 3600, "exp": now + 7200}),
+        jsonwebtoken::Algorithm::HS256,
+    );
     let other_token = jwt(JWT_SECRET, "other", now + 600);
     for t in [
         &expired,

@@ -7,19 +7,14 @@ use orchestrator::store::{InsertOutcome, NewEvent, Store};
 use serde_json::json;
 
 use crate::helpers::*;
-use crate::sweep::store_for;
 
-fn new_event(i: usize, key: Option<&str>, hash: &str) -> NewEvent {
+fn numbered_event(i: usize, key: Option<&str>, hash: &str) -> NewEvent {
     NewEvent {
-        id: format!("01EV{i:05}"),
-        partner_id: "p".into(),
-        tipo: "T".into(),
         dados: json!({"i": i}),
-        pipeline_version: "v".into(),
-        received_at: Utc::now(),
         idempotency_key: key.map(str::to_owned),
         request_hash: hash.into(),
         request_id: Some(format!("req-{i}")),
+        ..new_event(&format!("01EV{i:05}"))
     }
 }
 
@@ -33,17 +28,17 @@ fn summary(o: &InsertOutcome) -> (&'static str, String) {
 }
 
 async fn batch_insert_resolves_every_key_in_order(backend: Backend) {
-    let (store, iso, _dir) = store_for(&backend).await;
+    let (store, iso, _dir) = test_store(&backend).await;
     // 250 rows (three statements of at most 100), with duplicates of a key
     // inside one statement (10, 11, 12) and across statements (0 and 240),
     // and rows without a key.
     let batch: Vec<NewEvent> = (0..250)
         .map(|i| match i {
-            11 => new_event(i, Some("k10"), "h10"),
-            12 => new_event(i, Some("k10"), "other"),
-            240 => new_event(i, Some("k0"), "h0"),
-            245..=249 => new_event(i, None, "h"),
-            _ => new_event(i, Some(&format!("k{i}")), &format!("h{i}")),
+            11 => numbered_event(i, Some("k10"), "h10"),
+            12 => numbered_event(i, Some("k10"), "other"),
+            240 => numbered_event(i, Some("k0"), "h0"),
+            245..=249 => numbered_event(i, None, "h"),
+            _ => numbered_event(i, Some(&format!("k{i}")), &format!("h{i}")),
         })
         .collect();
     let outcomes = store.insert_events(batch).await.expect("insert");
@@ -65,9 +60,9 @@ async fn batch_insert_resolves_every_key_in_order(backend: Backend) {
     // A second batch meets the first one's keys.
     let outcomes = store
         .insert_events(vec![
-            new_event(300, Some("k5"), "h5"),
-            new_event(301, Some("k6"), "changed"),
-            new_event(302, Some("fresh"), "h"),
+            numbered_event(300, Some("k5"), "h5"),
+            numbered_event(301, Some("k6"), "changed"),
+            numbered_event(302, Some("fresh"), "h"),
         ])
         .await
         .expect("insert");
@@ -92,7 +87,7 @@ async fn batch_insert_resolves_every_key_in_order(backend: Backend) {
 /// group-committed; each caller still gets exactly its own outcome.
 async fn concurrent_writes_each_get_their_own_outcome(backend: Backend) {
     use orchestrator::store::{AttemptFinish, LastError, Status};
-    let (store, iso, _dir) = store_for(&backend).await;
+    let (store, iso, _dir) = test_store(&backend).await;
 
     // 200 concurrent inserts; i and i + 100 share a key: the same request
     // (replay) for even i, a different one (conflict) for odd i.
@@ -104,7 +99,7 @@ async fn concurrent_writes_each_get_their_own_outcome(backend: Backend) {
             } else {
                 "other".to_owned()
             };
-            let ev = new_event(i, Some(&format!("k{}", i % 100)), &hash);
+            let ev = numbered_event(i, Some(&format!("k{}", i % 100)), &hash);
             tokio::spawn(async move { (i, store.insert_event(ev).await.expect("insert")) })
         })
         .collect();
@@ -188,7 +183,7 @@ async fn concurrent_writes_each_get_their_own_outcome(backend: Backend) {
                         ["a", "b"]
                             .map(|d| engine::DeliveryReport {
                                 destination: d.into(),
-                                outcome: "delivered".into(),
+                                outcome: engine::DeliveryOutcome::Delivered,
                                 status_code: Some(200),
                                 error: None,
                                 duration_ms: 1.0,

@@ -1,43 +1,12 @@
 //! The sweeper's query: what counts as stranded, on both stores.
 
 use chrono::{Duration, Utc};
-use orchestrator::store::{AttemptFinish, NewEvent, SqlStore, Status, Store, Sweep};
-use serde_json::json;
+use orchestrator::store::{AttemptFinish, SqlStore, Status, Store, Sweep};
 
 use crate::helpers::*;
 
-pub(crate) async fn store_for(backend: &Backend) -> (SqlStore, Option<Isolation>, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (url, iso) = match backend {
-        Backend::Embedded => (format!("sqlite://{}/s.db", dir.path().display()), None),
-        Backend::Production {
-            database_url,
-            redis_url,
-        } => {
-            let (iso, url) = Isolation::create(database_url, redis_url).await;
-            (url, Some(iso))
-        }
-    };
-    let store = SqlStore::connect(&url, 4).await.expect("connect");
-    store.migrate().await.expect("migrate");
-    (store, iso, dir)
-}
-
 async fn insert(store: &SqlStore, id: &str) {
-    store
-        .insert_event(NewEvent {
-            id: id.into(),
-            partner_id: "p".into(),
-            tipo: "T".into(),
-            dados: json!({}),
-            pipeline_version: "v".into(),
-            received_at: Utc::now(),
-            idempotency_key: None,
-            request_hash: "h".into(),
-            request_id: None,
-        })
-        .await
-        .expect("insert");
+    store.insert_event(new_event(id)).await.expect("insert");
 }
 
 fn ids(r: &[orchestrator::store::Requeue]) -> Vec<&str> {
@@ -45,7 +14,7 @@ fn ids(r: &[orchestrator::store::Requeue]) -> Vec<&str> {
 }
 
 async fn stranded_events_are_found_and_waiting_ones_left_alone(backend: Backend) {
-    let (store, iso, _dir) = store_for(&backend).await;
+    let (store, iso, _dir) = test_store(&backend).await;
     let now = Utc::now();
     let sweep = |at: chrono::DateTime<Utc>, idle: &'static [String]| Sweep {
         now: at,

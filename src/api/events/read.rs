@@ -5,13 +5,14 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 
 use super::{Links, links, visible_event};
 use crate::api::AppState;
 use crate::api::auth::Caller;
 use crate::api::error::ApiError;
-use crate::store::{DeliveryRow, LastError, ListFilter, Stats, Status};
+use crate::api::views::{DeliveryOut, ErrorOut, StatsOut};
+use crate::store::{ListFilter, Status};
 
 /// The full event.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -35,8 +36,8 @@ pub struct EventOut {
     pub meta: Value,
     /// The processed form: enriched `dados`, `meta` and `routes`.
     pub result: Option<Value>,
-    pub deliveries: Vec<DeliveryRow>,
-    pub last_error: Option<LastError>,
+    pub deliveries: Vec<DeliveryOut>,
+    pub last_error: Option<ErrorOut>,
     pub links: Links,
 }
 
@@ -67,8 +68,8 @@ pub async fn get_event(
         dados: ev.dados,
         meta: ev.meta,
         result: ev.result,
-        deliveries,
-        last_error: ev.last_error,
+        deliveries: deliveries.into_iter().map(DeliveryOut::from).collect(),
+        last_error: ev.last_error.map(ErrorOut::from),
     }))
 }
 
@@ -81,7 +82,7 @@ pub struct StatusOut {
     /// First attempt plus the pipeline's retries.
     pub max_attempts: Option<u32>,
     pub next_attempt_at: Option<DateTime<Utc>>,
-    pub last_error: Option<LastError>,
+    pub last_error: Option<ErrorOut>,
     #[schema(value_type = Vec<Object>)]
     pub trace: Vec<engine::StageTrace>,
 }
@@ -99,14 +100,14 @@ pub async fn get_status(
     let max_attempts = state
         .pipelines
         .for_event(&ev.tipo, &ev.pipeline_version)
-        .map(|p| p.retry.max_retries + 1);
+        .map(|p| p.retry.max_attempts());
     Ok(Json(StatusOut {
         id: ev.id,
         status: ev.status,
         attempts: ev.attempts,
         max_attempts,
         next_attempt_at: ev.next_attempt_at,
-        last_error: ev.last_error,
+        last_error: ev.last_error.map(ErrorOut::from),
         trace: ev.last_trace,
     }))
 }
@@ -141,7 +142,7 @@ pub struct EventSummary {
     pub attempts: u32,
     pub received_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
-    pub last_error: Option<LastError>,
+    pub last_error: Option<ErrorOut>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -217,7 +218,7 @@ pub async fn list_events(
                 attempts: e.attempts,
                 received_at: e.received_at,
                 updated_at: e.updated_at,
-                last_error: e.last_error,
+                last_error: e.last_error.map(ErrorOut::from),
             })
             .collect(),
         next_cursor,
@@ -225,20 +226,8 @@ pub async fn list_events(
 }
 
 #[utoipa::path(get, path = "/events/stats", tag = "events",
-    responses((status = 200, body = Stats)), security(("api_key" = [])))]
-pub async fn stats(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    responses((status = 200, body = StatsOut)), security(("api_key" = [])))]
+pub async fn stats(State(state): State<AppState>, caller: Caller) -> Result<Json<StatsOut>, ApiError> {
     let s = state.store.stats(caller.partner_scope()).await?;
-    let mut by_status: Map<String, Value> = Status::ALL
-        .iter()
-        .map(|st| (st.as_str().to_owned(), json!(0)))
-        .collect();
-    for (k, v) in s.by_status {
-        by_status.insert(k, json!(v));
-    }
-    Ok(Json(json!({
-        "total": s.total,
-        "by_status": by_status,
-        "by_type": s.by_type,
-        "processing_ms": s.processing_ms,
-    })))
+    Ok(Json(s.into()))
 }
