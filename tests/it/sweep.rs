@@ -1,7 +1,7 @@
 //! The sweeper's query: what counts as stranded, on both stores.
 
 use chrono::{Duration, Utc};
-use orchestrator::store::{AttemptFinish, NewEvent, SqlStore, Status, Store, Sweep};
+use orchestrator::store::{AttemptFinish, EventStore, NewEvent, SqlStore, Status, Store, Sweep};
 use serde_json::json;
 
 use crate::helpers::*;
