@@ -352,69 +352,76 @@ pub struct Sweeper {
 /// waiting events are only queued again when their queue is empty (or after
 /// ten times `requeue_after`): a backlog never multiplies itself.
 pub async fn sweeper(s: Sweeper, mut shutdown: watch::Receiver<bool>) {
-    const BATCH: u32 = 500;
+    // The first pass runs at once: what a crash left stranded is queued, and
+    // the gauges exist, from the start.
     loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        sweep_once(&s).await;
         tokio::select! {
             _ = tokio::time::sleep(s.interval) => {}
             _ = shutdown.changed() => {}
         }
-        if *shutdown.borrow() {
-            return;
-        }
-        let mut idle_types = Vec::new();
-        for p in s.pipelines.current().pipelines() {
-            match s.queue.depth(&queue_name(&p.event_type)).await {
-                Ok(depth) => {
-                    s.metrics
-                        .queue_depth
-                        .with_label_values(&[&p.event_type])
-                        .set(i64::try_from(depth).unwrap_or(i64::MAX));
-                    if depth == 0 {
-                        idle_types.push(p.event_type.clone());
-                    }
+    }
+}
+
+/// One pass: queue depths, stranded events (in chunks), status counts.
+async fn sweep_once(s: &Sweeper) {
+    const BATCH: u32 = 500;
+    let mut idle_types = Vec::new();
+    for p in s.pipelines.current().pipelines() {
+        match s.queue.depth(&queue_name(&p.event_type)).await {
+            Ok(depth) => {
+                s.metrics
+                    .queue_depth
+                    .with_label_values(&[&p.event_type])
+                    .set(i64::try_from(depth).unwrap_or(i64::MAX));
+                if depth == 0 {
+                    idle_types.push(p.event_type.clone());
                 }
-                Err(e) => debug!(tipo = %p.event_type, error = %e, "queue depth unavailable"),
             }
+            Err(e) => debug!(tipo = %p.event_type, error = %e, "queue depth unavailable"),
         }
-        let now = Utc::now();
-        let requeue_after = chrono::Duration::from_std(s.requeue_after).unwrap_or_default();
-        let sweep = Sweep {
-            now,
-            stale_before: now - requeue_after,
-            very_stale_before: now - requeue_after * 10,
-            idle_types: &idle_types,
-            limit: BATCH,
-        };
-        loop {
-            match s.store.take_stranded(&sweep).await {
-                Ok(batch) if batch.is_empty() => break,
-                Ok(batch) => {
-                    let n = batch.len();
-                    let pending: Vec<Pending<'_>> = batch.iter().map(Pending::from).collect();
-                    // A push that fails marks its events unqueued again: the
-                    // next sweep takes them, not the staleness window.
-                    if s.dispatch.queue_now(&pending).await == Pushed::NotAll {
-                        break;
-                    }
-                    info!(count = n, "sweeper queued stranded events");
-                    if n < BATCH as usize {
-                        break;
-                    }
+    }
+    let now = Utc::now();
+    let requeue_after = chrono::Duration::from_std(s.requeue_after).unwrap_or_default();
+    let sweep = Sweep {
+        now,
+        stale_before: now - requeue_after,
+        very_stale_before: now - requeue_after * 10,
+        idle_types: &idle_types,
+        limit: BATCH,
+    };
+    loop {
+        match s.store.take_stranded(&sweep).await {
+            Ok(batch) if batch.is_empty() => break,
+            Ok(batch) => {
+                let n = batch.len();
+                let pending: Vec<Pending<'_>> = batch.iter().map(Pending::from).collect();
+                // A push that fails marks its events unqueued again: the next
+                // pass takes them, not the staleness window.
+                if s.dispatch.queue_now(&pending).await == Pushed::NotAll {
+                    break;
                 }
-                Err(e) => {
-                    warn!(error = %e, "sweeper could not read the store");
+                info!(count = n, "sweeper queued stranded events");
+                if n < BATCH as usize {
                     break;
                 }
             }
-        }
-        if let Ok(counts) = s.store.status_counts().await {
-            for status in Status::ALL {
-                let n = counts.get(status.as_str()).copied().unwrap_or(0);
-                s.metrics
-                    .events_by_status
-                    .with_label_values(&[status.as_str()])
-                    .set(n);
+            Err(e) => {
+                warn!(error = %e, "sweeper could not read the store");
+                break;
             }
+        }
+    }
+    if let Ok(counts) = s.store.status_counts().await {
+        for status in Status::ALL {
+            let n = counts.get(status.as_str()).copied().unwrap_or(0);
+            s.metrics
+                .events_by_status
+                .with_label_values(&[status.as_str()])
+                .set(n);
         }
     }
 }

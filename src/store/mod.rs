@@ -1,12 +1,14 @@
 //! The store: the source of truth for events, attempts, deliveries and
-//! partners. One trait; [`sql::SqlStore`] implements it for SQLite and
-//! PostgreSQL with the same queries.
+//! partners. One trait per thing it serves ([`EventStore`], [`PartnerStore`],
+//! [`VersionStore`]), gathered in [`Store`], which is what the service holds;
+//! [`sql::SqlStore`] implements them for SQLite and PostgreSQL with the same
+//! queries.
 
 mod group;
 pub mod sql;
 
 use async_trait::async_trait;
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use engine::{DeliveryReport, StageTrace};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -87,7 +89,7 @@ impl Status {
 }
 
 /// The last failure of an event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LastError {
     pub category: String,
     pub message: String,
@@ -184,14 +186,14 @@ pub struct ListFilter {
     pub limit: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Percentiles {
     pub p50: Option<i64>,
     pub p95: Option<i64>,
     pub p99: Option<i64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Stats {
     pub total: i64,
     pub by_status: std::collections::BTreeMap<String, i64>,
@@ -200,7 +202,7 @@ pub struct Stats {
     pub processing_ms: Percentiles,
 }
 
-/// What the sweeper asks [`Store::take_stranded`] for.
+/// What the sweeper asks [`EventStore::take_stranded`] for.
 #[derive(Debug, Clone)]
 pub struct Sweep<'a> {
     pub now: DateTime<Utc>,
@@ -229,19 +231,18 @@ pub struct Partner {
 }
 
 /// One API key of a partner, as listed (the key itself is never stored).
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ApiKeyInfo {
     /// Stable key id (the first 16 hex characters of the key's SHA-256).
     pub id: String,
     /// The first characters of the key, to recognise it.
     pub prefix: String,
     pub created_at: DateTime<Utc>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
 /// A partner with its keys, for operators.
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PartnerInfo {
     pub id: String,
     pub name: String,
@@ -277,16 +278,22 @@ pub struct NewPartner {
     pub burst: Option<u32>,
 }
 
+/// Everything the service needs from its database, behind one object
+/// (`Arc<dyn Store>`): the three stores, and the database's own upkeep.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: EventStore + PartnerStore + VersionStore + Send + Sync + 'static {
     /// Applies pending migrations.
     async fn migrate(&self) -> StoreResult<()>;
     async fn ping(&self) -> StoreResult<()>;
+}
 
+/// Events: ingest, claims and outcomes, reads, sweeps, statistics.
+#[async_trait]
+pub trait EventStore: Send + Sync {
     /// Inserts a new event, or resolves its idempotency key.
     async fn insert_event(&self, new: NewEvent) -> StoreResult<InsertOutcome>;
     /// Inserts many events in one transaction (multi-row statements),
-    /// resolving each idempotency key as [`Store::insert_event`] does; one
+    /// resolving each idempotency key as [`EventStore::insert_event`] does; one
     /// outcome per event, in order. Two events of the list with the same key
     /// resolve as if sent one after the other.
     async fn insert_events(&self, new: Vec<NewEvent>) -> StoreResult<Vec<InsertOutcome>>;
@@ -323,21 +330,13 @@ pub trait Store: Send + Sync + 'static {
     async fn release_leases(&self) -> StoreResult<u64>;
     /// Number of events per status.
     async fn status_counts(&self) -> StoreResult<std::collections::BTreeMap<String, i64>>;
-    /// Keeps the files of a pipeline version (once; later calls change nothing).
-    async fn save_pipeline_version(
-        &self,
-        version: &str,
-        tipo: &str,
-        sources: &std::collections::BTreeMap<String, String>,
-    ) -> StoreResult<()>;
-    /// The files of a pipeline version, if it was saved.
-    async fn pipeline_version(
-        &self,
-        version: &str,
-    ) -> StoreResult<Option<(String, std::collections::BTreeMap<String, String>)>>;
     /// When the oldest event still waiting or running was received, per type.
     async fn oldest_pending(&self) -> StoreResult<std::collections::BTreeMap<String, DateTime<Utc>>>;
+}
 
+/// Partners and their API keys.
+#[async_trait]
+pub trait PartnerStore: Send + Sync {
     async fn create_partner(&self, p: &NewPartner) -> StoreResult<bool>;
     /// `false` when a key with this hash exists already (for any partner).
     async fn add_api_key(&self, partner_id: &str, key_hash: &str, prefix: &str) -> StoreResult<bool>;
@@ -359,17 +358,28 @@ pub trait Store: Send + Sync + 'static {
     async fn partner_login(&self, id: &str) -> StoreResult<Option<(Partner, Option<String>)>>;
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+/// The files of every pipeline version served, so a process that never
+/// loaded a version (an event accepted before a restart, or by another
+/// process) can rebuild it.
+#[async_trait]
+pub trait VersionStore: Send + Sync {
+    /// Keeps the files of a pipeline version (once; later calls change nothing).
+    async fn save_pipeline_version(
+        &self,
+        version: &str,
+        tipo: &str,
+        sources: &std::collections::BTreeMap<String, String>,
+    ) -> StoreResult<()>;
+    /// The files of a pipeline version, if it was saved.
+    async fn pipeline_version(
+        &self,
+        version: &str,
+    ) -> StoreResult<Option<(String, std::collections::BTreeMap<String, String>)>>;
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct DeliveryRow {
     pub destination: String,
     pub delivered_at: DateTime<Utc>,
     pub status_code: Option<u16>,
-}
-
-pub(crate) fn ms(t: DateTime<Utc>) -> i64 {
-    t.timestamp_millis()
-}
-
-pub(crate) fn from_ms(v: i64) -> DateTime<Utc> {
-    Utc.timestamp_millis_opt(v).single().unwrap_or_default()
 }

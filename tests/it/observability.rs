@@ -90,6 +90,16 @@ async fn metrics_move_with_traffic_and_pass_promtool() {
         .expect("send");
     assert_eq!(r.status(), 200);
 
+    // `events_by_status` comes from the sweeper's passes (the first at
+    // start, then every SWEEP_INTERVAL): wait for one, however slow the machine.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !app.metrics_text().await.contains("# TYPE events_by_status gauge") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "events_by_status never exported"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let after = app.metrics_text().await;
     let grew = |name: &str, labels: &[(&str, &str)]| {
         let (b, a) = (sample(&before, name, labels), sample(&after, name, labels));

@@ -3,7 +3,7 @@
 //! group-committed single-event writes under concurrency.
 
 use chrono::Utc;
-use orchestrator::store::{InsertOutcome, NewEvent, Store};
+use orchestrator::store::{EventStore, InsertOutcome, NewEvent};
 use serde_json::json;
 
 use crate::helpers::*;

@@ -1,7 +1,7 @@
 //! The sweeper's query: what counts as stranded, on both stores.
 
 use chrono::{Duration, Utc};
-use orchestrator::store::{AttemptFinish, SqlStore, Status, Store, Sweep};
+use orchestrator::store::{AttemptFinish, EventStore, SqlStore, Status, Sweep};
 
 use crate::helpers::*;
 

@@ -1,0 +1,107 @@
+//! Opening the database: which backend a URL names, the SQLite file's
+//! one-time setup, the pool and its per-connection settings, and the
+//! migrations and liveness check of [`Store`].
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::any::AnyPoolOptions;
+
+use super::writes::Writes;
+use super::{Backend, SqlStore};
+use crate::store::group::batch_size_histogram;
+use crate::store::{Store, StoreError, StoreResult};
+
+impl Backend {
+    fn of_url(url: &str) -> StoreResult<Self> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else if url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else {
+            Err(StoreError::Unavailable(
+                "DATABASE_URL must start with sqlite: or postgres://".into(),
+            ))
+        }
+    }
+}
+
+impl SqlStore {
+    /// Connects to `url` (`sqlite://path` or `postgres://…`). SQLite files are
+    /// created, put in WAL mode, and never run with `synchronous=OFF`.
+    pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
+        sqlx::any::install_default_drivers();
+        let backend = Backend::of_url(url)?;
+        if backend == Backend::Sqlite {
+            create_sqlite_file(url).await?;
+        }
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            // No ping before every acquire: that was a round trip per
+            // statement. A connection that died is found by its next query,
+            // which fails (the caller answers 503 or the event is retried)
+            // and is not returned to the pool.
+            .test_before_acquire(false)
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        sqlx::query("PRAGMA busy_timeout = 10000")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA synchronous = NORMAL")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(url)
+            .await?;
+        let batch_sizes = batch_size_histogram();
+        let writes = Arc::new(Writes::start(&pool, &batch_sizes));
+        Ok(Self {
+            pool,
+            backend,
+            writes,
+            batch_sizes,
+        })
+    }
+}
+
+/// Creates the file (and its directory) and switches it to WAL once: WAL is
+/// a property of the file, so the pooled connections need not set it.
+async fn create_sqlite_file(url: &str) -> StoreResult<()> {
+    use sqlx::{ConnectOptions, Connection};
+    let opts = sqlx::sqlite::SqliteConnectOptions::from_str(url)
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?
+        .create_if_missing(true)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
+    if let Some(dir) = opts.get_filename().parent() {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    }
+    let conn = opts.connect().await?;
+    conn.close().await?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    async fn migrate(&self) -> StoreResult<()> {
+        let migrator = match self.backend {
+            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite"),
+            Backend::Postgres => sqlx::migrate!("./migrations/postgres"),
+        };
+        migrator
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Database(format!("migration failed: {e}")))
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}

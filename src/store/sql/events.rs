@@ -1,0 +1,283 @@
+//! [`EventStore`] on SQL: reads, statistics, manual retries and the
+//! sweeper's queries run here; ingest, claims and outcomes go through the
+//! group-committed [`Writes`](super::writes::Writes).
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::any::AnyRow;
+use sqlx::{AssertSqlSafe, Row};
+
+use super::SqlStore;
+use super::codec::{EVENT_COLUMNS, event_from_row, from_ms, ms};
+use super::statement::{placeholders, query_filtered};
+use super::writes::insert_in_key_order;
+use crate::store::{
+    AttemptFinish, DeliveryRow, EventRecord, EventStore, InsertOutcome, ListFilter, NewEvent, Percentiles,
+    Requeue, RetryOutcome, Stats, StoreResult, Sweep,
+};
+
+/// A bound value of a statement built from optional filters.
+enum Arg<'a> {
+    Text(&'a str),
+    Int(i64),
+}
+
+#[async_trait]
+impl EventStore for SqlStore {
+    async fn insert_event(&self, new: NewEvent) -> StoreResult<InsertOutcome> {
+        self.writes.insert(new).await
+    }
+
+    async fn insert_events(&self, new: Vec<NewEvent>) -> StoreResult<Vec<InsertOutcome>> {
+        insert_in_key_order(&self.pool, &new.iter().collect::<Vec<_>>()).await
+    }
+
+    async fn get_event(&self, id: &str) -> StoreResult<Option<EventRecord>> {
+        let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = $1");
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(event_from_row).transpose()
+    }
+
+    async fn list_events(&self, f: &ListFilter) -> StoreResult<Vec<EventRecord>> {
+        let filters = [
+            ("partner_id =", f.partner_id.as_deref().map(Arg::Text)),
+            ("status =", f.status.map(|s| Arg::Text(s.as_str()))),
+            ("tipo =", f.tipo.as_deref().map(Arg::Text)),
+            ("received_at >=", f.since.map(|t| Arg::Int(ms(t)))),
+            ("received_at <", f.until.map(|t| Arg::Int(ms(t)))),
+            ("id <", f.before_id.as_deref().map(Arg::Text)),
+        ];
+        let set: Vec<(&str, Arg)> = filters
+            .into_iter()
+            .filter_map(|(clause, arg)| Some((clause, arg?)))
+            .collect();
+        let mut sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE 1 = 1");
+        for (i, (clause, _)) in set.iter().enumerate() {
+            sql += &format!(" AND {clause} ${}", i + 1);
+        }
+        sql += &format!(" ORDER BY id DESC LIMIT {}", f.limit.clamp(1, 1001));
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for (_, arg) in set {
+            q = match arg {
+                Arg::Text(s) => q.bind(s),
+                Arg::Int(n) => q.bind(n),
+            };
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    async fn stats(&self, partner_id: Option<&str>) -> StoreResult<Stats> {
+        let (cond, cond_and) = if partner_id.is_some() {
+            ("WHERE partner_id = $1", "AND partner_id = $1")
+        } else {
+            ("", "")
+        };
+        let run = |sql: String| query_filtered(sql, partner_id).fetch_all(&self.pool);
+        let mut by_status = BTreeMap::new();
+        let mut total = 0;
+        for row in run(format!(
+            "SELECT status, COUNT(*) AS n FROM events {cond} GROUP BY status"
+        ))
+        .await?
+        {
+            let n: i64 = row.try_get("n")?;
+            total += n;
+            by_status.insert(row.try_get::<String, _>("status")?, n);
+        }
+        let mut by_type = BTreeMap::new();
+        for row in run(format!(
+            "SELECT tipo, COUNT(*) AS n FROM events {cond} GROUP BY tipo"
+        ))
+        .await?
+        {
+            by_type.insert(row.try_get::<String, _>("tipo")?, row.try_get::<i64, _>("n")?);
+        }
+        let processed = by_status.get("processed").copied().unwrap_or(0);
+        let pct = |p: f64| {
+            let offset = ((processed as f64 - 1.0) * p).round().max(0.0) as i64;
+            run(format!(
+                "SELECT processing_ms FROM events WHERE processing_ms IS NOT NULL {cond_and} \
+                 ORDER BY processing_ms LIMIT 1 OFFSET {offset}"
+            ))
+        };
+        let percentile = |rows: Vec<AnyRow>| -> StoreResult<Option<i64>> {
+            rows.first()
+                .map(|r| r.try_get::<i64, _>("processing_ms"))
+                .transpose()
+                .map_err(Into::into)
+        };
+        let processing_ms = if processed == 0 {
+            Percentiles {
+                p50: None,
+                p95: None,
+                p99: None,
+            }
+        } else {
+            Percentiles {
+                p50: percentile(pct(0.50).await?)?,
+                p95: percentile(pct(0.95).await?)?,
+                p99: percentile(pct(0.99).await?)?,
+            }
+        };
+        Ok(Stats {
+            total,
+            by_status,
+            by_type,
+            processing_ms,
+        })
+    }
+
+    async fn deliveries(&self, id: &str) -> StoreResult<Vec<DeliveryRow>> {
+        let rows = sqlx::query(
+            "SELECT destination, delivered_at, status_code FROM deliveries WHERE event_id = $1 ORDER BY destination",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(DeliveryRow {
+                    destination: r.try_get("destination")?,
+                    delivered_at: from_ms(r.try_get("delivered_at")?),
+                    status_code: r
+                        .try_get::<Option<i64>, _>("status_code")?
+                        .and_then(|c| u16::try_from(c).ok()),
+                })
+            })
+            .collect()
+    }
+
+    async fn claim(
+        &self,
+        id: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Option<EventRecord>> {
+        self.writes.claim(id, now, lease_until).await
+    }
+
+    async fn finish_attempt(&self, id: &str, attempt: u32, f: &AttemptFinish) -> StoreResult<bool> {
+        self.writes.finish(id, attempt, f).await
+    }
+
+    async fn manual_retry(&self, id: &str) -> StoreResult<RetryOutcome> {
+        let now = ms(Utc::now());
+        let sql = format!(
+            "UPDATE events SET status = 'received', next_attempt_at = NULL, updated_at = $1, queued_at = $1, \
+             attempt_base = attempts \
+             WHERE id = $2 AND status = 'dead_lettered' RETURNING {EVENT_COLUMNS}"
+        );
+        if let Some(row) = sqlx::query(AssertSqlSafe(sql))
+            .bind(now)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+        {
+            return Ok(RetryOutcome::Requeued(event_from_row(&row)?));
+        }
+        Ok(match self.get_event(id).await? {
+            Some(e) => RetryOutcome::WrongStatus(e.status),
+            None => RetryOutcome::NotFound,
+        })
+    }
+
+    async fn take_stranded(&self, sweep: &Sweep<'_>) -> StoreResult<Vec<Requeue>> {
+        let waiting = "((status = 'received' AND queued_at < {t}) \
+             OR (status = 'retrying' AND next_attempt_at < {t} AND queued_at < {t}))";
+        let mut sql = format!(
+            "SELECT id, tipo, pipeline_version FROM events \
+             WHERE (status = 'received' AND queued_at = 0) \
+                OR (status = 'retrying' AND queued_at = 0 AND next_attempt_at <= $1) \
+                OR (status = 'processing' AND lease_until < $1) \
+                OR {}",
+            waiting.replace("{t}", "$2")
+        );
+        if !sweep.idle_types.is_empty() {
+            sql += &format!(
+                " OR (tipo IN ({}) AND {})",
+                placeholders(5, sweep.idle_types.len()),
+                waiting.replace("{t}", "$3")
+            );
+        }
+        sql += " ORDER BY id LIMIT $4";
+        let mut q = sqlx::query(AssertSqlSafe(sql))
+            .bind(ms(sweep.now))
+            .bind(ms(sweep.very_stale_before))
+            .bind(ms(sweep.stale_before))
+            .bind(i64::from(sweep.limit));
+        for t in sweep.idle_types {
+            q = q.bind(t);
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        let out = rows
+            .iter()
+            .map(|r| {
+                Ok(Requeue {
+                    id: r.try_get("id")?,
+                    tipo: r.try_get("tipo")?,
+                    pipeline_version: r.try_get("pipeline_version")?,
+                    run_at: None,
+                })
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        if !out.is_empty() {
+            let sql = format!(
+                "UPDATE events SET queued_at = $1 WHERE id IN ({})",
+                placeholders(2, out.len())
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql)).bind(ms(sweep.now));
+            for r in &out {
+                q = q.bind(&r.id);
+            }
+            q.execute(&self.pool).await?;
+        }
+        Ok(out)
+    }
+
+    async fn mark_unqueued(&self, id: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE events SET queued_at = 0 WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn release_leases(&self) -> StoreResult<u64> {
+        let r = sqlx::query("UPDATE events SET lease_until = 0 WHERE status = 'processing'")
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    async fn status_counts(&self) -> StoreResult<BTreeMap<String, i64>> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM events GROUP BY status")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get::<String, _>("status")?, r.try_get::<i64, _>("n")?)))
+            .collect()
+    }
+
+    async fn oldest_pending(&self) -> StoreResult<BTreeMap<String, DateTime<Utc>>> {
+        let rows = sqlx::query(
+            "SELECT tipo, MIN(received_at) AS oldest FROM events \
+             WHERE status IN ('received', 'processing', 'retrying') GROUP BY tipo",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<String, _>("tipo")?,
+                    from_ms(r.try_get::<i64, _>("oldest")?),
+                ))
+            })
+            .collect()
+    }
+}

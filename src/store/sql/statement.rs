@@ -1,0 +1,71 @@
+//! Building the statements whose text depends on their input: multi-row
+//! `VALUES` lists, `IN (…)` lists and optional filters. Every parameter is
+//! bound, never spliced into the text.
+
+use std::fmt::Write as _;
+
+use sqlx::any::AnyArguments;
+use sqlx::query::Query;
+use sqlx::{Any, AssertSqlSafe};
+
+/// Rows per multi-row statement: 100 rows × at most 10 parameters stays far
+/// below every backend's parameter limit.
+pub(super) const ROWS_PER_STATEMENT: usize = 100;
+
+/// The rows of a multi-row `VALUES`: `n` copies of `row`, comma-separated, where `#k`
+/// (1 ≤ k ≤ `per_row` ≤ 9) is the row's own k-th parameter, numbered from `$first` on
+/// (row 0's `#1` is `$first`, row 1's is `$first + per_row`, …). Anything else, such as
+/// a parameter all rows share (`$1`), stays as written.
+pub(super) fn values(row: &str, per_row: usize, first: usize, n: usize) -> String {
+    let mut out = String::with_capacity((row.len() + 8) * n);
+    for i in 0..n {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        let mut chars = row.chars().peekable();
+        while let Some(c) = chars.next() {
+            match chars.peek().and_then(|d| d.to_digit(10)) {
+                Some(k) if c == '#' => {
+                    chars.next();
+                    let _ = write!(out, "${}", first + i * per_row + k as usize - 1);
+                }
+                _ => out.push(c),
+            }
+        }
+    }
+    out
+}
+
+/// `n` numbered parameters from `$first` on, comma-separated (for `IN (…)`).
+pub(super) fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `sql`, whose only parameter `$1` is there when `arg` is (an optional
+/// filter), with `arg` bound.
+pub(super) fn query_filtered(sql: String, arg: Option<&str>) -> Query<'static, Any, AnyArguments> {
+    let q = sqlx::query(AssertSqlSafe(sql));
+    match arg {
+        Some(a) => q.bind(a),
+        None => q,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_number_their_own_parameters_and_keep_shared_ones() {
+        assert_eq!(
+            values("(#1, #2, $1, #3)", 3, 2, 2),
+            "($2, $3, $1, $4), ($5, $6, $1, $7)"
+        );
+        assert_eq!(values("(#1, '{}', #2, #2)", 2, 1, 1), "($1, '{}', $2, $2)");
+        assert_eq!(values("(#1)", 1, 1, 0), "");
+        assert_eq!(placeholders(4, 3), "$4, $5, $6");
+    }
+}

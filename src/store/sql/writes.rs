@@ -1,0 +1,420 @@
+//! The event path's group-committed writes (see [`crate::store::group`]):
+//! ingest inserts, workers' claims and attempt outcomes, and the per-request
+//! API-key lookup, each run for many callers at once as multi-row
+//! statements. Also the insert path itself, which `POST /events/batch` uses
+//! directly.
+
+use std::collections::{HashMap, HashSet};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use sqlx::{AnyPool, AssertSqlSafe, Row};
+
+use super::codec::{EVENT_COLUMNS, corrupt, event_from_row, json_text, ms, partner_from_row};
+use super::statement::{ROWS_PER_STATEMENT, placeholders, values};
+use crate::store::group::{BatchOp, Coalescer};
+use crate::store::{
+    AttemptFinish, EventRecord, InsertOutcome, NewEvent, Partner, Status, StoreError, StoreResult,
+};
+
+/// One coalescer per kind of write.
+pub(super) struct Writes {
+    insert: Coalescer<PoolOp<NewEvent, InsertOutcome>>,
+    claim: Coalescer<PoolOp<ClaimReq, StoreResult<Option<EventRecord>>>>,
+    finish: Coalescer<PoolOp<FinishRow, bool>>,
+    key: Coalescer<PoolOp<String, Option<Partner>>>,
+}
+
+impl Writes {
+    pub(super) fn start(pool: &AnyPool, sizes: &prometheus::HistogramVec) -> Self {
+        // One flusher per kind: the next batch forms while one is in flight.
+        // Measured on PostgreSQL at saturation, one per kind gave 18% more
+        // events/s than two (larger batches, fewer transactions); SQLite has
+        // one writer at a time anyway. Key lookups only read: two.
+        let size = |write: &str| sizes.with_label_values(&[write]);
+        Self {
+            insert: coalesce(pool, |p, b| Box::pin(insert_batch(p, b)), 1, size("insert")),
+            claim: coalesce(pool, |p, b| Box::pin(claim_batch(p, b)), 1, size("claim")),
+            finish: coalesce(pool, |p, b| Box::pin(finish_batch(p, b)), 1, size("finish")),
+            key: coalesce(pool, |p, b| Box::pin(key_batch(p, b)), 2, size("key")),
+        }
+    }
+
+    pub(super) async fn insert(&self, new: NewEvent) -> StoreResult<InsertOutcome> {
+        self.insert.submit(new).await
+    }
+
+    pub(super) async fn claim(
+        &self,
+        id: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Option<EventRecord>> {
+        let req = ClaimReq {
+            id: id.to_owned(),
+            now,
+            lease_until,
+        };
+        self.claim.submit(req).await?
+    }
+
+    pub(super) async fn finish(&self, id: &str, attempt: u32, f: &AttemptFinish) -> StoreResult<bool> {
+        self.finish.submit(FinishRow::new(id, attempt, f)?).await
+    }
+
+    pub(super) async fn partner_by_key_hash(&self, key_hash: &str) -> StoreResult<Option<Partner>> {
+        self.key.submit(key_hash.to_owned()).await
+    }
+}
+
+/// A batch of writes (or reads) of one kind: one output per item, in order.
+type BatchFn<I, O> = for<'a> fn(&'a AnyPool, &'a [I]) -> BoxFuture<'a, StoreResult<Vec<O>>>;
+
+/// One kind of group-committed write: `run` on the pool, for a batch of items.
+struct PoolOp<I, O> {
+    pool: AnyPool,
+    run: BatchFn<I, O>,
+}
+
+/// Batches of up to one statement's rows, run by `flushers` tasks.
+fn coalesce<I, O>(
+    pool: &AnyPool,
+    run: BatchFn<I, O>,
+    flushers: usize,
+    sizes: prometheus::Histogram,
+) -> Coalescer<PoolOp<I, O>>
+where
+    PoolOp<I, O>: BatchOp,
+{
+    let op = PoolOp {
+        pool: pool.clone(),
+        run,
+    };
+    Coalescer::start(op, flushers, ROWS_PER_STATEMENT, sizes)
+}
+
+#[async_trait]
+impl<I: Send + Sync + 'static, O: Send + 'static> BatchOp for PoolOp<I, O> {
+    type Item = I;
+    type Out = O;
+
+    async fn run(&self, items: &[I]) -> StoreResult<Vec<O>> {
+        (self.run)(&self.pool, items).await
+    }
+}
+
+/// One multi-row `INSERT … ON CONFLICT DO NOTHING RETURNING`: the stored
+/// event for each row inserted, `None` where the idempotency key exists.
+async fn insert_rows(
+    conn: &mut sqlx::AnyConnection,
+    rows: &[&NewEvent],
+) -> StoreResult<Vec<Option<EventRecord>>> {
+    let sql = format!(
+        "INSERT INTO events (id, partner_id, tipo, dados, meta, pipeline_version, status, attempts, \
+         received_at, updated_at, queued_at, idempotency_key, request_hash, request_id) VALUES {} \
+         ON CONFLICT (partner_id, idempotency_key) DO NOTHING RETURNING {EVENT_COLUMNS}",
+        values(
+            "(#1, #2, #3, #4, '{}', #5, 'received', 0, #6, #6, #6, #7, #8, #9)",
+            9,
+            1,
+            rows.len()
+        )
+    );
+    let mut q = sqlx::query(AssertSqlSafe(sql));
+    for new in rows {
+        q = q
+            .bind(&new.id)
+            .bind(&new.partner_id)
+            .bind(&new.tipo)
+            .bind(json_text(&new.dados))
+            .bind(&new.pipeline_version)
+            .bind(ms(new.received_at))
+            .bind(&new.idempotency_key)
+            .bind(&new.request_hash)
+            .bind(&new.request_id);
+    }
+    let mut created: HashMap<String, EventRecord> = HashMap::new();
+    for row in q.fetch_all(&mut *conn).await? {
+        let ev = event_from_row(&row)?;
+        created.insert(ev.id.clone(), ev);
+    }
+    Ok(rows.iter().map(|n| created.remove(&n.id)).collect())
+}
+
+/// The idempotency key of `new` exists for its partner: replay or conflict.
+async fn existing_outcome(conn: &mut sqlx::AnyConnection, new: &NewEvent) -> StoreResult<InsertOutcome> {
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS}, request_hash FROM events WHERE partner_id = $1 AND idempotency_key = $2"
+    );
+    let row = sqlx::query(AssertSqlSafe(sql))
+        .bind(&new.partner_id)
+        .bind(&new.idempotency_key)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| StoreError::Database("idempotency conflict without a row".into()))?;
+    let hash: Option<String> = row.try_get("request_hash")?;
+    let existing = event_from_row(&row)?;
+    if hash.as_deref() == Some(new.request_hash.as_str()) {
+        Ok(InsertOutcome::Replayed(existing))
+    } else {
+        Ok(InsertOutcome::Conflict {
+            existing_id: existing.id,
+        })
+    }
+}
+
+/// Inserts `new` in one transaction (one statement without one), resolving
+/// each idempotency key in list order: the first of two equal keys is
+/// created, the second replays or conflicts with it.
+async fn insert_all(pool: &AnyPool, new: &[&NewEvent]) -> StoreResult<Vec<InsertOutcome>> {
+    if let [one] = new {
+        let mut conn = pool.acquire().await?;
+        let created = insert_rows(&mut conn, new).await?.pop().flatten();
+        return Ok(vec![match created {
+            Some(ev) => InsertOutcome::Created(ev),
+            None => existing_outcome(&mut conn, one).await?,
+        }]);
+    }
+    let mut tx = pool.begin().await?;
+    let mut out = Vec::with_capacity(new.len());
+    for chunk in new.chunks(ROWS_PER_STATEMENT) {
+        let created = insert_rows(&mut tx, chunk).await?;
+        for (n, ev) in chunk.iter().zip(created) {
+            out.push(match ev {
+                Some(ev) => InsertOutcome::Created(ev),
+                None => existing_outcome(&mut tx, n).await?,
+            });
+        }
+    }
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// [`insert_all`] with the rows in key order, so two transactions in flight
+/// lock equal keys in the same order and cannot deadlock; the stable sort
+/// keeps list order between equal keys. Outcomes come back in list order.
+pub(super) async fn insert_in_key_order(
+    pool: &AnyPool,
+    items: &[&NewEvent],
+) -> StoreResult<Vec<InsertOutcome>> {
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by(|&a, &b| {
+        let key = |i: usize| (&items[i].partner_id, &items[i].idempotency_key);
+        key(a).cmp(&key(b))
+    });
+    let sorted: Vec<&NewEvent> = order.iter().map(|&i| items[i]).collect();
+    let mut outs: Vec<Option<InsertOutcome>> = (0..items.len()).map(|_| None).collect();
+    for (i, o) in order.into_iter().zip(insert_all(pool, &sorted).await?) {
+        outs[i] = Some(o);
+    }
+    outs.into_iter()
+        .map(|o| o.ok_or_else(|| StoreError::Database("an insert returned no outcome".into())))
+        .collect()
+}
+
+/// Concurrent `POST /events` inserts, group-committed.
+async fn insert_batch(pool: &AnyPool, items: &[NewEvent]) -> StoreResult<Vec<InsertOutcome>> {
+    insert_in_key_order(pool, &items.iter().collect::<Vec<_>>()).await
+}
+
+/// A worker's [`EventStore::claim`](crate::store::EventStore::claim).
+struct ClaimReq {
+    id: String,
+    now: DateTime<Utc>,
+    lease_until: DateTime<Utc>,
+}
+
+/// Concurrent claims as one `UPDATE … WHERE id IN (…) RETURNING`. Per caller: the
+/// claimed event, `None`, or the error decoding its row (the claim is committed by then,
+/// so it must not be rerun).
+async fn claim_batch(
+    pool: &AnyPool,
+    items: &[ClaimReq],
+) -> StoreResult<Vec<StoreResult<Option<EventRecord>>>> {
+    // Requests of one batch differ by microseconds: the latest clock and
+    // lease serve them all.
+    let (Some(now), Some(lease_until)) = (
+        items.iter().map(|c| c.now).max(),
+        items.iter().map(|c| c.lease_until).max(),
+    ) else {
+        return Ok(Vec::new());
+    };
+    let sql = format!(
+        "UPDATE events SET status = 'processing', attempts = attempts + 1, lease_until = $1, updated_at = $2 \
+         WHERE id IN ({}) AND (status = 'received' \
+           OR (status = 'retrying' AND (next_attempt_at IS NULL OR next_attempt_at <= $3)) \
+           OR (status = 'processing' AND lease_until < $2)) \
+         RETURNING {EVENT_COLUMNS}",
+        placeholders(4, items.len())
+    );
+    // A task may arrive a little before its due time; do not make it wait another sweep.
+    let due = ms(now) + 250;
+    let mut q = sqlx::query(AssertSqlSafe(sql))
+        .bind(ms(lease_until))
+        .bind(ms(now))
+        .bind(due);
+    for c in items {
+        q = q.bind(&c.id);
+    }
+    let mut claimed = HashMap::with_capacity(items.len());
+    for row in q.fetch_all(pool).await? {
+        claimed.insert(row.try_get::<String, _>("id")?, event_from_row(&row));
+    }
+    // The same event twice in a batch (a duplicate task): the first gets it.
+    Ok(items.iter().map(|c| claimed.remove(&c.id).transpose()).collect())
+}
+
+/// An [`AttemptFinish`] as bound parameters, serialized by the caller.
+struct FinishRow {
+    id: String,
+    attempt: i64,
+    status: &'static str,
+    processed: i64,
+    next_attempt_at: Option<i64>,
+    error: Option<String>,
+    trace: String,
+    result: Option<String>,
+    meta: Option<String>,
+    deliveries: Vec<(String, Option<i64>)>,
+}
+
+impl FinishRow {
+    fn new(id: &str, attempt: u32, f: &AttemptFinish) -> StoreResult<Self> {
+        Ok(Self {
+            id: id.to_owned(),
+            attempt: i64::from(attempt),
+            status: f.status.as_str(),
+            processed: i64::from(f.status == Status::Processed),
+            next_attempt_at: f.next_attempt_at.map(ms),
+            error: f
+                .last_error
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(corrupt)?,
+            trace: serde_json::to_string(&f.trace).map_err(corrupt)?,
+            result: f.result.as_ref().map(json_text),
+            meta: f.result.as_ref().map(|r| match r.get("meta") {
+                Some(m) => json_text(m),
+                None => "{}".to_owned(),
+            }),
+            deliveries: f
+                .deliveries
+                .iter()
+                .map(|d| (d.destination.clone(), d.status_code.map(i64::from)))
+                .collect(),
+        })
+    }
+}
+
+/// Concurrent attempt outcomes in one transaction of three multi-row
+/// statements: deliveries, the events' updates, their attempt rows.
+async fn finish_batch(pool: &AnyPool, items: &[FinishRow]) -> StoreResult<Vec<bool>> {
+    let now = ms(Utc::now());
+    let mut tx = pool.begin().await?;
+
+    // Deliveries first, and whatever the claim: the calls happened.
+    let deliveries: Vec<(&str, &str, Option<i64>)> = items
+        .iter()
+        .flat_map(|f| {
+            f.deliveries
+                .iter()
+                .map(move |(d, code)| (f.id.as_str(), d.as_str(), *code))
+        })
+        .collect();
+    for chunk in deliveries.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO deliveries (event_id, destination, delivered_at, status_code) VALUES {} \
+             ON CONFLICT (event_id, destination) DO NOTHING",
+            values("(#1, #2, $1, #3)", 3, 2, chunk.len())
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(now);
+        for (id, dest, code) in chunk {
+            q = q.bind(*id).bind(*dest).bind(*code);
+        }
+        q.execute(&mut *tx).await?;
+    }
+
+    // Outcomes, only where the attempt still holds the claim.
+    let mut done = HashSet::with_capacity(items.len());
+    for chunk in items.chunks(ROWS_PER_STATEMENT) {
+        let mut sql = format!(
+            "WITH v (eid, att, st, nxt, err, trc, prc, res, mta) AS (VALUES {})",
+            values("(#1, #2, #3, #4, #5, #6, #7, #8, #9)", 9, 2, chunk.len())
+        );
+        sql += " UPDATE events SET status = v.st, next_attempt_at = v.nxt, lease_until = NULL, \
+                last_error = v.err, last_trace = v.trc, updated_at = $1, queued_at = $1, \
+                processed_at = CASE WHEN v.prc = 1 THEN $1 ELSE processed_at END, \
+                processing_ms = CASE WHEN v.prc = 1 THEN $1 - received_at ELSE processing_ms END, \
+                result = COALESCE(v.res, result), meta = COALESCE(v.mta, meta) \
+                FROM v WHERE id = v.eid AND status = 'processing' AND attempts = v.att \
+                RETURNING id, attempts";
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(now);
+        for f in chunk {
+            q = q
+                .bind(&f.id)
+                .bind(f.attempt)
+                .bind(f.status)
+                .bind(f.next_attempt_at)
+                .bind(&f.error)
+                .bind(&f.trace)
+                .bind(f.processed)
+                .bind(&f.result)
+                .bind(&f.meta);
+        }
+        for row in q.fetch_all(&mut *tx).await? {
+            done.insert((
+                row.try_get::<String, _>("id")?,
+                row.try_get::<i64, _>("attempts")?,
+            ));
+        }
+    }
+
+    let finished: Vec<&FinishRow> = items
+        .iter()
+        .filter(|f| done.contains(&(f.id.clone(), f.attempt)))
+        .collect();
+    for chunk in finished.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO attempts (event_id, attempt, finished_at, outcome, error, trace) VALUES {} \
+             ON CONFLICT (event_id, attempt) DO NOTHING",
+            values("(#1, #2, $1, #3, #4, #5)", 5, 2, chunk.len())
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(now);
+        for f in chunk {
+            q = q
+                .bind(&f.id)
+                .bind(f.attempt)
+                .bind(f.status)
+                .bind(&f.error)
+                .bind(&f.trace);
+        }
+        q.execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(items
+        .iter()
+        .map(|f| done.contains(&(f.id.clone(), f.attempt)))
+        .collect())
+}
+
+/// Concurrent API-key lookups (one per partner request) as one
+/// `… WHERE key_hash IN (…)`: still read per request, so a revoked key or a
+/// disabled partner is refused from the next request on.
+async fn key_batch(pool: &AnyPool, items: &[String]) -> StoreResult<Vec<Option<Partner>>> {
+    let sql = format!(
+        "SELECT k.key_hash, p.id, p.name, p.rate_per_minute, p.burst, p.disabled_at FROM api_keys k \
+         JOIN partners p ON p.id = k.partner_id WHERE k.key_hash IN ({}) AND k.revoked_at IS NULL",
+        placeholders(1, items.len())
+    );
+    let mut q = sqlx::query(AssertSqlSafe(sql));
+    for hash in items {
+        q = q.bind(hash);
+    }
+    let mut found = HashMap::new();
+    for row in q.fetch_all(pool).await? {
+        found.insert(row.try_get::<String, _>("key_hash")?, partner_from_row(&row)?);
+    }
+    Ok(items.iter().map(|h| found.get(h).cloned()).collect())
+}
