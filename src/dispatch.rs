@@ -7,31 +7,36 @@
 //! the queue are used through their traits.
 //!
 //! The push policy. The event is durable before its task is pushed, so a push
-//! that fails (or hangs for [`PUSH_TIMEOUT`]) never fails the caller: the
-//! event is marked unqueued, and the sweeper queues it at its next pass once
-//! the queue answers. After a failure, pushes are skipped for
+//! that fails (or hangs for [`PUSH_TIMEOUT`]; the sweeper's bulk pushes get
+//! [`SWEEP_PUSH_TIMEOUT`]) never fails the caller: the events are marked
+//! unqueued, and the sweeper queues them at its next pass once the queue
+//! answers. After a failure, pushes to that queue are skipped for
 //! [`DOWN_FOR`] (their events marked unqueued at once) so an outage does not
-//! slow every request down by the timeout.
+//! slow every request down by the timeout; other queues are not affected.
 //!
-//! Accepting an event (store, then push) runs in a task of its own, so that
-//! it completes even when the request that asked for it is dropped (the
-//! client went away, or the request timed out): an event stored but never
-//! pushed would wait for the sweeper's staleness window.
+//! Accepting an event (store, then push) and a manual retry or redrive
+//! (store, then push) run in a task of their own, so that they complete even
+//! when the request that asked for them is dropped (the client went away, or
+//! the request timed out): an event stored but never pushed would wait for
+//! the sweeper's staleness window.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
 use tracing::{info, warn};
 
 use crate::queue::{Queue, QueueError, QueueTask};
-use crate::store::{EventRecord, InsertOutcome, NewEvent, Requeue, Store, StoreError};
+use crate::store::{EventRecord, InsertOutcome, NewEvent, Requeue, RetryOutcome, Store, StoreError};
 use crate::telemetry::Metrics;
 
-/// How long a push may take before it counts as failed.
+/// How long a push on a request's path may take before it counts as failed.
 pub const PUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// The same for the sweeper's bulk pushes (up to 500 tasks, off any request).
+pub const SWEEP_PUSH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Dead letters manually retried per store round before their push.
+const RETRY_CHUNK: usize = 100;
 /// How long pushes are skipped after one failed.
 pub const DOWN_FOR: Duration = Duration::from_secs(2);
 
@@ -89,8 +94,8 @@ pub struct Dispatcher {
     store: Arc<dyn Store>,
     queue: Arc<dyn Queue>,
     metrics: Arc<Metrics>,
-    /// Epoch milliseconds until which pushes are skipped.
-    down_until: AtomicI64,
+    /// Per queue: epoch milliseconds until which pushes to it are skipped.
+    down_until: Mutex<HashMap<String, i64>>,
 }
 
 impl Dispatcher {
@@ -99,7 +104,7 @@ impl Dispatcher {
             store,
             queue,
             metrics,
-            down_until: AtomicI64::new(0),
+            down_until: Mutex::default(),
         })
     }
 
@@ -155,9 +160,66 @@ impl Dispatcher {
             requestId = ev.request_id.as_deref().unwrap_or_default(), "event accepted");
     }
 
+    /// Manual retry of a dead letter (back to `received`, a fresh retry
+    /// budget) and its push; as [`Self::accept`], runs to the end.
+    pub async fn retry(self: &Arc<Self>, id: String) -> Result<RetryOutcome, StoreError> {
+        let me = self.clone();
+        run_detached(async move {
+            let outcome = me.store.manual_retry(&id).await?;
+            if let RetryOutcome::Requeued(ev) = &outcome {
+                me.queue_now(&[ev.into()]).await;
+                info!(eventId = %ev.id, eventType = %ev.tipo, "manual retry queued");
+            }
+            Ok(outcome)
+        })
+        .await
+    }
+
+    /// Manual retry of many dead letters, in order, each chunk pushed as soon
+    /// as it is back in `received`; runs to the end. Returns how many were
+    /// requeued (ids no longer dead-lettered are skipped). On a store error
+    /// what was requeued is still pushed.
+    pub async fn retry_many(self: &Arc<Self>, ids: Vec<String>) -> Result<usize, StoreError> {
+        let me = self.clone();
+        run_detached(async move {
+            let mut requeued = 0;
+            for chunk in ids.chunks(RETRY_CHUNK) {
+                let mut back = Vec::with_capacity(chunk.len());
+                let mut failure = None;
+                for id in chunk {
+                    match me.store.manual_retry(id).await {
+                        Ok(RetryOutcome::Requeued(ev)) => back.push(ev),
+                        Ok(_) => {}
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
+                    }
+                }
+                let pending: Vec<Pending<'_>> = back.iter().map(Pending::from).collect();
+                me.queue_now(&pending).await;
+                requeued += back.len();
+                if let Some(e) = failure {
+                    return Err(e);
+                }
+            }
+            Ok(requeued)
+        })
+        .await
+    }
+
     /// Queues events to run now: one push for one event, one bulk push per
     /// type for several.
     pub async fn queue_now(&self, events: &[Pending<'_>]) -> Pushed {
+        self.push_grouped(events, PUSH_TIMEOUT).await
+    }
+
+    /// [`Self::queue_now`] for the sweeper, whose bulk pushes may take longer.
+    pub async fn requeue_stranded(&self, events: &[Pending<'_>]) -> Pushed {
+        self.push_grouped(events, SWEEP_PUSH_TIMEOUT).await
+    }
+
+    async fn push_grouped(&self, events: &[Pending<'_>], timeout: Duration) -> Pushed {
         let mut by_queue: BTreeMap<String, Vec<Pending<'_>>> = BTreeMap::new();
         for ev in events {
             by_queue.entry(queue_name(ev.tipo)).or_default().push(*ev);
@@ -173,7 +235,7 @@ impl Dispatcher {
                     self.queue.push_bulk(&queue, tasks).await
                 }
             };
-            if self.guarded(&evs, push).await == Pushed::NotAll {
+            if self.guarded(&queue, &evs, push, timeout).await == Pushed::NotAll {
                 pushed = Pushed::NotAll;
             }
         }
@@ -184,40 +246,57 @@ impl Dispatcher {
     pub async fn queue_later(&self, event: Pending<'_>, delay: Duration) -> Pushed {
         let task = task(event.event_id, event.pipeline_version);
         let queue = queue_name(event.tipo);
-        self.guarded(&[event], self.queue.push(&queue, task, Some(delay)))
-            .await
+        let push = self.queue.push(&queue, task, Some(delay));
+        self.guarded(&queue, &[event], push, PUSH_TIMEOUT).await
     }
 
-    /// Runs one push under the policy.
+    /// Runs one push to `queue` under the policy.
     async fn guarded(
         &self,
+        queue: &str,
         events: &[Pending<'_>],
         push: impl Future<Output = Result<(), QueueError>>,
+        timeout: Duration,
     ) -> Pushed {
-        let now_ms = Utc::now().timestamp_millis();
-        let error = if self.down_until.load(Ordering::Relaxed) > now_ms {
-            // A skip does not extend the window: the first push after it
-            // tries the queue again, whoever makes it.
+        // A skip does not extend the window: the first push after it tries
+        // the queue again, whoever makes it.
+        let error = if self.down_until(queue) > Utc::now().timestamp_millis() {
             "queue recently unavailable".to_owned()
         } else {
-            let error = match tokio::time::timeout(PUSH_TIMEOUT, push).await {
+            let error = match tokio::time::timeout(timeout, push).await {
                 Ok(Ok(())) => return Pushed::All,
                 Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("no answer within {PUSH_TIMEOUT:?}"),
+                Err(_) => format!("no answer within {timeout:?}"),
             };
-            let down_ms = i64::try_from(DOWN_FOR.as_millis()).unwrap_or(i64::MAX);
-            let failed_at = Utc::now().timestamp_millis();
-            self.down_until
-                .store(failed_at.saturating_add(down_ms), Ordering::Relaxed);
+            self.mark_down(queue);
             error
         };
-        for ev in events {
-            warn!(eventId = %ev.event_id, error = %error, "event not queued; the sweeper will queue it");
-            if let Err(e) = self.store.mark_unqueued(ev.event_id).await {
-                warn!(eventId = %ev.event_id, error = %e, "could not mark the event unqueued");
-            }
+        match events {
+            [one] => warn!(eventId = %one.event_id, eventType = %one.tipo, queue, error = %error,
+                "event stored but not queued; the sweeper will queue it"),
+            _ => warn!(queue, count = events.len(), error = %error,
+                "events stored but not queued; the sweeper will queue them"),
+        }
+        let ids: Vec<&str> = events.iter().map(|e| e.event_id).collect();
+        if let Err(e) = self.store.mark_unqueued(&ids).await {
+            warn!(queue, count = ids.len(), error = %e, "could not mark events unqueued");
         }
         Pushed::NotAll
+    }
+
+    fn down_until(&self, queue: &str) -> i64 {
+        self.down_until
+            .lock()
+            .map(|m| m.get(queue).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    fn mark_down(&self, queue: &str) {
+        let down_ms = i64::try_from(DOWN_FOR.as_millis()).unwrap_or(i64::MAX);
+        let until = Utc::now().timestamp_millis().saturating_add(down_ms);
+        if let Ok(mut m) = self.down_until.lock() {
+            m.insert(queue.to_owned(), until);
+        }
     }
 }
 

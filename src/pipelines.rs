@@ -212,6 +212,17 @@ pub trait OnInstall: Send + Sync {
     fn installed(&self, pipelines: &Pipelines);
 }
 
+/// Why a reload installed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The set is invalid; the last good one keeps serving.
+    #[error("{0}")]
+    Invalid(LoadErrors),
+    /// The reload itself failed (a panic while loading).
+    #[error("the reload task failed: {0}")]
+    Crashed(String),
+}
+
 /// Every reload trigger (startup is the load itself; the admin API, `SIGHUP`
 /// and the directory watcher) goes through [`Reloader::reload`]: load all or
 /// nothing, count and log the outcome, start workers for new types, keep the
@@ -276,16 +287,11 @@ impl Reloader {
     pub async fn reload_async(
         self: &Arc<Self>,
         trigger: &'static str,
-    ) -> Result<Arc<PipelineSet>, LoadErrors> {
+    ) -> Result<Arc<PipelineSet>, ReloadError> {
         let me = self.clone();
         match tokio::task::spawn_blocking(move || me.reload(trigger)).await {
-            Ok(result) => result,
-            Err(e) => Err(LoadErrors(vec![engine::LoadError {
-                file: std::path::PathBuf::new(),
-                line: None,
-                stage: None,
-                message: format!("the reload task failed: {e}"),
-            }])),
+            Ok(result) => result.map_err(ReloadError::Invalid),
+            Err(e) => Err(ReloadError::Crashed(e.to_string())),
         }
     }
 }

@@ -401,7 +401,7 @@ async fn sweep_once(s: &Sweeper) {
                 let pending: Vec<Pending<'_>> = batch.iter().map(Pending::from).collect();
                 // A push that fails marks its events unqueued again: the next
                 // pass takes them, not the staleness window.
-                if s.dispatch.queue_now(&pending).await == Pushed::NotAll {
+                if s.dispatch.requeue_stranded(&pending).await == Pushed::NotAll {
                     break;
                 }
                 info!(count = n, "sweeper queued stranded events");

@@ -220,7 +220,7 @@ pub async fn redrive(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<RedriveOut>, ApiError> {
-    use crate::store::{ListFilter, RetryOutcome, Status};
+    use crate::store::{ListFilter, Status};
     let input: RedriveIn = json_body(&state, &headers, body, true).await?;
     let limit = input.limit.unwrap_or(1_000);
     if !(1..=10_000).contains(&limit) {
@@ -259,17 +259,12 @@ pub async fn redrive(
     let more = matched.len() > limit;
     matched.truncate(limit);
     matched.reverse();
-    let mut requeued = Vec::new();
-    if !input.dry_run {
-        for ev in &matched {
-            if let RetryOutcome::Requeued(ev) = state.store.manual_retry(&ev.id).await? {
-                requeued.push(ev);
-            }
-        }
-        let pending: Vec<_> = requeued.iter().map(Into::into).collect();
-        state.dispatch.queue_now(&pending).await;
-    }
-    let redriven = requeued.len();
+    let redriven = if input.dry_run {
+        0
+    } else {
+        let ids = matched.iter().map(|ev| ev.id.clone()).collect();
+        state.dispatch.retry_many(ids).await?
+    };
     tracing::info!(
         matched = matched.len(),
         redriven,

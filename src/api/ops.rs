@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::auth::Admin;
 use super::error::ApiError;
+use crate::pipelines::ReloadError;
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Health {
@@ -157,7 +158,8 @@ pub async fn reload_pipelines(
 ) -> Result<Json<PipelineList>, ApiError> {
     match state.reloader.reload_async("admin").await {
         Ok(set) => Ok(Json(pipeline_list(&state, &set))),
-        Err(errors) => Err(ApiError::InvalidPipelines(
+        Err(ReloadError::Crashed(e)) => Err(ApiError::Internal(e)),
+        Err(ReloadError::Invalid(errors)) => Err(ApiError::InvalidPipelines(
             errors
                 .0
                 .iter()

@@ -13,6 +13,7 @@ use crate::store::{ApiKeyInfo, DeliveryRow, LastError, PartnerInfo, Percentiles,
 
 /// The last failure of an event.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = LastError)]
 pub struct ErrorOut {
     /// Stable machine category: `delivery`, `rejected`, `script`,
     /// `script_budget`, `validation`, `timeout`, `attempts_exhausted`, …
@@ -38,6 +39,7 @@ impl From<LastError> for ErrorOut {
 
 /// A destination that answered 2xx for the event.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = DeliveryRow)]
 pub struct DeliveryOut {
     pub destination: String,
     pub delivered_at: DateTime<Utc>,
@@ -56,6 +58,7 @@ impl From<DeliveryRow> for DeliveryOut {
 
 /// One API key of a partner, as listed (the key itself is never stored).
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = ApiKeyInfo)]
 pub struct KeyOut {
     /// Stable key id (the first 16 hex characters of the key's SHA-256).
     pub id: String,
@@ -79,6 +82,7 @@ impl From<ApiKeyInfo> for KeyOut {
 
 /// A partner with its keys, for operators.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = PartnerInfo)]
 pub struct PartnerOut {
     pub id: String,
     pub name: String,
@@ -110,6 +114,7 @@ impl From<PartnerInfo> for PartnerOut {
 
 /// Milliseconds from received to processed.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = Percentiles)]
 pub struct PercentilesOut {
     pub p50: Option<i64>,
     pub p95: Option<i64>,
@@ -128,10 +133,12 @@ impl From<Percentiles> for PercentilesOut {
 
 /// `GET /events/stats`.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = Stats)]
 pub struct StatsOut {
     pub total: i64,
-    /// Every status, with 0 for the ones no event has.
-    pub by_status: BTreeMap<String, i64>,
+    /// Every status, in lifecycle order, with 0 for the ones no event has.
+    #[schema(value_type = Object)]
+    pub by_status: serde_json::Map<String, serde_json::Value>,
     pub by_type: BTreeMap<String, i64>,
     /// Received → processed, over processed events.
     pub processing_ms: PercentilesOut,
@@ -139,9 +146,15 @@ pub struct StatsOut {
 
 impl From<Stats> for StatsOut {
     fn from(s: Stats) -> Self {
-        let mut by_status: BTreeMap<String, i64> =
-            Status::ALL.iter().map(|st| (st.as_str().to_owned(), 0)).collect();
-        by_status.extend(s.by_status);
+        // `serde_json::Map` keeps insertion order (`preserve_order`):
+        // received, processing, retrying, processed, dead_lettered.
+        let mut by_status: serde_json::Map<String, serde_json::Value> = Status::ALL
+            .iter()
+            .map(|st| (st.as_str().to_owned(), 0.into()))
+            .collect();
+        for (k, v) in s.by_status {
+            by_status.insert(k, v.into());
+        }
         Self {
             total: s.total,
             by_status,

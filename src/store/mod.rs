@@ -324,8 +324,9 @@ pub trait EventStore: Send + Sync {
     ///   task is not merely waiting);
     /// * the same, for any type, when not queued since `very_stale_before`.
     async fn take_stranded(&self, sweep: &Sweep<'_>) -> StoreResult<Vec<Requeue>>;
-    /// Marks an event as not queued, so the next sweep queues it (after a failed push).
-    async fn mark_unqueued(&self, id: &str) -> StoreResult<()>;
+    /// Marks events as not queued, so the next sweep queues them (after a
+    /// failed push); at most a few hundred ids per call.
+    async fn mark_unqueued(&self, ids: &[&str]) -> StoreResult<()>;
     /// Ends every lease (only safe when this is the only process: embedded mode).
     async fn release_leases(&self) -> StoreResult<u64>;
     /// Number of events per status.

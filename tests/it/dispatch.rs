@@ -167,7 +167,10 @@ impl HeldStore {
 /// event is stored by a request that no longer exists. Each must still be
 /// queued and processed.
 async fn dropped_requests_never_strand_stored_events(backend: Backend) {
-    const N: usize = 40;
+    const SINGLE: usize = 30;
+    const BATCHES: usize = 5;
+    const PER_BATCH: usize = 4;
+    const N: usize = SINGLE + BATCHES * PER_BATCH;
     // Without a finished push, only a stale-event rescue (a minute) would
     // queue a stranded event.
     let app = spawn_app_with(backend, log_pipeline(), |c| {
@@ -183,15 +186,30 @@ async fn dropped_requests_never_strand_stored_events(backend: Backend) {
         .timeout(Duration::from_millis(400))
         .build()
         .expect("client");
-    let sends = (0..N).map(|i| {
+    let sends = (0..SINGLE).map(|i| {
         client
             .post(app.url("/events"))
             .header("x-api-key", &app.key)
             .json(&json!({"tipo": "T", "dados": {"n": i}}))
             .send()
     });
-    let answers = futures::future::join_all(sends).await;
-    let answered = answers.iter().filter(|r| r.is_ok()).count();
+    // And batches, which store all their items in one transaction.
+    let batches = (0..BATCHES).map(|b| {
+        let events: Vec<Value> = (0..PER_BATCH)
+            .map(|i| json!({"tipo": "T", "dados": {"batch": b, "i": i}}))
+            .collect();
+        client
+            .post(app.url("/events/batch"))
+            .header("x-api-key", &app.key)
+            .json(&json!({ "events": events }))
+            .send()
+    });
+    let (answers, batch_answers) = futures::future::join(
+        futures::future::join_all(sends),
+        futures::future::join_all(batches),
+    )
+    .await;
+    let answered = answers.iter().chain(&batch_answers).filter(|r| r.is_ok()).count();
     assert_eq!(answered, 0, "requests answered while the store was held");
     // Give the server time to notice the closed connections.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -212,7 +230,7 @@ async fn dropped_requests_never_strand_stored_events(backend: Backend) {
         }
         assert!(
             Instant::now() < deadline,
-            "5 s after the store answered again: {stored} of {N} dropped requests stored, \
+            "5 s after the store answered again: {stored} of the {N} events of dropped requests stored, \
              {} stored events not processed: {:?}",
             waiting.len(),
             waiting

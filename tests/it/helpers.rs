@@ -349,28 +349,20 @@ impl TestApp {
         req.send().await.expect("request")
     }
 
+    /// A route's body as text, without credentials.
+    async fn get_text(&self, path: &str) -> String {
+        let resp = self.http.get(self.url(path)).send().await.expect("send");
+        resp.text().await.expect("text")
+    }
+
     /// The OpenAPI document the service serves.
     pub async fn openapi(&self) -> Value {
-        self.http
-            .get(self.url("/api/openapi.json"))
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("json")
+        serde_json::from_str(&self.get_text("/api/openapi.json").await).expect("json")
     }
 
     /// The `/metrics` text.
     pub async fn metrics_text(&self) -> String {
-        self.http
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .expect("send")
-            .text()
-            .await
-            .expect("text")
+        self.get_text("/metrics").await
     }
 
     pub async fn get_json(&self, path: &str, key: &str) -> (StatusCode, Value) {

@@ -26,7 +26,7 @@ async fn stranded_events_are_found_and_waiting_ones_left_alone(backend: Backend)
     insert(&store, "01A-waiting").await;
     insert(&store, "01B-unqueued").await;
     insert(&store, "01C-retry").await;
-    store.mark_unqueued("01B-unqueued").await.expect("mark");
+    store.mark_unqueued(&["01B-unqueued"]).await.expect("mark");
     // A retry scheduled in an hour whose push failed.
     let claimed = store
         .claim("01C-retry", now, now + Duration::seconds(30))
@@ -48,7 +48,7 @@ async fn stranded_events_are_found_and_waiting_ones_left_alone(backend: Backend)
             .await
             .expect("finish")
     );
-    store.mark_unqueued("01C-retry").await.expect("mark");
+    store.mark_unqueued(&["01C-retry"]).await.expect("mark");
 
     // Now: only the known-unqueued received event; the waiting one may just be in a long queue.
     let taken = store.take_stranded(&sweep(now, &[])).await.expect("sweep");

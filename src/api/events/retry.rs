@@ -23,12 +23,8 @@ pub async fn retry_event(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     visible_event(&state, &caller, &id).await?;
-    match state.store.manual_retry(&id).await? {
-        RetryOutcome::Requeued(ev) => {
-            state.dispatch.queue_now(&[(&ev).into()]).await;
-            tracing::info!(eventId = %ev.id, eventType = %ev.tipo, "manual retry queued");
-            Ok((StatusCode::ACCEPTED, Json(accepted(&ev))).into_response())
-        }
+    match state.dispatch.retry(id).await? {
+        RetryOutcome::Requeued(ev) => Ok((StatusCode::ACCEPTED, Json(accepted(&ev))).into_response()),
         RetryOutcome::WrongStatus(s) => Err(ApiError::NotRetryable(s.as_str().to_owned())),
         RetryOutcome::NotFound => Err(ApiError::NotFound("event")),
     }

@@ -240,11 +240,18 @@ impl EventStore for SqlStore {
         Ok(out)
     }
 
-    async fn mark_unqueued(&self, id: &str) -> StoreResult<()> {
-        sqlx::query("UPDATE events SET queued_at = 0 WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+    async fn mark_unqueued(&self, ids: &[&str]) -> StoreResult<()> {
+        for chunk in ids.chunks(super::statement::ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "UPDATE events SET queued_at = 0 WHERE id IN ({})",
+                placeholders(1, chunk.len())
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            q.execute(&self.pool).await?;
+        }
         Ok(())
     }
 
