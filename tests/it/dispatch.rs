@@ -183,7 +183,7 @@ async fn dropped_requests_never_strand_stored_events(backend: Backend) {
 
     let held = HeldStore::hold(&app).await;
     let client = reqwest::Client::builder()
-        .timeout(Duration::from_millis(400))
+        .timeout(Duration::from_millis(800))
         .build()
         .expect("client");
     let sends = (0..SINGLE).map(|i| {
@@ -216,23 +216,38 @@ async fn dropped_requests_never_strand_stored_events(backend: Backend) {
     held.release().await;
     let released = Instant::now();
 
-    // Every request reached the store before its client gave up (auth and
-    // parsing take milliseconds, the client waits 400 ms), so all N inserts
-    // commit once the store answers; each must then be queued and run.
+    // The inserts the dropped requests left waiting commit as soon as the
+    // store answers (group commit runs them whoever waits); a request that
+    // had not reached the store before its client gave up (a very loaded
+    // machine) stored nothing, which is fine. Every stored event must then
+    // be queued and run.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let count = || async {
+        let (_, page) = app.get_json("/events?tipo=T&limit=1000", ADMIN_KEY).await;
+        page["items"].as_array().cloned().unwrap_or_default()
+    };
+    let stored = count().await.len() - 1;
+    assert!(
+        stored >= N / 2,
+        "only {stored} of the {N} events of dropped requests were stored; the test proves little"
+    );
     let deadline = released + Duration::from_secs(5);
     loop {
-        let (_, page) = app.get_json("/events?tipo=T&limit=1000", ADMIN_KEY).await;
-        let items = page["items"].as_array().cloned().unwrap_or_default();
-        let stored = items.len() - 1;
+        let items = count().await;
         let waiting: Vec<&Value> = items.iter().filter(|e| e["status"] != "processed").collect();
-        if stored == N && waiting.is_empty() {
+        if waiting.is_empty() {
+            assert_eq!(
+                items.len() - 1,
+                stored,
+                "events were stored after the store answered"
+            );
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "5 s after the store answered again: {stored} of the {N} events of dropped requests stored, \
-             {} stored events not processed: {:?}",
+            "5 s after the store answered again, {} of {} stored events not processed: {:?}",
             waiting.len(),
+            items.len(),
             waiting
                 .iter()
                 .take(10)
