@@ -137,7 +137,7 @@ impl From<Percentiles> for PercentilesOut {
 pub struct StatsOut {
     pub total: i64,
     /// Every status, in lifecycle order, with 0 for the ones no event has.
-    #[schema(value_type = Object)]
+    #[schema(value_type = BTreeMap<String, i64>)]
     pub by_status: serde_json::Map<String, serde_json::Value>,
     pub by_type: BTreeMap<String, i64>,
     /// Received → processed, over processed events.

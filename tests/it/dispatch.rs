@@ -105,15 +105,9 @@ async fn failed_sweep_push_is_retried_at_the_next_sweep(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     broken.mend().await;
-    let mended = Instant::now();
-    app.wait_for(&id, "processed", Duration::from_secs(8)).await;
     // Sweep interval plus the skip window after the last failure, with room
     // for a loaded machine; a stale-event rescue would take 60 s.
-    assert!(
-        mended.elapsed() < Duration::from_secs(8),
-        "took {:?}",
-        mended.elapsed()
-    );
+    app.wait_for(&id, "processed", Duration::from_secs(8)).await;
     app.stop().await;
 }
 
