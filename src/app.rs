@@ -236,6 +236,17 @@ impl App {
                 },
                 shutdown_rx.clone(),
             )));
+            // Every worker process runs the loop; the store's lease lets one
+            // at a time purge.
+            background.push(tokio::spawn(crate::retention::purge_loop(
+                crate::retention::Purger::new(
+                    store.clone(),
+                    metrics.clone(),
+                    config.retention,
+                    config.purge_interval,
+                ),
+                shutdown_rx.clone(),
+            )));
         }
         let reloader = Arc::new(Reloader::new(
             pipelines.clone(),

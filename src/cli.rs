@@ -35,6 +35,13 @@ pub enum Command {
         #[command(subcommand)]
         command: PartnerCommand,
     },
+    /// Remove the events past their retention now (RETENTION_PROCESSED,
+    /// RETENTION_DEAD_LETTERED), or only say what would go.
+    Purge {
+        /// Count what would go; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Check a pipeline directory; prints every error with file and line.
     Lint {
         /// Pipelines directory (default: PIPELINES_DIR).
@@ -130,8 +137,56 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             store.migrate().await?;
             partner(store.as_ref(), command).await
         }
+        Command::Purge { dry_run } => purge(config, dry_run).await,
         Command::Lint { dir, schemas } => lint(&config, dir, schemas),
         Command::Test { dir, schemas } => test(&config, dir, schemas).await,
+    }
+}
+
+/// `orchestrator purge [--dry-run]`: one pass now, waiting (up to a minute)
+/// for a pass another process is running.
+async fn purge(config: Config, dry_run: bool) -> anyhow::Result<i32> {
+    use crate::retention::{PurgeError, Purger};
+    let store = crate::app::connect_store(&config).await?;
+    store.migrate().await?;
+    let purger = Purger::new(
+        store,
+        std::sync::Arc::new(crate::telemetry::Metrics::new()),
+        config.retention,
+        config.purge_interval,
+    );
+    let describe = |what: &str, p: crate::store::Purged| {
+        println!(
+            "{what} {} processed events (older than {}) and {} dead letters (older than {})",
+            p.processed,
+            humantime::format_duration(config.retention.processed),
+            p.dead_lettered,
+            humantime::format_duration(config.retention.dead_lettered),
+        );
+    };
+    if dry_run {
+        describe("would remove", purger.dry_run().await?);
+        return Ok(0);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match purger.run_once().await {
+            Ok(report) => {
+                describe("removed", report.removed);
+                return Ok(match report.error {
+                    Some(e) => {
+                        eprintln!("the purge stopped early: {e}");
+                        1
+                    }
+                    None => 0,
+                });
+            }
+            Err(PurgeError::Busy { holder, until }) if std::time::Instant::now() < deadline => {
+                eprintln!("waiting for the purge {holder} is running (lease until {until})");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

@@ -59,6 +59,12 @@ pub struct Config {
     /// A `received` event not picked up for this long is queued again.
     pub requeue_after: Duration,
     pub sweep_interval: Duration,
+    /// How long processed and dead-lettered events are kept, counted from
+    /// when they reached that status.
+    pub retention: Retention,
+    /// How often the purge runs (default: a quarter of the shortest
+    /// retention, between 1 s and 1 min).
+    pub purge_interval: Duration,
     /// Reload when files under the pipeline or schema directory change.
     pub watch_pipelines: bool,
     /// Quiet time after the last change before that reload.
@@ -68,6 +74,22 @@ pub struct Config {
     /// Create the `demo` partner on first start.
     pub create_demo_partner: bool,
     pub migrate_on_start: bool,
+}
+
+/// How long terminal events are kept, counted from when they reached their
+/// status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub processed: Duration,
+    pub dead_lettered: Duration,
+}
+
+impl Retention {
+    /// A quarter of the shortest retention, between 1 s and 1 min: an
+    /// expired event goes within about a quarter of its retention.
+    pub fn default_purge_interval(&self) -> Duration {
+        (self.processed.min(self.dead_lettered) / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
+    }
 }
 
 /// The keys, for documentation and unknown-key checks.
@@ -100,6 +122,9 @@ pub const KEYS: &[&str] = &[
     "PROCESSING_LEASE",
     "REQUEUE_AFTER",
     "SWEEP_INTERVAL",
+    "RETENTION_PROCESSED",
+    "RETENTION_DEAD_LETTERED",
+    "PURGE_INTERVAL",
     "WATCH_PIPELINES",
     "WATCH_DEBOUNCE",
     "SCRIPT_MAX_OPERATIONS",
@@ -180,6 +205,11 @@ impl Config {
                 )));
             }
         };
+        let retention = Retention {
+            processed: duration("RETENTION_PROCESSED", Duration::from_secs(7 * 86_400))?,
+            dead_lettered: duration("RETENTION_DEAD_LETTERED", Duration::from_secs(30 * 86_400))?,
+        };
+        let purge_interval = duration("PURGE_INTERVAL", retention.default_purge_interval())?;
         let cfg = Config {
             listen_addr: parse(
                 "LISTEN_ADDR",
@@ -231,6 +261,8 @@ impl Config {
             processing_lease: duration("PROCESSING_LEASE", Duration::from_secs(20))?,
             requeue_after: duration("REQUEUE_AFTER", Duration::from_secs(60))?,
             sweep_interval: duration("SWEEP_INTERVAL", Duration::from_secs(5))?,
+            retention,
+            purge_interval,
             watch_pipelines: parse("WATCH_PIPELINES", get("WATCH_PIPELINES"), true)?,
             watch_debounce: duration("WATCH_DEBOUNCE", Duration::from_millis(250))?,
             script_max_operations: parse("SCRIPT_MAX_OPERATIONS", get("SCRIPT_MAX_OPERATIONS"), 1_000_000)?,
@@ -243,6 +275,15 @@ impl Config {
         }
         if cfg.json_limits.max_depth < 2 {
             return Err(ConfigError("MAX_JSON_DEPTH must be at least 2".into()));
+        }
+        for (k, d) in [
+            ("RETENTION_PROCESSED", cfg.retention.processed),
+            ("RETENTION_DEAD_LETTERED", cfg.retention.dead_lettered),
+            ("PURGE_INTERVAL", cfg.purge_interval),
+        ] {
+            if d < Duration::from_secs(1) {
+                return Err(ConfigError(format!("{k} must be at least 1s")));
+            }
         }
         if cfg.max_header_bytes < 1024 {
             return Err(ConfigError("MAX_HEADER_BYTES must be at least 1024".into()));

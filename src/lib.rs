@@ -13,6 +13,7 @@ pub mod dispatch;
 pub mod partners;
 pub mod pipelines;
 pub mod queue;
+pub mod retention;
 pub mod store;
 pub mod telemetry;
 pub mod worker;

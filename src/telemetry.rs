@@ -52,6 +52,7 @@ pub struct Metrics {
     pub queue_depth: IntGaugeVec,
     pub oldest_pending: GaugeVec,
     pub events_by_status: IntGaugeVec,
+    pub events_purged: IntCounterVec,
 }
 
 impl Metrics {
@@ -102,6 +103,14 @@ impl Metrics {
             "Pipeline set reloads by trigger (startup, admin, sighup, watch) and result (ok, rejected).",
             &["trigger", "result"],
         );
+        let events_purged = counter(
+            "events_purged_total",
+            "Events removed by the retention purge, by status (processed, dead_lettered).",
+            &["status"],
+        );
+        for status in ["processed", "dead_lettered"] {
+            events_purged.with_label_values(&[status]);
+        }
         let histogram = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
             let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -161,6 +170,7 @@ impl Metrics {
             queue_depth,
             oldest_pending,
             events_by_status,
+            events_purged,
         }
     }
 

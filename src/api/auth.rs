@@ -26,6 +26,15 @@ impl Caller {
         }
     }
 
+    /// The partner whose events a read covers: a partner's own, whatever it
+    /// asked; for admins, the partner asked for (`None`: everyone).
+    pub fn scoped_partner(&self, asked: Option<String>) -> Option<String> {
+        match self.partner_scope() {
+            Some(p) => Some(p.to_owned()),
+            None => asked,
+        }
+    }
+
     pub fn can_see(&self, owner: &str) -> bool {
         self.partner_scope().is_none_or(|p| p == owner)
     }

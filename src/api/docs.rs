@@ -5,7 +5,7 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityRequirement, Securi
 use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
-use super::{admin, auth, dry_run, error, events, ops};
+use super::{admin, auth, dry_run, error, events, ops, retention};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -34,6 +34,8 @@ use super::{admin, auth, dry_run, error, events, ops};
         admin::create_key,
         admin::revoke_key,
         admin::redrive,
+        retention::get_retention,
+        retention::purge_now,
     ),
     components(schemas(error::Problem, error::FieldError)),
     modifiers(&Security),

@@ -50,6 +50,8 @@ pub enum ApiError {
     NotRetryable(String),
     #[error("invalid query: {0}")]
     InvalidQuery(String),
+    #[error("{0}")]
+    Busy(String),
     #[error("the pipeline set is invalid; the previous set keeps serving")]
     InvalidPipelines(Vec<FieldError>),
     #[error("rate limit exceeded; retry after {retry_after:?}")]
@@ -82,7 +84,9 @@ impl ApiError {
             | ApiError::ValidationFailed { .. }
             | ApiError::InvalidQuery(_)
             | ApiError::InvalidPipelines(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::IdempotencyConflict(_) | ApiError::NotRetryable(_) => StatusCode::CONFLICT,
+            ApiError::IdempotencyConflict(_) | ApiError::NotRetryable(_) | ApiError::Busy(_) => {
+                StatusCode::CONFLICT
+            }
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -109,6 +113,7 @@ impl ApiError {
             ApiError::InvalidIdempotencyKey(_) => "invalid_idempotency_key",
             ApiError::NotRetryable(_) => "not_retryable",
             ApiError::InvalidQuery(_) => "invalid_query",
+            ApiError::Busy(_) => "busy",
             ApiError::InvalidPipelines(_) => "invalid_pipelines",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Unavailable(_) => "service_unavailable",
@@ -135,6 +140,7 @@ impl ApiError {
             ApiError::InvalidIdempotencyKey(_) => "Invalid idempotency key",
             ApiError::NotRetryable(_) => "Event cannot be retried",
             ApiError::InvalidQuery(_) => "Invalid query",
+            ApiError::Busy(_) => "Busy",
             ApiError::InvalidPipelines(_) => "Invalid pipeline set",
             ApiError::RateLimited { .. } => "Too many requests",
             ApiError::Unavailable(_) => "Service unavailable",

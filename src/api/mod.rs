@@ -9,6 +9,7 @@ pub mod error;
 pub mod events;
 pub mod limits;
 pub mod ops;
+pub mod retention;
 pub mod views;
 
 use std::sync::Arc;
@@ -66,6 +67,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/admin/partners/{id}/keys", post(admin::create_key))
         .route("/admin/dead-letters/redrive", post(admin::redrive))
+        .route("/admin/retention", get(retention::get_retention))
+        .route("/admin/retention/purge", post(retention::purge_now))
         .route(
             "/admin/partners/{id}/keys/{key_id}",
             axum::routing::delete(admin::revoke_key),

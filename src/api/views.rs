@@ -140,7 +140,9 @@ pub struct StatsOut {
     #[schema(value_type = BTreeMap<String, i64>)]
     pub by_status: serde_json::Map<String, serde_json::Value>,
     pub by_type: BTreeMap<String, i64>,
-    /// Received → processed, over processed events.
+    /// Received → processed, over processed events, in milliseconds:
+    /// estimated from fixed buckets (5 ms … 1 h), by linear interpolation
+    /// inside the bucket that holds the percentile.
     pub processing_ms: PercentilesOut,
 }
 

@@ -44,6 +44,7 @@ pub(crate) mod test_support;
 
 pub use self::redis::RedisQueue;
 pub use self::sqlite::SqliteQueue;
+pub use self::supervisor::host_name;
 
 use std::sync::Arc;
 use std::time::Duration;

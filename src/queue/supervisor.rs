@@ -210,7 +210,8 @@ async fn maintenance_loop<B: WorkerBackend>(
 // Worker naming: apalis refuses a worker name that is still registered ("still active"),
 // which a restarted worker's previous name may well be.
 
-fn host_name() -> &'static str {
+/// This machine's host name, for worker and lease-holder names.
+pub fn host_name() -> &'static str {
     static HOST: OnceLock<String> = OnceLock::new();
     HOST.get_or_init(|| {
         std::env::var("HOSTNAME")

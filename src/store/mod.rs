@@ -6,6 +6,7 @@
 
 mod group;
 pub mod sql;
+pub mod stats;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -14,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use sql::SqlStore;
+pub use stats::{Counts, Percentiles, Stats, StatsQuery};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -186,22 +188,6 @@ pub struct ListFilter {
     pub limit: u32,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct Percentiles {
-    pub p50: Option<i64>,
-    pub p95: Option<i64>,
-    pub p99: Option<i64>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Stats {
-    pub total: i64,
-    pub by_status: std::collections::BTreeMap<String, i64>,
-    pub by_type: std::collections::BTreeMap<String, i64>,
-    /// Received → processed, milliseconds, over processed events.
-    pub processing_ms: Percentiles,
-}
-
 /// What the sweeper asks [`EventStore::take_stranded`] for.
 #[derive(Debug, Clone)]
 pub struct Sweep<'a> {
@@ -281,7 +267,7 @@ pub struct NewPartner {
 /// Everything the service needs from its database, behind one object
 /// (`Arc<dyn Store>`): the three stores, and the database's own upkeep.
 #[async_trait]
-pub trait Store: EventStore + PartnerStore + VersionStore + Send + Sync + 'static {
+pub trait Store: EventStore + PartnerStore + VersionStore + MaintenanceStore + Send + Sync + 'static {
     /// Applies pending migrations.
     async fn migrate(&self) -> StoreResult<()>;
     async fn ping(&self) -> StoreResult<()>;
@@ -299,7 +285,9 @@ pub trait EventStore: Send + Sync {
     async fn insert_events(&self, new: Vec<NewEvent>) -> StoreResult<Vec<InsertOutcome>>;
     async fn get_event(&self, id: &str) -> StoreResult<Option<EventRecord>>;
     async fn list_events(&self, filter: &ListFilter) -> StoreResult<Vec<EventRecord>>;
-    async fn stats(&self, partner_id: Option<&str>) -> StoreResult<Stats>;
+    /// Counts of the events received in the window, from the counters kept
+    /// with every status change (never a scan of the events).
+    async fn stats(&self, query: &StatsQuery) -> StoreResult<Stats>;
     async fn deliveries(&self, id: &str) -> StoreResult<Vec<DeliveryRow>>;
 
     /// Takes the event for one attempt: `received`/`retrying` (due), or
@@ -329,7 +317,7 @@ pub trait EventStore: Send + Sync {
     async fn mark_unqueued(&self, ids: &[&str]) -> StoreResult<()>;
     /// Ends every lease (only safe when this is the only process: embedded mode).
     async fn release_leases(&self) -> StoreResult<u64>;
-    /// Number of events per status.
+    /// Number of events per status, from the counters.
     async fn status_counts(&self) -> StoreResult<std::collections::BTreeMap<String, i64>>;
     /// When the oldest event still waiting or running was received, per type.
     async fn oldest_pending(&self) -> StoreResult<std::collections::BTreeMap<String, DateTime<Utc>>>;
@@ -383,4 +371,67 @@ pub struct DeliveryRow {
     pub destination: String,
     pub delivered_at: DateTime<Utc>,
     pub status_code: Option<u16>,
+}
+
+/// Which terminal events have expired: those that reached their status
+/// (`updated_at`: terminal events are not updated again) before these.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Expiry {
+    pub processed_before: DateTime<Utc>,
+    pub dead_lettered_before: DateTime<Utc>,
+}
+
+/// Events a purge removed, or would remove, by status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Purged {
+    pub processed: u64,
+    pub dead_lettered: u64,
+}
+
+impl Purged {
+    pub fn total(&self) -> u64 {
+        self.processed + self.dead_lettered
+    }
+
+    pub fn add(&mut self, other: Purged) {
+        self.processed += other.processed;
+        self.dead_lettered += other.dead_lettered;
+    }
+}
+
+/// A background task's lease and its last report, as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskState {
+    pub holder: Option<String>,
+    pub lease_until: DateTime<Utc>,
+    /// The last run's report (JSON), as the task saved it.
+    pub last_run: Option<Value>,
+}
+
+/// The database's upkeep: retention, counter roll-ups, and the leases that
+/// let one process of a cluster at a time do them.
+#[async_trait]
+pub trait MaintenanceStore: Send + Sync {
+    /// How many events [`MaintenanceStore::purge_expired`] would remove.
+    async fn count_expired(&self, expiry: &Expiry) -> StoreResult<Purged>;
+    /// Removes at most `limit` expired events, with everything they own
+    /// (attempts, deliveries, idempotency key) and their share of the
+    /// counters, in one transaction. Events that are not terminal are never
+    /// touched.
+    async fn purge_expired(&self, expiry: &Expiry, limit: u32) -> StoreResult<Purged>;
+    /// Folds old counter rows into coarser ones and gives the space freed by
+    /// purges back (SQLite); cheap when there is nothing to do.
+    async fn compact(&self, now: DateTime<Utc>) -> StoreResult<()>;
+    /// Takes (or renews) the lease of `task` for `holder` until `until`;
+    /// `false` while another holder's lease runs.
+    async fn take_lease(
+        &self,
+        task: &str,
+        holder: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+    /// Ends `holder`'s lease of `task` and keeps `report` as its last run.
+    async fn finish_task(&self, task: &str, holder: &str, report: &Value) -> StoreResult<()>;
+    async fn task_state(&self, task: &str) -> StoreResult<Option<TaskState>>;
 }

@@ -671,18 +671,13 @@ pub async fn admin_stats(http: &reqwest::Client, port: u16) -> Value {
         .expect("json")
 }
 
-/// A store of the backend's kind for store-level tests: a fresh SQLite file,
-/// or a fresh PostgreSQL database (remove the isolation when done).
-pub async fn test_store(
-    backend: &Backend,
-) -> (
-    orchestrator::store::SqlStore,
-    Option<Isolation>,
-    tempfile::TempDir,
-) {
+/// A fresh database of the backend's kind, empty: a SQLite file in the
+/// returned directory, or a new PostgreSQL database (remove the isolation
+/// when done).
+pub async fn test_database(backend: &Backend) -> (String, Option<Isolation>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (url, iso) = match backend {
-        Backend::Embedded => (format!("sqlite://{}/s.db", dir.path().display()), None),
+        Backend::Embedded => (format!("sqlite://{}/s.db?mode=rwc", dir.path().display()), None),
         Backend::Production {
             database_url,
             redis_url,
@@ -691,6 +686,19 @@ pub async fn test_store(
             (url, Some(iso))
         }
     };
+    (url, iso, dir)
+}
+
+/// A store of the backend's kind for store-level tests, migrated, on a
+/// [`test_database`].
+pub async fn test_store(
+    backend: &Backend,
+) -> (
+    orchestrator::store::SqlStore,
+    Option<Isolation>,
+    tempfile::TempDir,
+) {
+    let (url, iso, dir) = test_database(backend).await;
     use orchestrator::store::Store;
     let store = orchestrator::store::SqlStore::connect(&url, 4)
         .await

@@ -57,6 +57,7 @@ mod logcap;
 mod observability;
 mod process;
 mod reload;
+mod retention;
 mod security;
 mod store;
 mod sweep;

@@ -76,7 +76,10 @@ async fn batch_insert_resolves_every_key_in_order(backend: Backend) {
         ]
     );
     // Exactly the created rows exist.
-    assert_eq!(store.stats(None).await.expect("stats").total, 247 + 1);
+    assert_eq!(
+        store.stats(&Default::default()).await.expect("stats").total,
+        247 + 1
+    );
     store.close().await;
     if let Some(i) = iso {
         i.remove().await;
@@ -127,7 +130,7 @@ async fn concurrent_writes_each_get_their_own_outcome(backend: Backend) {
         assert_eq!(kind, if conflict { "conflict" } else { "replayed" }, "item {i}");
         assert_eq!(id, winner[&(i % 100)], "item {i} names the stored event");
     }
-    assert_eq!(store.stats(None).await.expect("stats").total, 100);
+    assert_eq!(store.stats(&Default::default()).await.expect("stats").total, 100);
 
     // Two concurrent claims per event (a duplicated task): one wins.
     let now = Utc::now();

@@ -12,7 +12,7 @@ use crate::api::AppState;
 use crate::api::auth::Caller;
 use crate::api::error::ApiError;
 use crate::api::views::{DeliveryOut, ErrorOut, StatsOut};
-use crate::store::{ListFilter, Status};
+use crate::store::{ListFilter, StatsQuery, Status};
 
 /// The full event.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -187,12 +187,8 @@ pub async fn list_events(
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::InvalidQuery("limit must be 1 to 1000".into()));
     }
-    let partner_id = match caller.partner_scope() {
-        Some(p) => Some(p.to_owned()),
-        None => q.partner_id.clone(),
-    };
     let filter = ListFilter {
-        partner_id,
+        partner_id: caller.scoped_partner(q.partner_id.clone()),
         status,
         tipo: q.tipo.as_deref().map(engine::normalize_tipo),
         since: parse_time("since", &q.since).map_err(ApiError::InvalidQuery)?,
@@ -225,9 +221,39 @@ pub async fn list_events(
     }))
 }
 
-#[utoipa::path(get, path = "/events/stats", tag = "events",
-    responses((status = 200, body = StatsOut)), security(("api_key" = [])))]
-pub async fn stats(State(state): State<AppState>, caller: Caller) -> Result<Json<StatsOut>, ApiError> {
-    let s = state.store.stats(caller.partner_scope()).await?;
+/// The window of `GET /events/stats`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct StatsParams {
+    /// RFC 3339; events received at or after. Counters are kept per minute
+    /// (the last two hours), hour (the last two days) and day (before): a
+    /// counter that overlaps the window counts whole.
+    #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
+    pub since: Option<String>,
+    /// RFC 3339; events received before.
+    #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
+    pub until: Option<String>,
+    /// Admin only: one partner's events.
+    pub partner_id: Option<String>,
+}
+
+/// Counts and processing-time percentiles of the events retained (by
+/// default) or received in a window; read from counters kept with every
+/// status change, so the cost does not grow with the number of events.
+#[utoipa::path(get, path = "/events/stats", tag = "events", params(StatsParams),
+    responses((status = 200, body = StatsOut), (status = 422, body = crate::api::error::Problem)),
+    security(("api_key" = [])))]
+pub async fn stats(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<StatsParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<StatsOut>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
+    let query = StatsQuery {
+        partner_id: caller.scoped_partner(q.partner_id),
+        since: parse_time("since", &q.since).map_err(ApiError::InvalidQuery)?,
+        until: parse_time("until", &q.until).map_err(ApiError::InvalidQuery)?,
+    };
+    let s = state.store.stats(&query).await?;
     Ok(Json(s.into()))
 }

@@ -72,12 +72,15 @@ impl SqlStore {
 }
 
 /// Creates the file (and its directory) and switches it to WAL once: WAL is
-/// a property of the file, so the pooled connections need not set it.
+/// a property of the file, so the pooled connections need not set it. A new
+/// file also gets incremental auto-vacuum, so purges can give space back
+/// (a file made before that is converted by [`Store::migrate`]).
 async fn create_sqlite_file(url: &str) -> StoreResult<()> {
     use sqlx::{ConnectOptions, Connection};
     let opts = sqlx::sqlite::SqliteConnectOptions::from_str(url)
         .map_err(|e| StoreError::Unavailable(e.to_string()))?
         .create_if_missing(true)
+        .auto_vacuum(sqlx::sqlite::SqliteAutoVacuum::Incremental)
         .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
     if let Some(dir) = opts.get_filename().parent() {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Unavailable(e.to_string()))?;
@@ -97,11 +100,35 @@ impl Store for SqlStore {
         migrator
             .run(&self.pool)
             .await
-            .map_err(|e| StoreError::Database(format!("migration failed: {e}")))
+            .map_err(|e| StoreError::Database(format!("migration failed: {e}")))?;
+        if self.backend == Backend::Sqlite {
+            incremental_vacuum_on(&self.pool).await?;
+        }
+        Ok(())
     }
 
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
+}
+
+/// Switches a SQLite file made without incremental auto-vacuum to it: the
+/// mode only takes effect through a full `VACUUM`, once.
+async fn incremental_vacuum_on(pool: &sqlx::AnyPool) -> StoreResult<()> {
+    use sqlx::Row;
+    const INCREMENTAL: i64 = 2;
+    let mut conn = pool.acquire().await?;
+    let mode: i64 = sqlx::query("PRAGMA auto_vacuum")
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get(0)?;
+    if mode != INCREMENTAL {
+        tracing::info!("switching the SQLite database to incremental auto-vacuum (one full VACUUM)");
+        sqlx::query("PRAGMA auto_vacuum = INCREMENTAL")
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("VACUUM").execute(&mut *conn).await?;
+    }
+    Ok(())
 }

@@ -1,4 +1,4 @@
-//! [`EventStore`] on SQL: reads, statistics, manual retries and the
+//! [`EventStore`] on SQL: reads, statistics (from [`counts`]), manual retries and the
 //! sweeper's queries run here; ingest, claims and outcomes go through the
 //! group-committed [`Writes`](super::writes::Writes).
 
@@ -6,16 +6,16 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::any::AnyRow;
 use sqlx::{AssertSqlSafe, Row};
 
 use super::SqlStore;
 use super::codec::{EVENT_COLUMNS, event_from_row, from_ms, ms};
-use super::statement::{placeholders, query_filtered};
+use super::counts::{self, Deltas, Writer};
+use super::statement::placeholders;
 use super::writes::insert_in_key_order;
 use crate::store::{
-    AttemptFinish, DeliveryRow, EventRecord, EventStore, InsertOutcome, ListFilter, NewEvent, Percentiles,
-    Requeue, RetryOutcome, Stats, StoreResult, Sweep,
+    AttemptFinish, DeliveryRow, EventRecord, EventStore, InsertOutcome, ListFilter, NewEvent, Requeue,
+    RetryOutcome, Stats, StatsQuery, Status, StoreResult, Sweep,
 };
 
 /// A bound value of a statement built from optional filters.
@@ -31,7 +31,7 @@ impl EventStore for SqlStore {
     }
 
     async fn insert_events(&self, new: Vec<NewEvent>) -> StoreResult<Vec<InsertOutcome>> {
-        insert_in_key_order(&self.pool, &new.iter().collect::<Vec<_>>()).await
+        insert_in_key_order(&self.pool, &new.iter().collect::<Vec<_>>(), Writer::Other).await
     }
 
     async fn get_event(&self, id: &str) -> StoreResult<Option<EventRecord>> {
@@ -72,65 +72,16 @@ impl EventStore for SqlStore {
         rows.iter().map(event_from_row).collect()
     }
 
-    async fn stats(&self, partner_id: Option<&str>) -> StoreResult<Stats> {
-        let (cond, cond_and) = if partner_id.is_some() {
-            ("WHERE partner_id = $1", "AND partner_id = $1")
-        } else {
-            ("", "")
-        };
-        let run = |sql: String| query_filtered(sql, partner_id).fetch_all(&self.pool);
-        let mut by_status = BTreeMap::new();
-        let mut total = 0;
-        for row in run(format!(
-            "SELECT status, COUNT(*) AS n FROM events {cond} GROUP BY status"
-        ))
-        .await?
-        {
-            let n: i64 = row.try_get("n")?;
-            total += n;
-            by_status.insert(row.try_get::<String, _>("status")?, n);
-        }
-        let mut by_type = BTreeMap::new();
-        for row in run(format!(
-            "SELECT tipo, COUNT(*) AS n FROM events {cond} GROUP BY tipo"
-        ))
-        .await?
-        {
-            by_type.insert(row.try_get::<String, _>("tipo")?, row.try_get::<i64, _>("n")?);
-        }
-        let processed = by_status.get("processed").copied().unwrap_or(0);
-        let pct = |p: f64| {
-            let offset = ((processed as f64 - 1.0) * p).round().max(0.0) as i64;
-            run(format!(
-                "SELECT processing_ms FROM events WHERE processing_ms IS NOT NULL {cond_and} \
-                 ORDER BY processing_ms LIMIT 1 OFFSET {offset}"
-            ))
-        };
-        let percentile = |rows: Vec<AnyRow>| -> StoreResult<Option<i64>> {
-            rows.first()
-                .map(|r| r.try_get::<i64, _>("processing_ms"))
-                .transpose()
-                .map_err(Into::into)
-        };
-        let processing_ms = if processed == 0 {
-            Percentiles {
-                p50: None,
-                p95: None,
-                p99: None,
-            }
-        } else {
-            Percentiles {
-                p50: percentile(pct(0.50).await?)?,
-                p95: percentile(pct(0.95).await?)?,
-                p99: percentile(pct(0.99).await?)?,
-            }
-        };
-        Ok(Stats {
-            total,
-            by_status,
-            by_type,
-            processing_ms,
-        })
+    async fn stats(&self, q: &StatsQuery) -> StoreResult<Stats> {
+        let mut conn = self.pool.acquire().await?;
+        let per_type = counts::read(
+            &mut conn,
+            q.partner_id.as_deref(),
+            q.since.map(ms),
+            q.until.map(ms),
+        )
+        .await?;
+        Ok(Stats::from_types(per_type))
     }
 
     async fn deliveries(&self, id: &str) -> StoreResult<Vec<DeliveryRow>> {
@@ -173,14 +124,23 @@ impl EventStore for SqlStore {
              attempt_base = attempts \
              WHERE id = $2 AND status = 'dead_lettered' RETURNING {EVENT_COLUMNS}"
         );
+        let mut tx = self.pool.begin().await?;
         if let Some(row) = sqlx::query(AssertSqlSafe(sql))
             .bind(now)
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?
         {
-            return Ok(RetryOutcome::Requeued(event_from_row(&row)?));
+            let ev = event_from_row(&row)?;
+            let mut deltas = Deltas::default();
+            let received_at = ms(ev.received_at);
+            deltas.status(&ev.partner_id, &ev.tipo, received_at, Status::DeadLettered, -1);
+            deltas.status(&ev.partner_id, &ev.tipo, received_at, Status::Received, 1);
+            deltas.apply(&mut tx, Writer::Other).await?;
+            tx.commit().await?;
+            return Ok(RetryOutcome::Requeued(ev));
         }
+        tx.rollback().await?;
         Ok(match self.get_event(id).await? {
             Some(e) => RetryOutcome::WrongStatus(e.status),
             None => RetryOutcome::NotFound,
@@ -263,12 +223,8 @@ impl EventStore for SqlStore {
     }
 
     async fn status_counts(&self) -> StoreResult<BTreeMap<String, i64>> {
-        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM events GROUP BY status")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get::<String, _>("status")?, r.try_get::<i64, _>("n")?)))
-            .collect()
+        let mut conn = self.pool.acquire().await?;
+        counts::status_totals(&mut conn).await
     }
 
     async fn oldest_pending(&self) -> StoreResult<BTreeMap<String, DateTime<Utc>>> {

@@ -4,13 +4,16 @@
 //!
 //! * `connect`: backend detection, the pool, migrations;
 //! * `codec`: rows to records and the column encodings;
+//! * `counts`: the counters statistics are read from;
 //! * `statement`: statements whose text depends on their input;
 //! * `writes`: the group-committed event writes and key lookups;
-//! * `events`, `partners`, `versions`: one trait of the store each.
+//! * `events`, `partners`, `versions`, `maintenance`: one trait of the store each.
 
 mod codec;
 mod connect;
+mod counts;
 mod events;
+mod maintenance;
 mod partners;
 mod statement;
 mod versions;

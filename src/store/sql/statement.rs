@@ -13,7 +13,7 @@ use sqlx::{Any, AssertSqlSafe};
 pub(super) const ROWS_PER_STATEMENT: usize = 100;
 
 /// The rows of a multi-row `VALUES`: `n` copies of `row`, comma-separated, where `#k`
-/// (1 ≤ k ≤ `per_row` ≤ 9) is the row's own k-th parameter, numbered from `$first` on
+/// (1 ≤ k ≤ `per_row`) is the row's own k-th parameter, numbered from `$first` on
 /// (row 0's `#1` is `$first`, row 1's is `$first + per_row`, …). Anything else, such as
 /// a parameter all rows share (`$1`), stays as written.
 pub(super) fn values(row: &str, per_row: usize, first: usize, n: usize) -> String {
@@ -22,16 +22,19 @@ pub(super) fn values(row: &str, per_row: usize, first: usize, n: usize) -> Strin
         if i > 0 {
             out.push_str(", ");
         }
-        let mut chars = row.chars().peekable();
-        while let Some(c) = chars.next() {
-            match chars.peek().and_then(|d| d.to_digit(10)) {
-                Some(k) if c == '#' => {
-                    chars.next();
-                    let _ = write!(out, "${}", first + i * per_row + k as usize - 1);
+        let mut rest = row;
+        while let Some(at) = rest.find('#') {
+            out.push_str(&rest[..at]);
+            let digits = rest[at + 1..].bytes().take_while(u8::is_ascii_digit).count();
+            match rest[at + 1..at + 1 + digits].parse::<usize>() {
+                Ok(k) if k >= 1 => {
+                    let _ = write!(out, "${}", first + i * per_row + k - 1);
                 }
-                _ => out.push(c),
+                _ => out.push('#'),
             }
+            rest = &rest[at + 1 + digits..];
         }
+        out.push_str(rest);
     }
     out
 }
@@ -66,6 +69,7 @@ mod tests {
         );
         assert_eq!(values("(#1, '{}', #2, #2)", 2, 1, 1), "($1, '{}', $2, $2)");
         assert_eq!(values("(#1)", 1, 1, 0), "");
+        assert_eq!(values("(#1, #12)", 12, 1, 2), "($1, $12), ($13, $24)");
         assert_eq!(placeholders(4, 3), "$4, $5, $6");
     }
 }

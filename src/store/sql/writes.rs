@@ -12,6 +12,7 @@ use futures::future::BoxFuture;
 use sqlx::{AnyPool, AssertSqlSafe, Row};
 
 use super::codec::{EVENT_COLUMNS, corrupt, event_from_row, json_text, ms, partner_from_row};
+use super::counts::{Deltas, Writer};
 use super::statement::{ROWS_PER_STATEMENT, placeholders, values};
 use crate::store::group::{BatchOp, Coalescer};
 use crate::store::{
@@ -104,19 +105,52 @@ impl<I: Send + Sync + 'static, O: Send + 'static> BatchOp for PoolOp<I, O> {
     }
 }
 
-/// One multi-row `INSERT … ON CONFLICT DO NOTHING RETURNING`: the stored
-/// event for each row inserted, `None` where the idempotency key exists.
+/// Takes the idempotency keys of `rows` that are free (one multi-row
+/// `INSERT … ON CONFLICT DO NOTHING`); the ids of the events that got theirs.
+/// Of two equal keys in one list the first gets it.
+async fn take_keys(conn: &mut sqlx::AnyConnection, rows: &[&NewEvent]) -> StoreResult<HashSet<String>> {
+    let keyed: Vec<(&NewEvent, &str)> = rows
+        .iter()
+        .filter_map(|n| Some((*n, n.idempotency_key.as_deref()?)))
+        .collect();
+    if keyed.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let sql = format!(
+        "INSERT INTO idempotency_keys (partner_id, idempotency_key, event_id, request_hash) VALUES {} \
+         ON CONFLICT (partner_id, idempotency_key) DO NOTHING RETURNING event_id",
+        values("(#1, #2, #3, #4)", 4, 1, keyed.len())
+    );
+    let mut q = sqlx::query(AssertSqlSafe(sql));
+    for (new, key) in &keyed {
+        q = q
+            .bind(&new.partner_id)
+            .bind(*key)
+            .bind(&new.id)
+            .bind(&new.request_hash);
+    }
+    q.fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|r| Ok(r.try_get::<String, _>("event_id")?))
+        .collect()
+}
+
+/// One multi-row `INSERT … RETURNING`: the stored events, by id.
 async fn insert_rows(
     conn: &mut sqlx::AnyConnection,
     rows: &[&NewEvent],
-) -> StoreResult<Vec<Option<EventRecord>>> {
+) -> StoreResult<HashMap<String, EventRecord>> {
+    if rows.is_empty() {
+        return Ok(HashMap::new());
+    }
     let sql = format!(
         "INSERT INTO events (id, partner_id, tipo, dados, meta, pipeline_version, status, attempts, \
-         received_at, updated_at, queued_at, idempotency_key, request_hash, request_id) VALUES {} \
-         ON CONFLICT (partner_id, idempotency_key) DO NOTHING RETURNING {EVENT_COLUMNS}",
+         received_at, updated_at, queued_at, idempotency_key, request_id) VALUES {} \
+         RETURNING {EVENT_COLUMNS}",
         values(
-            "(#1, #2, #3, #4, '{}', #5, 'received', 0, #6, #6, #6, #7, #8, #9)",
-            9,
+            "(#1, #2, #3, #4, '{}', #5, 'received', 0, #6, #6, #6, #7, #8)",
+            8,
             1,
             rows.len()
         )
@@ -131,31 +165,35 @@ async fn insert_rows(
             .bind(&new.pipeline_version)
             .bind(ms(new.received_at))
             .bind(&new.idempotency_key)
-            .bind(&new.request_hash)
             .bind(&new.request_id);
     }
-    let mut created: HashMap<String, EventRecord> = HashMap::new();
+    let mut created = HashMap::with_capacity(rows.len());
     for row in q.fetch_all(&mut *conn).await? {
         let ev = event_from_row(&row)?;
         created.insert(ev.id.clone(), ev);
     }
-    Ok(rows.iter().map(|n| created.remove(&n.id)).collect())
+    Ok(created)
 }
 
-/// The idempotency key of `new` exists for its partner: replay or conflict.
+/// The idempotency key of `new` is taken: replay or conflict.
 async fn existing_outcome(conn: &mut sqlx::AnyConnection, new: &NewEvent) -> StoreResult<InsertOutcome> {
-    let sql = format!(
-        "SELECT {EVENT_COLUMNS}, request_hash FROM events WHERE partner_id = $1 AND idempotency_key = $2"
-    );
+    let key = sqlx::query(
+        "SELECT event_id, request_hash FROM idempotency_keys WHERE partner_id = $1 AND idempotency_key = $2",
+    )
+    .bind(&new.partner_id)
+    .bind(&new.idempotency_key)
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or_else(|| StoreError::Database("idempotency conflict without a key".into()))?;
+    let (event_id, hash): (String, String) = (key.try_get("event_id")?, key.try_get("request_hash")?);
+    let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = $1");
     let row = sqlx::query(AssertSqlSafe(sql))
-        .bind(&new.partner_id)
-        .bind(&new.idempotency_key)
+        .bind(&event_id)
         .fetch_optional(&mut *conn)
         .await?
-        .ok_or_else(|| StoreError::Database("idempotency conflict without a row".into()))?;
-    let hash: Option<String> = row.try_get("request_hash")?;
+        .ok_or_else(|| StoreError::Database(format!("idempotency key of a missing event {event_id}")))?;
     let existing = event_from_row(&row)?;
-    if hash.as_deref() == Some(new.request_hash.as_str()) {
+    if hash == new.request_hash {
         Ok(InsertOutcome::Replayed(existing))
     } else {
         Ok(InsertOutcome::Conflict {
@@ -164,29 +202,32 @@ async fn existing_outcome(conn: &mut sqlx::AnyConnection, new: &NewEvent) -> Sto
     }
 }
 
-/// Inserts `new` in one transaction (one statement without one), resolving
-/// each idempotency key in list order: the first of two equal keys is
-/// created, the second replays or conflicts with it.
-async fn insert_all(pool: &AnyPool, new: &[&NewEvent]) -> StoreResult<Vec<InsertOutcome>> {
-    if let [one] = new {
-        let mut conn = pool.acquire().await?;
-        let created = insert_rows(&mut conn, new).await?.pop().flatten();
-        return Ok(vec![match created {
-            Some(ev) => InsertOutcome::Created(ev),
-            None => existing_outcome(&mut conn, one).await?,
-        }]);
-    }
+/// Inserts `new` in one transaction, resolving each idempotency key in list
+/// order (the first of two equal keys is created, the second replays or
+/// conflicts with it), and counts the new events as `writer`.
+async fn insert_all(pool: &AnyPool, new: &[&NewEvent], writer: Writer) -> StoreResult<Vec<InsertOutcome>> {
     let mut tx = pool.begin().await?;
     let mut out = Vec::with_capacity(new.len());
+    let mut deltas = Deltas::default();
     for chunk in new.chunks(ROWS_PER_STATEMENT) {
-        let created = insert_rows(&mut tx, chunk).await?;
-        for (n, ev) in chunk.iter().zip(created) {
-            out.push(match ev {
-                Some(ev) => InsertOutcome::Created(ev),
+        let took = take_keys(&mut tx, chunk).await?;
+        let fresh: Vec<&NewEvent> = chunk
+            .iter()
+            .filter(|n| n.idempotency_key.is_none() || took.contains(&n.id))
+            .copied()
+            .collect();
+        let mut created = insert_rows(&mut tx, &fresh).await?;
+        for n in chunk {
+            out.push(match created.remove(&n.id) {
+                Some(ev) => {
+                    deltas.status(&ev.partner_id, &ev.tipo, ms(ev.received_at), Status::Received, 1);
+                    InsertOutcome::Created(ev)
+                }
                 None => existing_outcome(&mut tx, n).await?,
             });
         }
     }
+    deltas.apply(&mut tx, writer).await?;
     tx.commit().await?;
     Ok(out)
 }
@@ -197,6 +238,7 @@ async fn insert_all(pool: &AnyPool, new: &[&NewEvent]) -> StoreResult<Vec<Insert
 pub(super) async fn insert_in_key_order(
     pool: &AnyPool,
     items: &[&NewEvent],
+    writer: Writer,
 ) -> StoreResult<Vec<InsertOutcome>> {
     let mut order: Vec<usize> = (0..items.len()).collect();
     order.sort_by(|&a, &b| {
@@ -205,7 +247,7 @@ pub(super) async fn insert_in_key_order(
     });
     let sorted: Vec<&NewEvent> = order.iter().map(|&i| items[i]).collect();
     let mut outs: Vec<Option<InsertOutcome>> = (0..items.len()).map(|_| None).collect();
-    for (i, o) in order.into_iter().zip(insert_all(pool, &sorted).await?) {
+    for (i, o) in order.into_iter().zip(insert_all(pool, &sorted, writer).await?) {
         outs[i] = Some(o);
     }
     outs.into_iter()
@@ -215,7 +257,7 @@ pub(super) async fn insert_in_key_order(
 
 /// Concurrent `POST /events` inserts, group-committed.
 async fn insert_batch(pool: &AnyPool, items: &[NewEvent]) -> StoreResult<Vec<InsertOutcome>> {
-    insert_in_key_order(pool, &items.iter().collect::<Vec<_>>()).await
+    insert_in_key_order(pool, &items.iter().collect::<Vec<_>>(), Writer::Insert).await
 }
 
 /// A worker's [`EventStore::claim`](crate::store::EventStore::claim).
@@ -241,11 +283,12 @@ async fn claim_batch(
         return Ok(Vec::new());
     };
     let sql = format!(
-        "UPDATE events SET status = 'processing', attempts = attempts + 1, lease_until = $1, updated_at = $2 \
+        "UPDATE events SET prior_status = status, status = 'processing', attempts = attempts + 1, \
+         lease_until = $1, updated_at = $2 \
          WHERE id IN ({}) AND (status = 'received' \
            OR (status = 'retrying' AND (next_attempt_at IS NULL OR next_attempt_at <= $3)) \
            OR (status = 'processing' AND lease_until < $2)) \
-         RETURNING {EVENT_COLUMNS}",
+         RETURNING {EVENT_COLUMNS}, prior_status",
         placeholders(4, items.len())
     );
     // A task may arrive a little before its due time; do not make it wait another sweep.
@@ -257,10 +300,20 @@ async fn claim_batch(
     for c in items {
         q = q.bind(&c.id);
     }
+    let mut tx = pool.begin().await?;
     let mut claimed = HashMap::with_capacity(items.len());
-    for row in q.fetch_all(pool).await? {
+    let mut deltas = Deltas::default();
+    for row in q.fetch_all(&mut *tx).await? {
+        let prior: String = row.try_get("prior_status")?;
+        let prior = Status::parse(&prior).ok_or_else(|| corrupt(format!("prior status {prior:?}")))?;
+        let (partner, tipo): (String, String) = (row.try_get("partner_id")?, row.try_get("tipo")?);
+        let received_at: i64 = row.try_get("received_at")?;
+        deltas.status(&partner, &tipo, received_at, prior, -1);
+        deltas.status(&partner, &tipo, received_at, Status::Processing, 1);
         claimed.insert(row.try_get::<String, _>("id")?, event_from_row(&row));
     }
+    deltas.apply(&mut tx, Writer::Claim).await?;
+    tx.commit().await?;
     // The same event twice in a batch (a duplicate task): the first gets it.
     Ok(items.iter().map(|c| claimed.remove(&c.id).transpose()).collect())
 }
@@ -338,6 +391,7 @@ async fn finish_batch(pool: &AnyPool, items: &[FinishRow]) -> StoreResult<Vec<bo
 
     // Outcomes, only where the attempt still holds the claim.
     let mut done = HashSet::with_capacity(items.len());
+    let mut deltas = Deltas::default();
     for chunk in items.chunks(ROWS_PER_STATEMENT) {
         let mut sql = format!(
             "WITH v (eid, att, st, nxt, err, trc, prc, res, mta) AS (VALUES {})",
@@ -349,7 +403,7 @@ async fn finish_batch(pool: &AnyPool, items: &[FinishRow]) -> StoreResult<Vec<bo
                 processing_ms = CASE WHEN v.prc = 1 THEN $1 - received_at ELSE processing_ms END, \
                 result = COALESCE(v.res, result), meta = COALESCE(v.mta, meta) \
                 FROM v WHERE id = v.eid AND status = 'processing' AND attempts = v.att \
-                RETURNING id, attempts";
+                RETURNING id, attempts, partner_id, tipo, received_at, status, processing_ms";
         let mut q = sqlx::query(AssertSqlSafe(sql)).bind(now);
         for f in chunk {
             q = q
@@ -364,12 +418,24 @@ async fn finish_batch(pool: &AnyPool, items: &[FinishRow]) -> StoreResult<Vec<bo
                 .bind(&f.meta);
         }
         for row in q.fetch_all(&mut *tx).await? {
+            let status: String = row.try_get("status")?;
+            let status = Status::parse(&status).ok_or_else(|| corrupt(format!("status {status:?}")))?;
+            let (partner, tipo): (String, String) = (row.try_get("partner_id")?, row.try_get("tipo")?);
+            let received_at: i64 = row.try_get("received_at")?;
+            deltas.status(&partner, &tipo, received_at, Status::Processing, -1);
+            deltas.status(&partner, &tipo, received_at, status, 1);
+            if status == Status::Processed
+                && let Some(took) = row.try_get::<Option<i64>, _>("processing_ms")?
+            {
+                deltas.processing_ms(&partner, &tipo, received_at, took, 1);
+            }
             done.insert((
                 row.try_get::<String, _>("id")?,
                 row.try_get::<i64, _>("attempts")?,
             ));
         }
     }
+    deltas.apply(&mut tx, Writer::Finish).await?;
 
     let finished: Vec<&FinishRow> = items
         .iter()

@@ -1,0 +1,252 @@
+//! The `event_counts` table: counters per (received minute, partner, type)
+//! kept in the same transaction as every status change, so statistics are
+//! read from a few rows per minute, hour or day instead of from the events.
+//!
+//! * Every writer sums its changes of a batch into [`Deltas`] and applies
+//!   them as one multi-row upsert. Each group-committed writer has rows of its
+//!   own ([`Writer`]), so two flushers never wait on one counter row; readers
+//!   sum over writers.
+//! * [`roll_up`] folds minutes older than two hours into hours, and hours
+//!   older than two days into days, so a window over months reads a few
+//!   hundred rows per (partner, type).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use sqlx::{AnyConnection, AssertSqlSafe, Row};
+
+use super::statement::{ROWS_PER_STATEMENT, values};
+use crate::store::stats::{Counts, MS_BOUNDS, MS_BUCKETS, ms_bucket};
+use crate::store::{Status, StoreResult};
+
+pub(super) const MINUTE: i64 = 60_000;
+pub(super) const HOUR: i64 = 60 * MINUTE;
+pub(super) const DAY: i64 = 24 * HOUR;
+
+/// Counter widths, finest first, with the age after which a row rolls up
+/// into the next width.
+const WIDTHS: [(i64, i64); 3] = [(MINUTE, 2 * HOUR), (HOUR, 2 * DAY), (DAY, i64::MAX)];
+
+/// Who writes a counter row. The group-committed flushers (one each) have
+/// their own; everything else (batch ingest, manual retries, purges,
+/// roll-ups) shares [`Writer::Other`].
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Writer {
+    Other = 0,
+    Insert = 1,
+    Claim = 2,
+    Finish = 3,
+}
+
+/// Columns after the key: statuses, the processing-time sum, the histogram.
+const VALUES: usize = 5 + 1 + MS_BUCKETS;
+
+/// The value columns, in [`Deltas`] order.
+fn value_columns() -> Vec<String> {
+    let mut cols: Vec<String> = Status::ALL.iter().map(|s| s.as_str().to_owned()).collect();
+    cols.push("ms_sum".into());
+    cols.extend(MS_BOUNDS.iter().map(|b| format!("ms_le_{b}")));
+    cols.push("ms_inf".into());
+    cols
+}
+
+fn status_index(s: Status) -> usize {
+    Status::ALL.iter().position(|x| *x == s).unwrap_or(0)
+}
+
+/// Changes to the counters, summed by (bucket, width, partner, type).
+#[derive(Debug, Default)]
+pub(super) struct Deltas {
+    rows: BTreeMap<(i64, i64, String, String), [i64; VALUES]>,
+}
+
+impl Deltas {
+    fn row(&mut self, received_at: i64, width: i64, partner: &str, tipo: &str) -> &mut [i64; VALUES] {
+        let bucket = received_at.div_euclid(width) * width;
+        self.rows
+            .entry((bucket, width, partner.to_owned(), tipo.to_owned()))
+            .or_insert([0; VALUES])
+    }
+
+    /// `n` events (received at `received_at`, epoch ms) enter (`n > 0`) or
+    /// leave (`n < 0`) `status`.
+    pub(super) fn status(&mut self, partner: &str, tipo: &str, received_at: i64, status: Status, n: i64) {
+        self.row(received_at, MINUTE, partner, tipo)[status_index(status)] += n;
+    }
+
+    /// A processed event's processing time enters (`n = 1`) or leaves
+    /// (`n = -1`) the histogram.
+    pub(super) fn processing_ms(&mut self, partner: &str, tipo: &str, received_at: i64, ms: i64, n: i64) {
+        let row = self.row(received_at, MINUTE, partner, tipo);
+        row[5] += n * ms;
+        row[6 + ms_bucket(ms)] += n;
+    }
+
+    /// Writes the changes in key order (so concurrent writers of the same
+    /// rows lock them in one order), as upserts of `writer`'s rows.
+    pub(super) async fn apply(&self, conn: &mut AnyConnection, writer: Writer) -> StoreResult<()> {
+        let rows: Vec<_> = self
+            .rows
+            .iter()
+            .filter(|(_, v)| v.iter().any(|&n| n != 0))
+            .collect();
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let cols = value_columns();
+        let per_row = 4 + VALUES;
+        let mut row = String::from("(#1, #2, #3, #4, $1");
+        for k in 0..VALUES {
+            let _ = write!(row, ", #{}", 5 + k);
+        }
+        row.push(')');
+        let updates: Vec<String> = cols
+            .iter()
+            .map(|c| format!("{c} = event_counts.{c} + excluded.{c}"))
+            .collect();
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO event_counts (bucket, width, partner_id, tipo, writer, {}) VALUES {} \
+                 ON CONFLICT (bucket, width, partner_id, tipo, writer) DO UPDATE SET {}",
+                cols.join(", "),
+                values(&row, per_row, 2, chunk.len()),
+                updates.join(", ")
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql)).bind(writer as i64);
+            for ((bucket, width, partner, tipo), v) in chunk {
+                q = q
+                    .bind(*bucket)
+                    .bind(*width)
+                    .bind(partner.as_str())
+                    .bind(tipo.as_str());
+                for n in v.iter() {
+                    q = q.bind(*n);
+                }
+            }
+            q.execute(&mut *conn).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The window of a read, per width: buckets that overlap `[since, until)`.
+fn window_sql(first: usize) -> String {
+    WIDTHS
+        .iter()
+        .enumerate()
+        .map(|(i, (w, _))| {
+            format!(
+                "(width = {w} AND bucket > ${} - {w} AND bucket < ${})",
+                first + 2 * i,
+                first + 2 * i + 1
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" OR ")
+}
+
+/// Sums of the counters of events received in `[since, until)` (epoch ms;
+/// `None` = unbounded), per type, optionally for one partner. A bucket that
+/// overlaps the window counts whole: the window is exact to the minute for
+/// the last two hours, to the hour for the last two days, to the day before.
+pub(super) async fn read(
+    conn: &mut AnyConnection,
+    partner: Option<&str>,
+    since: Option<i64>,
+    until: Option<i64>,
+) -> StoreResult<BTreeMap<String, Counts>> {
+    let cols = value_columns();
+    let sums: Vec<String> = cols
+        .iter()
+        .map(|c| format!("CAST(SUM({c}) AS BIGINT) AS {c}"))
+        .collect();
+    let mut sql = format!(
+        "SELECT tipo, {} FROM event_counts WHERE ({})",
+        sums.join(", "),
+        window_sql(1)
+    );
+    if partner.is_some() {
+        let _ = write!(sql, " AND partner_id = ${}", 1 + 2 * WIDTHS.len());
+    }
+    sql += " GROUP BY tipo";
+    let mut q = sqlx::query(AssertSqlSafe(sql));
+    for _ in WIDTHS {
+        q = q
+            .bind(since.unwrap_or(i64::MIN / 2))
+            .bind(until.unwrap_or(i64::MAX / 2));
+    }
+    if let Some(p) = partner {
+        q = q.bind(p);
+    }
+    let mut out = BTreeMap::new();
+    for r in q.fetch_all(&mut *conn).await? {
+        let mut c = Counts::default();
+        for (i, n) in c.by_status.iter_mut().enumerate() {
+            *n = r.try_get::<Option<i64>, _>(cols[i].as_str())?.unwrap_or(0);
+        }
+        for (i, n) in c.histogram.iter_mut().enumerate() {
+            *n = r.try_get::<Option<i64>, _>(cols[6 + i].as_str())?.unwrap_or(0);
+        }
+        out.insert(r.try_get::<String, _>("tipo")?, c);
+    }
+    Ok(out)
+}
+
+/// Folds rows older than their width's age into the next width (as
+/// [`Writer::Other`]) and removes the rows left at zero. The rows are taken
+/// with `DELETE … RETURNING`, so a change written meanwhile is never lost:
+/// it lands in a row of its own, rolled up next time.
+pub(super) async fn roll_up(conn: &mut AnyConnection, now: i64) -> StoreResult<u64> {
+    let cols = value_columns();
+    let mut moved = 0;
+    for pair in WIDTHS.windows(2) {
+        let ((width, age), (next, _)) = (pair[0], pair[1]);
+        let sql = format!(
+            "DELETE FROM event_counts WHERE width = $1 AND bucket < $2 RETURNING bucket, partner_id, tipo, {}",
+            cols.join(", ")
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(width)
+            .bind(now - age)
+            .fetch_all(&mut *conn)
+            .await?;
+        if rows.is_empty() {
+            continue;
+        }
+        moved += rows.len() as u64;
+        let mut deltas = Deltas::default();
+        for r in &rows {
+            let bucket: i64 = r.try_get("bucket")?;
+            let partner: String = r.try_get("partner_id")?;
+            let tipo: String = r.try_get("tipo")?;
+            let row = deltas.row(bucket, next, &partner, &tipo);
+            for (i, c) in cols.iter().enumerate() {
+                row[i] += r.try_get::<i64, _>(c.as_str())?;
+            }
+        }
+        deltas.apply(conn, Writer::Other).await?;
+    }
+    let zero: Vec<String> = cols.iter().map(|c| format!("{c} = 0")).collect();
+    let sql = format!("DELETE FROM event_counts WHERE {}", zero.join(" AND "));
+    sqlx::query(AssertSqlSafe(sql)).execute(&mut *conn).await?;
+    Ok(moved)
+}
+
+/// Events per status over everything retained (the `events_by_status` gauge).
+pub(super) async fn status_totals(conn: &mut AnyConnection) -> StoreResult<BTreeMap<String, i64>> {
+    let sums: Vec<String> = Status::ALL
+        .iter()
+        .map(|s| format!("CAST(SUM({0}) AS BIGINT) AS {0}", s.as_str()))
+        .collect();
+    let sql = format!("SELECT {} FROM event_counts", sums.join(", "));
+    let row = sqlx::query(AssertSqlSafe(sql)).fetch_one(&mut *conn).await?;
+    Status::ALL
+        .iter()
+        .map(|s| {
+            Ok((
+                s.as_str().to_owned(),
+                row.try_get::<Option<i64>, _>(s.as_str())?.unwrap_or(0),
+            ))
+        })
+        .collect()
+}

@@ -1,0 +1,194 @@
+//! [`MaintenanceStore`] on SQL: the purge of expired events in bounded
+//! chunks, the counter roll-up, SQLite's incremental vacuum, and the leases
+//! in the `maintenance` table.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{AssertSqlSafe, Row};
+
+use super::codec::{from_ms, ms, parse_json};
+use super::counts::{self, Deltas, Writer};
+use super::statement::placeholders;
+use super::{Backend, SqlStore};
+use crate::store::{Expiry, MaintenanceStore, Purged, Status, StoreResult, TaskState};
+
+/// Ids per `IN (…)` of a purge chunk.
+const IDS_PER_STATEMENT: usize = 500;
+
+/// A SQLite file gives its free pages back once they are more than this
+/// share of it: below, they are reused by the next inserts anyway.
+const VACUUM_FREE_SHARE: f64 = 0.2;
+
+/// The terminal statuses with the instant before which they expire.
+fn expiring(expiry: &Expiry) -> [(Status, i64); 2] {
+    [
+        (Status::Processed, ms(expiry.processed_before)),
+        (Status::DeadLettered, ms(expiry.dead_lettered_before)),
+    ]
+}
+
+#[async_trait]
+impl MaintenanceStore for SqlStore {
+    async fn count_expired(&self, expiry: &Expiry) -> StoreResult<Purged> {
+        let mut out = Purged::default();
+        for (status, before) in expiring(expiry) {
+            let n: i64 =
+                sqlx::query("SELECT COUNT(*) AS n FROM events WHERE status = $1 AND updated_at < $2")
+                    .bind(status.as_str())
+                    .bind(before)
+                    .fetch_one(&self.pool)
+                    .await?
+                    .try_get("n")?;
+            *purged_of(&mut out, status) = u64::try_from(n).unwrap_or(0);
+        }
+        Ok(out)
+    }
+
+    async fn purge_expired(&self, expiry: &Expiry, limit: u32) -> StoreResult<Purged> {
+        let mut out = Purged::default();
+        let mut tx = self.pool.begin().await?;
+        let mut deltas = Deltas::default();
+        let mut left = i64::from(limit);
+        for (status, before) in expiring(expiry) {
+            if left <= 0 {
+                break;
+            }
+            let ids: Vec<String> = sqlx::query(
+                "SELECT id FROM events WHERE status = $1 AND updated_at < $2 ORDER BY updated_at LIMIT $3",
+            )
+            .bind(status.as_str())
+            .bind(before)
+            .bind(left)
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| r.try_get::<String, _>("id"))
+            .collect::<Result<_, _>>()?;
+            left -= ids.len() as i64;
+            for chunk in ids.chunks(IDS_PER_STATEMENT) {
+                // The condition again: an event retried since it was read
+                // stays, and so does what it owns.
+                let sql = format!(
+                    "DELETE FROM events WHERE id IN ({}) AND status = $1 AND updated_at < $2 \
+                     RETURNING id, partner_id, tipo, received_at, processing_ms",
+                    placeholders(3, chunk.len())
+                );
+                let mut q = sqlx::query(AssertSqlSafe(sql)).bind(status.as_str()).bind(before);
+                for id in chunk {
+                    q = q.bind(id);
+                }
+                let gone = q.fetch_all(&mut *tx).await?;
+                let mut gone_ids = Vec::with_capacity(gone.len());
+                for r in &gone {
+                    let (partner, tipo): (String, String) = (r.try_get("partner_id")?, r.try_get("tipo")?);
+                    let received_at: i64 = r.try_get("received_at")?;
+                    deltas.status(&partner, &tipo, received_at, status, -1);
+                    if status == Status::Processed
+                        && let Some(took) = r.try_get::<Option<i64>, _>("processing_ms")?
+                    {
+                        deltas.processing_ms(&partner, &tipo, received_at, took, -1);
+                    }
+                    gone_ids.push(r.try_get::<String, _>("id")?);
+                }
+                *purged_of(&mut out, status) += gone_ids.len() as u64;
+                for (table, column) in [
+                    ("attempts", "event_id"),
+                    ("deliveries", "event_id"),
+                    ("idempotency_keys", "event_id"),
+                ] {
+                    if gone_ids.is_empty() {
+                        break;
+                    }
+                    let sql = format!(
+                        "DELETE FROM {table} WHERE {column} IN ({})",
+                        placeholders(1, gone_ids.len())
+                    );
+                    let mut q = sqlx::query(AssertSqlSafe(sql));
+                    for id in &gone_ids {
+                        q = q.bind(id);
+                    }
+                    q.execute(&mut *tx).await?;
+                }
+            }
+        }
+        deltas.apply(&mut tx, Writer::Other).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn compact(&self, now: DateTime<Utc>) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        counts::roll_up(&mut tx, ms(now)).await?;
+        tx.commit().await?;
+        if self.backend == Backend::Sqlite {
+            let mut conn = self.pool.acquire().await?;
+            let pragma = |name: &'static str| sqlx::query(AssertSqlSafe(format!("PRAGMA {name}")));
+            let pages: i64 = pragma("page_count").fetch_one(&mut *conn).await?.try_get(0)?;
+            let free: i64 = pragma("freelist_count").fetch_one(&mut *conn).await?.try_get(0)?;
+            if pages > 0 && free as f64 > pages as f64 * VACUUM_FREE_SHARE {
+                // Keep half of the free pages for the next inserts.
+                sqlx::query(AssertSqlSafe(format!("PRAGMA incremental_vacuum({})", free / 2)))
+                    .execute(&mut *conn)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn take_lease(
+        &self,
+        task: &str,
+        holder: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let r = sqlx::query(
+            "INSERT INTO maintenance (task, holder, lease_until) VALUES ($1, $2, $3) \
+             ON CONFLICT (task) DO UPDATE SET holder = excluded.holder, lease_until = excluded.lease_until \
+             WHERE maintenance.lease_until < $4 OR maintenance.holder = excluded.holder",
+        )
+        .bind(task)
+        .bind(holder)
+        .bind(ms(until))
+        .bind(ms(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn finish_task(&self, task: &str, holder: &str, report: &Value) -> StoreResult<()> {
+        sqlx::query("UPDATE maintenance SET lease_until = 0, last_run = $1 WHERE task = $2 AND holder = $3")
+            .bind(report.to_string())
+            .bind(task)
+            .bind(holder)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn task_state(&self, task: &str) -> StoreResult<Option<TaskState>> {
+        let row = sqlx::query("SELECT holder, lease_until, last_run FROM maintenance WHERE task = $1")
+            .bind(task)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(TaskState {
+                holder: r.try_get("holder")?,
+                lease_until: from_ms(r.try_get("lease_until")?),
+                last_run: r
+                    .try_get::<Option<String>, _>("last_run")?
+                    .map(|s| parse_json::<Value>(&s))
+                    .transpose()?,
+            })
+        })
+        .transpose()
+    }
+}
+
+fn purged_of(p: &mut Purged, status: Status) -> &mut u64 {
+    match status {
+        Status::DeadLettered => &mut p.dead_lettered,
+        _ => &mut p.processed,
+    }
+}

@@ -1,0 +1,471 @@
+//! Retention and statistics: counters that follow every status change, the
+//! purge of expired events with what they own, leases, the admin view, and
+//! a database at the previous schema upgraded with its events.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use orchestrator::store::{
+    AttemptFinish, EventStore, Expiry, InsertOutcome, LastError, MaintenanceStore, NewEvent, Purged,
+    RetryOutcome, SqlStore, StatsQuery, Status, Store,
+};
+use serde_json::{Value, json};
+use sqlx::Row;
+
+use crate::helpers::*;
+
+fn finish(status: Status) -> AttemptFinish {
+    AttemptFinish {
+        status,
+        next_attempt_at: (status == Status::Retrying).then(|| Utc::now() - chrono::Duration::seconds(1)),
+        last_error: (status != Status::Processed).then(|| LastError {
+            category: "test".into(),
+            message: "failed".into(),
+            transient: status == Status::Retrying,
+            stage: None,
+        }),
+        trace: Vec::new(),
+        deliveries: Vec::new(),
+        result: None,
+    }
+}
+
+/// Claims `id` and records `status` as the attempt's outcome.
+async fn run(store: &SqlStore, id: &str, status: Status) {
+    let now = Utc::now();
+    let ev = store
+        .claim(id, now, now + chrono::Duration::seconds(30))
+        .await
+        .expect("claim")
+        .expect("claimable");
+    assert!(
+        store
+            .finish_attempt(id, ev.attempts, &finish(status))
+            .await
+            .expect("finish")
+    );
+}
+
+fn at(id: &str, tipo: &str, partner: &str, received_at: DateTime<Utc>, key: Option<&str>) -> NewEvent {
+    NewEvent {
+        tipo: tipo.into(),
+        partner_id: partner.into(),
+        received_at,
+        idempotency_key: key.map(str::to_owned),
+        ..new_event(id)
+    }
+}
+
+async fn total(store: &SqlStore, q: StatsQuery) -> (i64, Value) {
+    let s = store.stats(&q).await.expect("stats");
+    (s.total, json!({"by_status": s.by_status, "by_type": s.by_type}))
+}
+
+async fn owned_rows(store: &SqlStore, id: &str) -> i64 {
+    let mut n = 0;
+    for table in ["attempts", "deliveries", "idempotency_keys"] {
+        let sql = format!("SELECT COUNT(*) AS n FROM {table} WHERE event_id = $1");
+        n += sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_one(store.pool())
+            .await
+            .expect("count")
+            .try_get::<i64, _>("n")
+            .expect("n");
+    }
+    n
+}
+
+async fn counters_follow_every_change_and_the_purge(backend: Backend) {
+    let (store, iso, _dir) = test_store(&backend).await;
+    let now = Utc::now();
+    let h = chrono::Duration::hours(1);
+    store
+        .insert_event(at("01OLD", "T", "p", now - h * 72, None))
+        .await
+        .expect("insert");
+    store
+        .insert_event(at("01MID", "T", "p", now - h * 3, Some("mid")))
+        .await
+        .expect("insert");
+    let batch = vec![
+        at("01NEW", "U", "q", now, Some("k")),
+        at("01WAIT", "T", "p", now, None),
+    ];
+    store.insert_events(batch).await.expect("insert");
+    run(&store, "01OLD", Status::Processed).await;
+    run(&store, "01MID", Status::DeadLettered).await;
+    run(&store, "01NEW", Status::Retrying).await;
+    run(&store, "01NEW", Status::Processed).await;
+    store
+        .finish_attempt(
+            "01OLD",
+            1,
+            &AttemptFinish {
+                deliveries: vec![engine::DeliveryReport {
+                    destination: "erp".into(),
+                    outcome: engine::DeliveryOutcome::Delivered,
+                    status_code: Some(200),
+                    error: None,
+                    duration_ms: 1.0,
+                }],
+                ..finish(Status::Processed)
+            },
+        )
+        .await
+        .expect("late finish");
+
+    let (n, s) = total(&store, StatsQuery::default()).await;
+    assert_eq!(n, 4, "{s}");
+    assert_eq!(
+        s["by_status"],
+        json!({"processed": 2, "dead_lettered": 1, "received": 1})
+    );
+    assert_eq!(s["by_type"], json!({"T": 3, "U": 1}));
+    let q = |since: Option<DateTime<Utc>>, until: Option<DateTime<Utc>>, partner: Option<&str>| StatsQuery {
+        partner_id: partner.map(str::to_owned),
+        since,
+        until,
+    };
+    assert_eq!(total(&store, q(None, None, Some("q"))).await.0, 1);
+    assert_eq!(total(&store, q(Some(now - h), None, None)).await.0, 2);
+    assert_eq!(
+        total(&store, q(Some(now - h * 4), Some(now - h), None)).await.0,
+        1
+    );
+    assert_eq!(total(&store, q(None, Some(now - h * 24), None)).await.0, 1);
+    assert_eq!(total(&store, q(Some(now + h), None, None)).await.0, 0);
+    let stats = store.stats(&StatsQuery::default()).await.expect("stats");
+    assert!(stats.processing_ms.p99.is_some(), "{stats:?}");
+
+    // A manual retry moves the dead letter back to received.
+    assert!(matches!(
+        store.manual_retry("01MID").await.expect("retry"),
+        RetryOutcome::Requeued(_)
+    ));
+    let counts = store.status_counts().await.expect("counts");
+    assert_eq!(counts["received"], 2);
+    assert_eq!(counts["dead_lettered"], 0);
+
+    // Rolling every row up into days changes no total.
+    let before = total(&store, StatsQuery::default()).await;
+    store.compact(now + h * 24 * 30).await.expect("compact");
+    assert_eq!(total(&store, StatsQuery::default()).await, before);
+    let rows: i64 = sqlx::query("SELECT COUNT(*) AS n FROM event_counts WHERE width < 86400000")
+        .fetch_one(store.pool())
+        .await
+        .expect("rows")
+        .try_get("n")
+        .expect("n");
+    assert_eq!(rows, 0, "every counter row was rolled up into days");
+
+    // Everything terminal has expired an hour from now; nothing else goes.
+    let expiry = Expiry {
+        processed_before: now + h,
+        dead_lettered_before: now + h,
+    };
+    assert_eq!(
+        store.count_expired(&expiry).await.expect("count"),
+        Purged {
+            processed: 2,
+            dead_lettered: 0
+        }
+    );
+    assert_eq!(store.purge_expired(&expiry, 1).await.expect("purge").total(), 1);
+    assert_eq!(store.purge_expired(&expiry, 10).await.expect("purge").total(), 1);
+    assert_eq!(store.purge_expired(&expiry, 10).await.expect("purge").total(), 0);
+    for id in ["01OLD", "01NEW"] {
+        assert!(store.get_event(id).await.expect("get").is_none(), "{id} purged");
+        assert_eq!(owned_rows(&store, id).await, 0, "{id}'s rows purged");
+    }
+    for id in ["01MID", "01WAIT"] {
+        assert!(store.get_event(id).await.expect("get").is_some(), "{id} kept");
+    }
+    assert_eq!(owned_rows(&store, "01MID").await, 2, "its attempt and key stay");
+    let (n, s) = total(&store, StatsQuery::default()).await;
+    assert_eq!((n, &s["by_status"]), (2, &json!({"received": 2})), "{s}");
+    assert_eq!(
+        store
+            .stats(&StatsQuery::default())
+            .await
+            .expect("stats")
+            .processing_ms
+            .p50,
+        None
+    );
+
+    // The purged event's key is free again; the retained one's is not.
+    match store
+        .insert_event(at("01AGAIN", "U", "q", Utc::now(), Some("k")))
+        .await
+        .expect("insert")
+    {
+        InsertOutcome::Created(ev) => assert_eq!(ev.id, "01AGAIN"),
+        other => panic!("a purged event's key makes a new event: {other:?}"),
+    }
+    match store
+        .insert_event(at("01MID2", "T", "p", Utc::now(), Some("mid")))
+        .await
+        .expect("insert")
+    {
+        InsertOutcome::Replayed(ev) => assert_eq!(ev.id, "01MID"),
+        other => panic!("a retained event's key replays: {other:?}"),
+    }
+    store.close().await;
+    if let Some(i) = iso {
+        i.remove().await;
+    }
+}
+
+async fn one_holder_at_a_time(backend: Backend) {
+    let (store, iso, _dir) = test_store(&backend).await;
+    let now = Utc::now();
+    let later = now + chrono::Duration::seconds(60);
+    assert!(store.take_lease("purge", "a", now, later).await.expect("lease"));
+    assert!(!store.take_lease("purge", "b", now, later).await.expect("lease"));
+    assert!(store.take_lease("purge", "a", now, later).await.expect("renew"));
+    // A lease that ran out can be taken over.
+    let after = later + chrono::Duration::seconds(1);
+    assert!(
+        store
+            .take_lease("purge", "b", after, after)
+            .await
+            .expect("take over")
+    );
+    store
+        .finish_task("purge", "b", &json!({"removed": 1}))
+        .await
+        .expect("finish");
+    let state = store.task_state("purge").await.expect("state").expect("row");
+    assert_eq!(state.last_run, Some(json!({"removed": 1})));
+    assert!(
+        store
+            .take_lease("purge", "a", now, later)
+            .await
+            .expect("free again")
+    );
+    store.close().await;
+    if let Some(i) = iso {
+        i.remove().await;
+    }
+}
+
+/// A type whose webhook answers what `rx` says for `/d`, with one retry a
+/// minute away (so a failing event stays `retrying`).
+fn webhook_pipeline(rx: &Receiver) -> PipelineDir {
+    let dir = PipelineDir::new();
+    dir.any_schema().write(
+        "pipelines/nota.yaml",
+        &format!(
+            r#"
+event_type: NOTA
+schema: any.schema.json
+retry:
+  max_retries: 1
+  backoff: fixed
+  initial_delay: 60s
+stages:
+  - plugin: deliver
+destinations:
+  d:
+    type: webhook
+    url: {}
+    timeout: 2s
+"#,
+            rx.url("/d")
+        ),
+    );
+    dir
+}
+
+async fn expired_events_go_and_the_rest_stays(backend: Backend) {
+    let rx = Receiver::start().await;
+    let app = spawn_app_with(backend, webhook_pipeline(&rx), |c| {
+        c.insert("RETENTION_PROCESSED".into(), "3s".into());
+        c.insert("RETENTION_DEAD_LETTERED".into(), "1h".into());
+        c.insert("PURGE_INTERVAL".into(), "1s".into());
+    })
+    .await;
+    let post = |dados: Value, key: Option<String>| {
+        let mut req = app
+            .http
+            .post(app.url("/events"))
+            .header("X-API-Key", &app.key)
+            .json(&json!({"tipo": "NOTA", "dados": dados}));
+        if let Some(k) = key {
+            req = req.header("Idempotency-Key", k);
+        }
+        req.send()
+    };
+    let mut processed = Vec::new();
+    for i in 0..60 {
+        let resp = post(json!({"i": i}), Some(format!("k{i}"))).await.expect("post");
+        processed.push(accepted_id(resp).await);
+    }
+    for id in &processed {
+        app.wait_for(id, "processed", Duration::from_secs(20)).await;
+    }
+    // A replay while the event is retained answers the event.
+    let resp = post(json!({"i": 0}), Some("k0".into())).await.expect("post");
+    assert_eq!(resp.status(), 200);
+    // Then: a dead letter (400 is permanent) and one waiting for its retry.
+    rx.set("/d", Behaviour::Status(400));
+    let dead = accepted_id(post(json!({"dead": true}), None).await.expect("post")).await;
+    app.wait_for(&dead, "dead_lettered", Duration::from_secs(20))
+        .await;
+    rx.set("/d", Behaviour::Status(503));
+    let waiting = accepted_id(post(json!({"retry": true}), None).await.expect("post")).await;
+    app.wait_for(&waiting, "retrying", Duration::from_secs(20)).await;
+
+    // Processed 3 s ago at most, purged every second: gone within ~5 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, stats) = app.get_json("/events/stats", ADMIN_KEY).await;
+        if stats["by_status"]["processed"] == 0 {
+            assert_eq!(stats["total"], 2, "{stats}");
+            assert_eq!(stats["by_status"]["dead_lettered"], 1, "{stats}");
+            assert_eq!(stats["by_status"]["retrying"], 1, "{stats}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not purged: {stats}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for id in &processed {
+        let (status, _) = app.get_json(&format!("/events/{id}"), &app.key).await;
+        assert_eq!(status, 404, "{id} is purged");
+    }
+    for id in [&dead, &waiting] {
+        let (status, _) = app.get_json(&format!("/events/{id}"), &app.key).await;
+        assert_eq!(status, 200, "{id} is kept");
+    }
+    let (_, page) = app.get_json("/events?limit=1000", &app.key).await;
+    let listed: Vec<&str> = page["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|e| e["id"].as_str())
+        .collect();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+
+    // The key of a purged event makes a new one.
+    let resp = post(json!({"i": 0}), Some("k0".into())).await.expect("post");
+    assert_eq!(resp.status(), 202);
+    let again = accepted_id(resp).await;
+    assert!(!processed.contains(&again));
+
+    let metrics = app.metrics_text().await;
+    let purged: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("events_purged_total{status=\"processed\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .expect("events_purged_total");
+    assert_eq!(purged, 60, "{metrics}");
+    let (status, view) = app.get_json("/admin/retention", ADMIN_KEY).await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["processed_seconds"], 3);
+    assert!(view["last_run"]["finished_at"].is_string(), "{view}");
+    assert!(view["next_run_at"].is_string(), "{view}");
+    let (status, _) = app.get_json("/admin/retention", &app.key).await;
+    assert_eq!(status, 403, "partners do not see it");
+    let dry = app
+        .http
+        .post(app.url("/admin/retention/purge?dry_run=true"))
+        .header("X-API-Key", ADMIN_KEY)
+        .send()
+        .await
+        .expect("dry run");
+    assert_eq!(dry.status(), 200);
+    let dry: Value = dry.json().await.expect("json");
+    assert_eq!(dry["dry_run"], true);
+    app.stop().await;
+}
+
+/// The schema before retention (migrations 1–3), with events in it.
+async fn a_database_with_events_upgrades(backend: Backend) {
+    let (url, iso, _dir) = test_database(&backend).await;
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&url).await.expect("connect");
+    let mut old = match backend {
+        Backend::Embedded => sqlx::migrate!("./migrations/sqlite"),
+        Backend::Production { .. } => sqlx::migrate!("./migrations/postgres"),
+    };
+    old.migrations = old
+        .migrations
+        .iter()
+        .filter(|m| m.version <= 3)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    old.run(&pool).await.expect("old schema");
+    let now = Utc::now().timestamp_millis();
+    for (id, status, key, hash, took) in [
+        ("01UP1", "processed", Some("key-1"), Some("hash-1"), Some(40_i64)),
+        ("01UP2", "dead_lettered", None, Some("h"), None),
+        ("01UP3", "received", Some("key-3"), Some("hash-3"), None),
+    ] {
+        sqlx::query(
+            "INSERT INTO events (id, partner_id, tipo, dados, meta, pipeline_version, status, attempts, \
+             received_at, updated_at, processing_ms, idempotency_key, request_hash, queued_at) \
+             VALUES ($1, 'p', 'T', '{\"a\":1}', '{}', 'v', $2, 1, $3, $3, $4, $5, $6, $3)",
+        )
+        .bind(id)
+        .bind(status)
+        .bind(now - 120_000)
+        .bind(took)
+        .bind(key)
+        .bind(hash)
+        .execute(&pool)
+        .await
+        .expect("old event");
+    }
+    pool.close().await;
+
+    let store = SqlStore::connect(&url, 4).await.expect("connect");
+    store.migrate().await.expect("upgrade");
+    let ev = store.get_event("01UP1").await.expect("get").expect("kept");
+    assert_eq!(ev.dados, json!({"a": 1}));
+    assert_eq!(ev.status, Status::Processed);
+    let stats = store.stats(&StatsQuery::default()).await.expect("stats");
+    assert_eq!(stats.total, 3);
+    assert_eq!(stats.by_status.get("dead_lettered"), Some(&1));
+    assert!(stats.processing_ms.p50.is_some_and(|v| (25..=50).contains(&v)));
+    // Old keys still answer exactly.
+    let again = |key: &str, hash: &str| NewEvent {
+        idempotency_key: Some(key.into()),
+        request_hash: hash.into(),
+        ..new_event("01UPNEW")
+    };
+    assert!(matches!(
+        store.insert_event(again("key-1", "hash-1")).await.expect("insert"),
+        InsertOutcome::Replayed(e) if e.id == "01UP1"
+    ));
+    assert!(matches!(
+        store.insert_event(again("key-3", "other")).await.expect("insert"),
+        InsertOutcome::Conflict { existing_id } if existing_id == "01UP3"
+    ));
+    // The old events take part in the upkeep.
+    let expiry = Expiry {
+        processed_before: Utc::now(),
+        dead_lettered_before: Utc::now(),
+    };
+    assert_eq!(
+        store.purge_expired(&expiry, 100).await.expect("purge"),
+        Purged {
+            processed: 1,
+            dead_lettered: 1
+        }
+    );
+    assert_eq!(store.stats(&StatsQuery::default()).await.expect("stats").total, 1);
+    store.close().await;
+    if let Some(i) = iso {
+        i.remove().await;
+    }
+}
+
+both_backends!(
+    counters_follow_every_change_and_the_purge,
+    one_holder_at_a_time,
+    expired_events_go_and_the_rest_stays,
+    a_database_with_events_upgrades,
+);
