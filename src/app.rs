@@ -175,6 +175,10 @@ impl App {
             sql.migrate().await.context("migrations failed")?;
         }
         let store: Arc<dyn Store> = sql.clone();
+        // The first events' partitions (PostgreSQL); the purge keeps them ahead.
+        if let Err(e) = store.prepare(chrono::Utc::now(), config.partition_period).await {
+            warn!(error = %e, "cannot create the event partitions ahead; events go to the default partition");
+        }
         let pipelines = Arc::new(
             load_pipelines(&config)
                 .map_err(|errors| anyhow::anyhow!("the pipeline set is invalid:\n{errors}"))?,
@@ -239,12 +243,7 @@ impl App {
             // Every worker process runs the loop; the store's lease lets one
             // at a time purge.
             background.push(tokio::spawn(crate::retention::purge_loop(
-                crate::retention::Purger::new(
-                    store.clone(),
-                    metrics.clone(),
-                    config.retention,
-                    config.purge_interval,
-                ),
+                crate::retention::Purger::new(store.clone(), metrics.clone(), &config),
                 shutdown_rx.clone(),
             )));
         }

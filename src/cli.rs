@@ -152,8 +152,7 @@ async fn purge(config: Config, dry_run: bool) -> anyhow::Result<i32> {
     let purger = Purger::new(
         store,
         std::sync::Arc::new(crate::telemetry::Metrics::new()),
-        config.retention,
-        config.purge_interval,
+        &config,
     );
     let describe = |what: &str, p: crate::store::Purged| {
         println!(

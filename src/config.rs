@@ -65,6 +65,9 @@ pub struct Config {
     /// How often the purge runs (default: a quarter of the shortest
     /// retention, between 1 s and 1 min).
     pub purge_interval: Duration,
+    /// The time range of one PostgreSQL event partition (default: a quarter
+    /// of `RETENTION_PROCESSED`, between 1 s and 1 day).
+    pub partition_period: Duration,
     /// Reload when files under the pipeline or schema directory change.
     pub watch_pipelines: bool,
     /// Quiet time after the last change before that reload.
@@ -89,6 +92,14 @@ impl Retention {
     /// expired event goes within about a quarter of its retention.
     pub fn default_purge_interval(&self) -> Duration {
         (self.processed.min(self.dead_lettered) / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
+    }
+
+    /// A quarter of the processed retention, between 1 s and 1 day: a
+    /// PostgreSQL partition is dropped at most about a quarter of the
+    /// retention after its newest event expired, and about five hold the
+    /// events retained.
+    pub fn default_partition_period(&self) -> Duration {
+        (self.processed / 4).clamp(Duration::from_secs(1), Duration::from_secs(86_400))
     }
 }
 
@@ -125,6 +136,7 @@ pub const KEYS: &[&str] = &[
     "RETENTION_PROCESSED",
     "RETENTION_DEAD_LETTERED",
     "PURGE_INTERVAL",
+    "PARTITION_PERIOD",
     "WATCH_PIPELINES",
     "WATCH_DEBOUNCE",
     "SCRIPT_MAX_OPERATIONS",
@@ -210,6 +222,7 @@ impl Config {
             dead_lettered: duration("RETENTION_DEAD_LETTERED", Duration::from_secs(30 * 86_400))?,
         };
         let purge_interval = duration("PURGE_INTERVAL", retention.default_purge_interval())?;
+        let partition_period = duration("PARTITION_PERIOD", retention.default_partition_period())?;
         let cfg = Config {
             listen_addr: parse(
                 "LISTEN_ADDR",
@@ -263,6 +276,7 @@ impl Config {
             sweep_interval: duration("SWEEP_INTERVAL", Duration::from_secs(5))?,
             retention,
             purge_interval,
+            partition_period,
             watch_pipelines: parse("WATCH_PIPELINES", get("WATCH_PIPELINES"), true)?,
             watch_debounce: duration("WATCH_DEBOUNCE", Duration::from_millis(250))?,
             script_max_operations: parse("SCRIPT_MAX_OPERATIONS", get("SCRIPT_MAX_OPERATIONS"), 1_000_000)?,
@@ -280,6 +294,7 @@ impl Config {
             ("RETENTION_PROCESSED", cfg.retention.processed),
             ("RETENTION_DEAD_LETTERED", cfg.retention.dead_lettered),
             ("PURGE_INTERVAL", cfg.purge_interval),
+            ("PARTITION_PERIOD", cfg.partition_period),
         ] {
             if d < Duration::from_secs(1) {
                 return Err(ConfigError(format!("{k} must be at least 1s")));

@@ -66,23 +66,21 @@ pub struct Purger {
     pub metrics: Arc<Metrics>,
     pub retention: Retention,
     pub interval: Duration,
+    /// PostgreSQL partitions' time range.
+    pub partition_period: Duration,
     /// This process, as lease holder.
     pub holder: String,
 }
 
 impl Purger {
-    pub fn new(
-        store: Arc<dyn Store>,
-        metrics: Arc<Metrics>,
-        retention: Retention,
-        interval: Duration,
-    ) -> Self {
+    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>, config: &crate::config::Config) -> Self {
         let holder = format!("{}:{}", crate::queue::host_name(), std::process::id());
         Self {
             store,
             metrics,
-            retention,
-            interval,
+            retention: config.retention,
+            interval: config.purge_interval,
+            partition_period: config.partition_period,
             holder,
         }
     }
@@ -119,7 +117,7 @@ impl Purger {
                 Ok(chunk) => {
                     self.count(chunk);
                     removed.add(chunk);
-                    if chunk.total() < u64::from(CHUNK) {
+                    if chunk.partitions == 0 && chunk.total() < u64::from(CHUNK) {
                         break;
                     }
                 }
@@ -150,6 +148,9 @@ impl Purger {
             && let Err(e) = self.store.compact(Utc::now()).await
         {
             error = Some(format!("compaction: {e}"));
+        }
+        if let Err(e) = self.store.prepare(Utc::now(), self.partition_period).await {
+            error.get_or_insert(format!("partitions ahead: {e}"));
         }
         let finished_at = Utc::now();
         let report = PurgeReport {

@@ -101,10 +101,5 @@ pub async fn purge_now(
 }
 
 fn purger(state: &AppState) -> Purger {
-    Purger::new(
-        state.store.clone(),
-        state.metrics.clone(),
-        state.config.retention,
-        state.config.purge_interval,
-    )
+    Purger::new(state.store.clone(), state.metrics.clone(), &state.config)
 }

@@ -386,6 +386,9 @@ pub struct Expiry {
 pub struct Purged {
     pub processed: u64,
     pub dead_lettered: u64,
+    /// Time partitions dropped whole (PostgreSQL).
+    #[serde(default)]
+    pub partitions: u64,
 }
 
 impl Purged {
@@ -396,6 +399,7 @@ impl Purged {
     pub fn add(&mut self, other: Purged) {
         self.processed += other.processed;
         self.dead_lettered += other.dead_lettered;
+        self.partitions += other.partitions;
     }
 }
 
@@ -414,11 +418,16 @@ pub struct TaskState {
 pub trait MaintenanceStore: Send + Sync {
     /// How many events [`MaintenanceStore::purge_expired`] would remove.
     async fn count_expired(&self, expiry: &Expiry) -> StoreResult<Purged>;
-    /// Removes at most `limit` expired events, with everything they own
-    /// (attempts, deliveries, idempotency key) and their share of the
-    /// counters, in one transaction. Events that are not terminal are never
-    /// touched.
+    /// Removes expired events, with everything they own (attempts,
+    /// deliveries, idempotency key) and their share of the counters, in one
+    /// transaction: a whole time partition (PostgreSQL), or at most `limit`
+    /// events row by row. Events that are not terminal are never removed.
+    /// Call again while it removes a partition or `limit` events.
     async fn purge_expired(&self, expiry: &Expiry, limit: u32) -> StoreResult<Purged>;
+    /// Makes the storage the next events need ahead of time (PostgreSQL: time
+    /// partitions of `period`, a few periods ahead of `now`); how many
+    /// partitions it made.
+    async fn prepare(&self, now: DateTime<Utc>, period: std::time::Duration) -> StoreResult<u32>;
     /// Folds old counter rows into coarser ones and gives the space freed by
     /// purges back (SQLite); cheap when there is nothing to do.
     async fn compact(&self, now: DateTime<Utc>) -> StoreResult<()>;

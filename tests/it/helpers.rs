@@ -750,3 +750,58 @@ pub fn alg_none(sub: &str) -> String {
         e.encode(json!({"sub": sub, "exp": exp}).to_string())
     )
 }
+
+/// The outcome of one attempt ending in `status` (a due retry, an error
+/// unless processed), for store-level tests.
+pub fn finish(status: orchestrator::store::Status) -> orchestrator::store::AttemptFinish {
+    use orchestrator::store::{AttemptFinish, LastError, Status};
+    AttemptFinish {
+        status,
+        next_attempt_at: (status == Status::Retrying)
+            .then(|| chrono::Utc::now() - chrono::Duration::seconds(1)),
+        last_error: (status != Status::Processed).then(|| LastError {
+            category: "test".into(),
+            message: "failed".into(),
+            transient: status == Status::Retrying,
+            stage: None,
+        }),
+        trace: Vec::new(),
+        deliveries: Vec::new(),
+        result: None,
+    }
+}
+
+/// Claims `id` and records `status` as the attempt's outcome.
+pub async fn run(store: &orchestrator::store::SqlStore, id: &str, status: orchestrator::store::Status) {
+    use orchestrator::store::EventStore;
+    let now = chrono::Utc::now();
+    let ev = store
+        .claim(id, now, now + chrono::Duration::seconds(30))
+        .await
+        .expect("claim")
+        .expect("claimable");
+    assert!(
+        store
+            .finish_attempt(id, ev.attempts, &finish(status))
+            .await
+            .expect("finish")
+    );
+}
+
+/// [`new_event`] of this type, partner, time and key.
+pub fn at(
+    id: &str,
+    tipo: &str,
+    partner: &str,
+    received_at: chrono::DateTime<chrono::Utc>,
+    key: Option<&str>,
+) -> orchestrator::store::NewEvent {
+    use orchestrator::store::NewEvent;
+    NewEvent {
+        tipo: tipo.into(),
+        partner_id: partner.into(),
+        received_at,
+        idempotency_key: key.map(str::to_owned),
+        ..new_event(id)
+    }
+}

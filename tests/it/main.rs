@@ -52,6 +52,7 @@ mod helpers;
 mod hostile;
 mod ingest;
 mod lifecycle;
+mod lists;
 mod loading;
 mod logcap;
 mod observability;

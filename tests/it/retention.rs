@@ -6,55 +6,13 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use orchestrator::store::{
-    AttemptFinish, EventStore, Expiry, InsertOutcome, LastError, MaintenanceStore, NewEvent, Purged,
-    RetryOutcome, SqlStore, StatsQuery, Status, Store,
+    AttemptFinish, EventStore, Expiry, InsertOutcome, MaintenanceStore, NewEvent, Purged, RetryOutcome,
+    SqlStore, StatsQuery, Status, Store,
 };
 use serde_json::{Value, json};
 use sqlx::Row;
 
 use crate::helpers::*;
-
-fn finish(status: Status) -> AttemptFinish {
-    AttemptFinish {
-        status,
-        next_attempt_at: (status == Status::Retrying).then(|| Utc::now() - chrono::Duration::seconds(1)),
-        last_error: (status != Status::Processed).then(|| LastError {
-            category: "test".into(),
-            message: "failed".into(),
-            transient: status == Status::Retrying,
-            stage: None,
-        }),
-        trace: Vec::new(),
-        deliveries: Vec::new(),
-        result: None,
-    }
-}
-
-/// Claims `id` and records `status` as the attempt's outcome.
-async fn run(store: &SqlStore, id: &str, status: Status) {
-    let now = Utc::now();
-    let ev = store
-        .claim(id, now, now + chrono::Duration::seconds(30))
-        .await
-        .expect("claim")
-        .expect("claimable");
-    assert!(
-        store
-            .finish_attempt(id, ev.attempts, &finish(status))
-            .await
-            .expect("finish")
-    );
-}
-
-fn at(id: &str, tipo: &str, partner: &str, received_at: DateTime<Utc>, key: Option<&str>) -> NewEvent {
-    NewEvent {
-        tipo: tipo.into(),
-        partner_id: partner.into(),
-        received_at,
-        idempotency_key: key.map(str::to_owned),
-        ..new_event(id)
-    }
-}
 
 async fn total(store: &SqlStore, q: StatsQuery) -> (i64, Value) {
     let s = store.stats(&q).await.expect("stats");
@@ -168,7 +126,8 @@ async fn counters_follow_every_change_and_the_purge(backend: Backend) {
         store.count_expired(&expiry).await.expect("count"),
         Purged {
             processed: 2,
-            dead_lettered: 0
+            dead_lettered: 0,
+            partitions: 0
         }
     );
     assert_eq!(store.purge_expired(&expiry, 1).await.expect("purge").total(), 1);
@@ -453,7 +412,8 @@ async fn a_database_with_events_upgrades(backend: Backend) {
         store.purge_expired(&expiry, 100).await.expect("purge"),
         Purged {
             processed: 1,
-            dead_lettered: 1
+            dead_lettered: 1,
+            partitions: 0
         }
     );
     assert_eq!(store.stats(&StatsQuery::default()).await.expect("stats").total, 1);
@@ -469,3 +429,168 @@ both_backends!(
     expired_events_go_and_the_rest_stays,
     a_database_with_events_upgrades,
 );
+
+/// PostgreSQL: a due time partition is dropped whole; what it must keep
+/// moves to the default partition with its attempts and key.
+async fn partitions_go_whole_and_keep_what_must_stay(backend: Backend) {
+    let (store, iso, _dir) = test_store(&backend).await;
+    let now = Utc::now();
+    let minute = chrono::Duration::minutes(1);
+    let t0 = now - minute * 10;
+    assert_eq!(
+        store.prepare(t0, Duration::from_secs(60)).await.expect("prepare"),
+        4
+    );
+    let count = |sql: &'static str, id: String| {
+        let pool = store.pool().clone();
+        async move {
+            sqlx::query(sql)
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .expect("count")
+                .try_get::<i64, _>("n")
+                .expect("n")
+        }
+    };
+    let partitions = || async {
+        sqlx::query("SELECT COUNT(*) AS n FROM event_partitions")
+            .fetch_one(store.pool())
+            .await
+            .expect("partitions")
+            .try_get::<i64, _>("n")
+            .expect("n")
+    };
+    // Five events received in the first partition.
+    let received = t0 + chrono::Duration::seconds(30);
+    let ids: Vec<String> = (0..5)
+        .map(|i| ulid::Ulid::from_datetime((received + chrono::Duration::milliseconds(i)).into()).to_string())
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        let ev = NewEvent {
+            received_at: received,
+            idempotency_key: Some(format!("key-{i}")),
+            ..new_event(id)
+        };
+        store.insert_event(ev).await.expect("insert");
+    }
+    let in_kept = "SELECT COUNT(*) AS n FROM events_kept WHERE id = $1";
+    assert_eq!(
+        count(in_kept, ids[0].clone()).await,
+        0,
+        "stored in its time partition"
+    );
+    run(&store, &ids[0], Status::Processed).await;
+    run(&store, &ids[1], Status::Processed).await;
+    run(&store, &ids[2], Status::DeadLettered).await;
+    run(&store, &ids[3], Status::Retrying).await;
+    // ids[4] stays received.
+
+    // Processed events have expired, dead letters have not.
+    let expiry = Expiry {
+        processed_before: Utc::now() + minute,
+        dead_lettered_before: Utc::now() - minute * 60,
+    };
+    let would = store.count_expired(&expiry).await.expect("count");
+    assert_eq!(
+        (would.processed, would.dead_lettered, would.partitions),
+        (2, 0, 4)
+    );
+    let first = store.purge_expired(&expiry, 500).await.expect("purge");
+    assert_eq!(
+        first,
+        Purged {
+            processed: 2,
+            dead_lettered: 0,
+            partitions: 1
+        }
+    );
+    assert_eq!(partitions().await, 3);
+    for id in &ids[..2] {
+        assert!(store.get_event(id).await.expect("get").is_none());
+        assert_eq!(owned_rows(&store, id).await, 0);
+    }
+    for id in &ids[2..] {
+        assert!(store.get_event(id).await.expect("get").is_some(), "{id} kept");
+        assert_eq!(
+            count(in_kept, id.clone()).await,
+            1,
+            "{id} moved to the default partition"
+        );
+    }
+    let attempts_kept = "SELECT COUNT(*) AS n FROM attempts_kept WHERE event_id = $1";
+    assert_eq!(
+        count(attempts_kept, ids[2].clone()).await,
+        1,
+        "its attempt moved too"
+    );
+    let (n, s) = total(&store, StatsQuery::default()).await;
+    assert_eq!(n, 3, "{s}");
+    assert_eq!(
+        s["by_status"],
+        json!({"received": 1, "retrying": 1, "dead_lettered": 1})
+    );
+    // The moved events go on: a retry, a finish; the kept key still answers.
+    assert!(matches!(
+        store.manual_retry(&ids[2]).await.expect("retry"),
+        RetryOutcome::Requeued(_)
+    ));
+    run(&store, &ids[3], Status::Processed).await;
+    let replay = NewEvent {
+        idempotency_key: Some("key-4".into()),
+        ..new_event("01ANOTHER")
+    };
+    assert!(matches!(
+        store.insert_event(replay).await.expect("insert"),
+        InsertOutcome::Replayed(e) if e.id == ids[4]
+    ));
+    let fresh = NewEvent {
+        idempotency_key: Some("key-0".into()),
+        ..new_event("01FRESH")
+    };
+    assert!(matches!(
+        store.insert_event(fresh).await.expect("insert"),
+        InsertOutcome::Created(_)
+    ));
+
+    // The empty partitions go one per call; then the kept row, row by row.
+    let expiry = Expiry {
+        processed_before: Utc::now() + minute,
+        dead_lettered_before: Utc::now() - minute * 60,
+    };
+    let mut dropped = 0;
+    loop {
+        let p = store.purge_expired(&expiry, 500).await.expect("purge");
+        dropped += p.partitions;
+        if p.partitions == 0 {
+            assert_eq!(p.processed, 1, "the moved event processed since: {p:?}");
+            break;
+        }
+    }
+    assert_eq!(dropped, 3);
+    assert_eq!(partitions().await, 0);
+    assert!(store.get_event(&ids[3]).await.expect("get").is_none());
+    let counts = store.status_counts().await.expect("counts");
+    assert_eq!((counts["received"], counts["processed"]), (3, 0), "{counts:?}");
+    // New partitions ahead of the clock.
+    assert_eq!(
+        store
+            .prepare(Utc::now(), Duration::from_secs(60))
+            .await
+            .expect("prepare"),
+        4
+    );
+    assert_eq!(
+        store
+            .prepare(Utc::now(), Duration::from_secs(60))
+            .await
+            .expect("prepare"),
+        0
+    );
+    store.close().await;
+    if let Some(i) = iso {
+        i.remove().await;
+    }
+}
+
+production_only!(partitions_go_whole_and_keep_what_must_stay);

@@ -104,14 +104,17 @@ pub(super) fn prepare(
                 .collect(),
         })?;
     let tipo = pipeline.event_type.clone();
+    let received_at = Utc::now();
     Ok(NewEvent {
-        id: ulid::Ulid::new().to_string(),
+        // The id's time is `received_at` to the millisecond: lists turn
+        // time windows into id ranges, and PostgreSQL partitions by id.
+        id: ulid::Ulid::from_datetime(received_at.into()).to_string(),
         partner_id: partner.id.clone(),
         request_hash: request_hash(&tipo, &dados),
         tipo,
         dados,
         pipeline_version: pipeline.version.clone(),
-        received_at: Utc::now(),
+        received_at,
         idempotency_key: idem,
         request_id,
     })

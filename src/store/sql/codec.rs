@@ -28,6 +28,12 @@ pub(super) fn from_ms(v: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(v).single().unwrap_or_default()
 }
 
+/// The smallest event id of the time `ms` (epoch milliseconds): ids are
+/// ULIDs made from the time their event was received, so ids sort by it.
+pub(super) fn id_floor(ms: i64) -> String {
+    ulid::Ulid::from_parts(u64::try_from(ms).unwrap_or(0), 0).to_string()
+}
+
 pub(super) fn json_text(v: &Value) -> String {
     v.to_string()
 }

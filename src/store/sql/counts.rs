@@ -82,6 +82,25 @@ impl Deltas {
         row[6 + ms_bucket(ms)] += n;
     }
 
+    /// `n` processed events whose processing times fell in histogram bucket
+    /// `bucket` (`None`: unknown) and summed to `ms_sum` leave the counters.
+    pub(super) fn processed_gone(
+        &mut self,
+        partner: &str,
+        tipo: &str,
+        received_at: i64,
+        bucket: Option<usize>,
+        n: i64,
+        ms_sum: i64,
+    ) {
+        let row = self.row(received_at, MINUTE, partner, tipo);
+        row[status_index(Status::Processed)] -= n;
+        if let Some(b) = bucket.filter(|b| *b < MS_BUCKETS) {
+            row[5] -= ms_sum;
+            row[6 + b] -= n;
+        }
+    }
+
     /// Writes the changes in key order (so concurrent writers of the same
     /// rows lock them in one order), as upserts of `writer`'s rows.
     pub(super) async fn apply(&self, conn: &mut AnyConnection, writer: Writer) -> StoreResult<()> {
@@ -127,6 +146,17 @@ impl Deltas {
         }
         Ok(())
     }
+}
+
+/// A SQL expression: the histogram bucket of `column` (milliseconds), as
+/// [`ms_bucket`] computes it; -1 when it is NULL.
+pub(super) fn bucket_sql(column: &str) -> String {
+    let mut sql = format!("CASE WHEN {column} IS NULL THEN -1");
+    for (i, b) in MS_BOUNDS.iter().enumerate() {
+        let _ = write!(sql, " WHEN {column} <= {b} THEN {i}");
+    }
+    let _ = write!(sql, " ELSE {} END", MS_BOUNDS.len());
+    sql
 }
 
 /// The window of a read, per width: buckets that overlap `[since, until)`.

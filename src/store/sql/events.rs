@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, Row};
 
 use super::SqlStore;
-use super::codec::{EVENT_COLUMNS, event_from_row, from_ms, ms};
+use super::codec::{EVENT_COLUMNS, event_from_row, from_ms, id_floor, ms};
 use super::counts::{self, Deltas, Writer};
 use super::statement::placeholders;
 use super::writes::insert_in_key_order;
@@ -44,23 +44,55 @@ impl EventStore for SqlStore {
     }
 
     async fn list_events(&self, f: &ListFilter) -> StoreResult<Vec<EventRecord>> {
+        // A time window is also an id range (an id's time is its event's
+        // received_at), so every index ending in the id serves it; the exact
+        // received_at bounds stay for ids made otherwise. The id range is a
+        // second wider on each side.
+        let since_id = f.since.map(|t| id_floor(ms(t) - 1_000));
+        let until_id = f.until.map(|t| id_floor(ms(t) + 1_000));
         let filters = [
             ("partner_id =", f.partner_id.as_deref().map(Arg::Text)),
-            ("status =", f.status.map(|s| Arg::Text(s.as_str()))),
             ("tipo =", f.tipo.as_deref().map(Arg::Text)),
             ("received_at >=", f.since.map(|t| Arg::Int(ms(t)))),
             ("received_at <", f.until.map(|t| Arg::Int(ms(t)))),
+            ("id >=", since_id.as_deref().map(Arg::Text)),
+            ("id <", until_id.as_deref().map(Arg::Text)),
             ("id <", f.before_id.as_deref().map(Arg::Text)),
         ];
         let set: Vec<(&str, Arg)> = filters
             .into_iter()
             .filter_map(|(clause, arg)| Some((clause, arg?)))
             .collect();
-        let mut sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE 1 = 1");
+        let mut conds = String::from("1 = 1");
         for (i, (clause, _)) in set.iter().enumerate() {
-            sql += &format!(" AND {clause} ${}", i + 1);
+            conds += &format!(" AND {clause} ${}", i + 1);
         }
-        sql += &format!(" ORDER BY id DESC LIMIT {}", f.limit.clamp(1, 1001));
+        let limit = f.limit.clamp(1, 1001);
+        // Each index that starts with the partner or the type goes on with
+        // the status, then the id: without a status filter such a list reads
+        // one range per status, newest first, and merges them.
+        let statuses: Vec<Option<Status>> = match f.status {
+            Some(s) => vec![Some(s)],
+            None if f.partner_id.is_some() || f.tipo.is_some() => Status::ALL.map(Some).to_vec(),
+            None => vec![None],
+        };
+        let branch = |status: Option<Status>| {
+            let status = status
+                .map(|s| format!(" AND status = '{}'", s.as_str()))
+                .unwrap_or_default();
+            format!("SELECT {EVENT_COLUMNS} FROM events WHERE {conds}{status} ORDER BY id DESC LIMIT {limit}")
+        };
+        let sql = match statuses.as_slice() {
+            [one] => branch(*one),
+            many => {
+                let parts: Vec<String> = many
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| format!("SELECT * FROM ({}) s{i}", branch(*s)))
+                    .collect();
+                format!("{} ORDER BY id DESC LIMIT {limit}", parts.join(" UNION ALL "))
+            }
+        };
         let mut q = sqlx::query(AssertSqlSafe(sql));
         for (_, arg) in set {
             q = match arg {

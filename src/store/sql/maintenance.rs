@@ -9,6 +9,7 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::codec::{from_ms, ms, parse_json};
 use super::counts::{self, Deltas, Writer};
+use super::partitions;
 use super::statement::placeholders;
 use super::{Backend, SqlStore};
 use crate::store::{Expiry, MaintenanceStore, Purged, Status, StoreResult, TaskState};
@@ -32,20 +33,59 @@ fn expiring(expiry: &Expiry) -> [(Status, i64); 2] {
 impl MaintenanceStore for SqlStore {
     async fn count_expired(&self, expiry: &Expiry) -> StoreResult<Purged> {
         let mut out = Purged::default();
+        // PostgreSQL: the default partition row by row, and the partitions
+        // that are due (the others go when they are due).
+        let due = match self.backend {
+            Backend::Postgres => partitions::due_range(&self.pool, expiry).await?,
+            Backend::Sqlite => None,
+        };
         for (status, before) in expiring(expiry) {
+            let mut sql = format!(
+                "SELECT COUNT(*) AS n FROM {} WHERE status = $1 AND updated_at < $2",
+                self.row_purged_table()
+            );
+            if due.is_some() {
+                sql = format!(
+                    "SELECT ({sql}) + (SELECT COUNT(*) FROM events WHERE status = $1 AND updated_at < $2 \
+                     AND id >= $3 AND id < $4) AS n"
+                );
+            }
+            let mut q = sqlx::query(AssertSqlSafe(sql)).bind(status.as_str()).bind(before);
+            if let Some((lo, hi)) = &due {
+                q = q.bind(lo.as_str()).bind(hi.as_str());
+            }
+            let n: i64 = q.fetch_one(&self.pool).await?.try_get("n")?;
+            *purged_of(&mut out, status) = u64::try_from(n).unwrap_or(0);
+        }
+        if let Some((lo, hi)) = &due {
             let n: i64 =
-                sqlx::query("SELECT COUNT(*) AS n FROM events WHERE status = $1 AND updated_at < $2")
-                    .bind(status.as_str())
-                    .bind(before)
+                sqlx::query("SELECT COUNT(*) AS n FROM event_partitions WHERE lo >= $1 AND hi <= $2")
+                    .bind(ulid_ms(lo))
+                    .bind(ulid_ms(hi))
                     .fetch_one(&self.pool)
                     .await?
                     .try_get("n")?;
-            *purged_of(&mut out, status) = u64::try_from(n).unwrap_or(0);
+            out.partitions = u64::try_from(n).unwrap_or(0);
         }
         Ok(out)
     }
 
+    async fn prepare(&self, now: DateTime<Utc>, period: std::time::Duration) -> StoreResult<u32> {
+        match self.backend {
+            Backend::Postgres => {
+                let period = i64::try_from(period.as_millis()).unwrap_or(i64::MAX);
+                partitions::prepare(&self.pool, ms(now), period).await
+            }
+            Backend::Sqlite => Ok(0),
+        }
+    }
+
     async fn purge_expired(&self, expiry: &Expiry, limit: u32) -> StoreResult<Purged> {
+        if self.backend == Backend::Postgres
+            && let Some(dropped) = partitions::drop_due(&self.pool, expiry).await?
+        {
+            return Ok(dropped);
+        }
         let mut out = Purged::default();
         let mut tx = self.pool.begin().await?;
         let mut deltas = Deltas::default();
@@ -54,17 +94,19 @@ impl MaintenanceStore for SqlStore {
             if left <= 0 {
                 break;
             }
-            let ids: Vec<String> = sqlx::query(
-                "SELECT id FROM events WHERE status = $1 AND updated_at < $2 ORDER BY updated_at LIMIT $3",
-            )
-            .bind(status.as_str())
-            .bind(before)
-            .bind(left)
-            .fetch_all(&mut *tx)
-            .await?
-            .iter()
-            .map(|r| r.try_get::<String, _>("id"))
-            .collect::<Result<_, _>>()?;
+            let sql = format!(
+                "SELECT id FROM {} WHERE status = $1 AND updated_at < $2 ORDER BY updated_at LIMIT $3",
+                self.row_purged_table()
+            );
+            let ids: Vec<String> = sqlx::query(AssertSqlSafe(sql))
+                .bind(status.as_str())
+                .bind(before)
+                .bind(left)
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|r| r.try_get::<String, _>("id"))
+                .collect::<Result<_, _>>()?;
             left -= ids.len() as i64;
             for chunk in ids.chunks(IDS_PER_STATEMENT) {
                 // The condition again: an event retried since it was read
@@ -191,4 +233,24 @@ fn purged_of(p: &mut Purged, status: Status) -> &mut u64 {
         Status::DeadLettered => &mut p.dead_lettered,
         _ => &mut p.processed,
     }
+}
+
+impl SqlStore {
+    /// Where expired events are deleted row by row: every event on SQLite,
+    /// the default partition on PostgreSQL (the time partitions are dropped
+    /// whole).
+    fn row_purged_table(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite => "events",
+            Backend::Postgres => "events_kept",
+        }
+    }
+}
+
+/// The time of a partition bound (the inverse of `partitions::bound`).
+fn ulid_ms(bound: &str) -> i64 {
+    bound
+        .parse::<ulid::Ulid>()
+        .map(|u| i64::try_from(u.timestamp_ms()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }

@@ -5,6 +5,7 @@
 //! * `connect`: backend detection, the pool, migrations;
 //! * `codec`: rows to records and the column encodings;
 //! * `counts`: the counters statistics are read from;
+//! * `partitions`: PostgreSQL's time partitions;
 //! * `statement`: statements whose text depends on their input;
 //! * `writes`: the group-committed event writes and key lookups;
 //! * `events`, `partners`, `versions`, `maintenance`: one trait of the store each.
@@ -14,6 +15,7 @@ mod connect;
 mod counts;
 mod events;
 mod maintenance;
+mod partitions;
 mod partners;
 mod statement;
 mod versions;
@@ -49,6 +51,24 @@ impl SqlStore {
 
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// PostgreSQL: partitions of `period` covering `[from, to)` that no
+    /// partition covers yet, after the newest one (for loaders that write
+    /// past events straight into the store, such as the benchmarks'); how
+    /// many it made. SQLite: nothing.
+    pub async fn create_partitions(
+        &self,
+        from: chrono::DateTime<chrono::Utc>,
+        to: chrono::DateTime<chrono::Utc>,
+        period: std::time::Duration,
+    ) -> crate::store::StoreResult<u32> {
+        if self.backend != Backend::Postgres {
+            return Ok(0);
+        }
+        let period = i64::try_from(period.as_millis()).unwrap_or(i64::MAX).max(1_000);
+        let (from, to) = (from.timestamp_millis(), to.timestamp_millis());
+        partitions::extend(&self.pool, from, to, period, usize::MAX).await
     }
 
     pub async fn close(&self) {

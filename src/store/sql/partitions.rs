@@ -1,0 +1,242 @@
+//! PostgreSQL's time partitions of `events`, `attempts` and `deliveries`
+//! (declarative range partitioning on the event id, no extension).
+//!
+//! An id is a ULID whose first ten characters are the time its event was
+//! received, so the partition of `[lo, hi)` (epoch ms, in
+//! `event_partitions`) holds the ids from `Ulid(lo, 0)` to `Ulid(hi, 0)`.
+//! [`prepare`] creates them a few periods ahead. Once everything received in
+//! one has expired as processed, [`drop_due`] drops it whole: the few rows it
+//! must still keep (events not finished, processed late, or dead-lettered
+//! and within their own retention) move, with their attempts and
+//! deliveries, to the default partitions (`events_kept`, …), where the
+//! row-by-row purge takes them when they expire. Rows stored before the
+//! partitions existed live there too.
+
+use std::fmt::Write as _;
+
+use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Row};
+
+use super::counts::{Deltas, Writer, bucket_sql};
+use crate::store::{Expiry, Purged, Status, StoreResult};
+
+/// The tables partitioned by event id, with their id column.
+const TABLES: [(&str, &str); 3] = [
+    ("events", "id"),
+    ("attempts", "event_id"),
+    ("deliveries", "event_id"),
+];
+
+/// Partitions kept ready ahead of the clock.
+const AHEAD: i64 = 4;
+
+/// At most this many partitions are made per call (a long stop of every
+/// worker leaves no gap to fill: the next starts now).
+const MAX_NEW: usize = 16;
+
+/// DDL waits at most this long for a lock, then gives up until next time
+/// (queries queue behind a waiting `ACCESS EXCLUSIVE`).
+const LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '2s'";
+
+use super::codec::id_floor as bound;
+
+fn name(table: &str, lo: i64) -> String {
+    format!("{table}_p{lo}")
+}
+
+/// Makes sure partitions cover `now` to `AHEAD` periods of `period_ms` ahead;
+/// returns how many it made.
+pub(super) async fn prepare(pool: &AnyPool, now: i64, period_ms: i64) -> StoreResult<u32> {
+    let period = period_ms.max(1_000);
+    // Never a range the clock has passed: its events may be in the default
+    // partition already, which would refuse the new one.
+    extend(pool, now + 1_000, now + AHEAD * period, period, MAX_NEW).await
+}
+
+/// Adds partitions of `period` from the newest one's end (or `from`,
+/// whichever is later) until `to` is covered, at most `max`; how many.
+pub(super) async fn extend(pool: &AnyPool, from: i64, to: i64, period: i64, max: usize) -> StoreResult<u32> {
+    let mut made = 0;
+    let mut tx = pool.begin().await?;
+    sqlx::raw_sql(LOCK_TIMEOUT).execute(&mut *tx).await?;
+    let newest: Option<i64> = sqlx::query("SELECT MAX(hi) AS hi FROM event_partitions")
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("hi")?;
+    let mut lo = newest.unwrap_or(0).max(from);
+    while lo < to && (made as usize) < max {
+        let hi = lo + period;
+        let mut ddl = String::new();
+        for (table, _) in TABLES {
+            let _ = write!(
+                ddl,
+                "CREATE TABLE {} PARTITION OF {table} FOR VALUES FROM ('{}') TO ('{}'); ",
+                name(table, lo),
+                bound(lo),
+                bound(hi)
+            );
+        }
+        sqlx::raw_sql(AssertSqlSafe(ddl)).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO event_partitions (lo, hi) VALUES ($1, $2)")
+            .bind(lo)
+            .bind(hi)
+            .execute(&mut *tx)
+            .await?;
+        made += 1;
+        lo = hi;
+    }
+    tx.commit().await?;
+    Ok(made)
+}
+
+/// The oldest partition whose every event was received before processed
+/// events expire: `(lo, hi)`.
+async fn oldest_due(conn: &mut AnyConnection, expiry: &Expiry) -> StoreResult<Option<(i64, i64)>> {
+    let row = sqlx::query("SELECT lo, hi FROM event_partitions WHERE hi <= $1 ORDER BY lo LIMIT 1")
+        .bind(expiry.processed_before.timestamp_millis())
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.map(|r| Ok((r.try_get("lo")?, r.try_get("hi")?))).transpose()
+}
+
+/// The ids of every due partition, `[from, to)`, for counting.
+pub(super) async fn due_range(pool: &AnyPool, expiry: &Expiry) -> StoreResult<Option<(String, String)>> {
+    let row = sqlx::query("SELECT MIN(lo) AS lo, MAX(hi) AS hi FROM event_partitions WHERE hi <= $1")
+        .bind(expiry.processed_before.timestamp_millis())
+        .fetch_one(pool)
+        .await?;
+    let (lo, hi): (Option<i64>, Option<i64>) = (row.try_get("lo")?, row.try_get("hi")?);
+    Ok(lo.zip(hi).map(|(lo, hi)| (bound(lo), bound(hi))))
+}
+
+/// Sums the rows of `sql` (partner_id, tipo, minute, bucket, n, ms) into
+/// `deltas` as `status` leaving; the number of events.
+async fn subtract(
+    conn: &mut AnyConnection,
+    sql: String,
+    before: i64,
+    status: Status,
+    deltas: &mut Deltas,
+) -> StoreResult<u64> {
+    let mut total = 0;
+    for r in sqlx::query(AssertSqlSafe(sql))
+        .bind(before)
+        .fetch_all(&mut *conn)
+        .await?
+    {
+        let (partner, tipo): (String, String) = (r.try_get("partner_id")?, r.try_get("tipo")?);
+        let minute: i64 = r.try_get("minute")?;
+        let n: i64 = r.try_get("n")?;
+        total += u64::try_from(n).unwrap_or(0);
+        if status == Status::Processed {
+            let bucket: i64 = r.try_get("bucket")?;
+            let ms: i64 = r.try_get("ms")?;
+            deltas.processed_gone(&partner, &tipo, minute, usize::try_from(bucket).ok(), n, ms);
+        } else {
+            deltas.status(&partner, &tipo, minute, status, -n);
+        }
+    }
+    Ok(total)
+}
+
+/// The expired events of one partition with `status`, grouped for the
+/// counters.
+fn expired_groups(table: &str) -> String {
+    format!(
+        "SELECT partner_id, tipo, (received_at / 60000) * 60000 AS minute, {} AS bucket, \
+         COUNT(*) AS n, CAST(COALESCE(SUM(processing_ms), 0) AS BIGINT) AS ms \
+         FROM {table} WHERE status = '{{status}}' AND updated_at < $1 \
+         GROUP BY partner_id, tipo, (received_at / 60000) * 60000, {}",
+        bucket_sql("processing_ms"),
+        bucket_sql("processing_ms")
+    )
+}
+
+/// Drops the oldest due partition, if there is one, keeping what it must;
+/// what went, by status.
+pub(super) async fn drop_due(pool: &AnyPool, expiry: &Expiry) -> StoreResult<Option<Purged>> {
+    let mut conn = pool.acquire().await?;
+    let Some((lo, hi)) = oldest_due(&mut conn, expiry).await? else {
+        return Ok(None);
+    };
+    let events = name("events", lo);
+    let processed_before = expiry.processed_before.timestamp_millis();
+    let dead_before = expiry.dead_lettered_before.timestamp_millis();
+    let mut deltas = Deltas::default();
+
+    // Processed events expired before the cut-off never change again (a
+    // finish only moves `processing` events): counted without a lock.
+    let groups = expired_groups(&events);
+    let processed = subtract(
+        &mut conn,
+        groups.replace("{status}", Status::Processed.as_str()),
+        processed_before,
+        Status::Processed,
+        &mut deltas,
+    )
+    .await?;
+    drop(conn);
+
+    let mut tx = pool.begin().await?;
+    sqlx::raw_sql(LOCK_TIMEOUT).execute(&mut *tx).await?;
+    // From here no row of the partition changes (a manual retry of one of its
+    // dead letters waits) until it is gone.
+    let locked: Vec<String> = TABLES.iter().map(|(t, _)| name(t, lo)).collect();
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "LOCK TABLE {} IN SHARE MODE",
+        locked.join(", ")
+    )))
+    .execute(&mut *tx)
+    .await?;
+    let dead_lettered = subtract(
+        &mut tx,
+        groups.replace("{status}", Status::DeadLettered.as_str()),
+        dead_before,
+        Status::DeadLettered,
+        &mut deltas,
+    )
+    .await?;
+    // What stays: unfinished, processed after the cut-off, dead letters within
+    // their retention. Each part reads an index.
+    let keep = format!(
+        "CREATE TEMP TABLE purge_keep ON COMMIT DROP AS \
+         SELECT * FROM {events} WHERE status IN ('received', 'processing', 'retrying') \
+         UNION ALL SELECT * FROM {events} WHERE status = 'processed' AND updated_at >= {processed_before} \
+         UNION ALL SELECT * FROM {events} WHERE status = 'dead_lettered' AND updated_at >= {dead_before}"
+    );
+    sqlx::raw_sql(AssertSqlSafe(keep)).execute(&mut *tx).await?;
+    let mut moves = String::new();
+    for (table, column) in &TABLES[1..] {
+        let _ = write!(
+            moves,
+            "CREATE TEMP TABLE purge_keep_{table} ON COMMIT DROP AS \
+             SELECT t.* FROM {} t JOIN purge_keep k ON k.id = t.{column}; ",
+            name(table, lo)
+        );
+    }
+    // The keys of the events that go, then the partitions, then the kept
+    // rows again: no partition covers the range any more, so they land in
+    // the default partitions.
+    let _ = write!(
+        moves,
+        "DELETE FROM idempotency_keys WHERE event_id >= '{}' AND event_id < '{}' \
+         AND event_id NOT IN (SELECT id FROM purge_keep); ",
+        bound(lo),
+        bound(hi)
+    );
+    for (table, _) in TABLES {
+        let _ = write!(moves, "DROP TABLE {}; ", name(table, lo));
+    }
+    let _ = write!(moves, "DELETE FROM event_partitions WHERE lo = {lo}; ");
+    moves += "INSERT INTO events SELECT * FROM purge_keep; ";
+    for (table, _) in &TABLES[1..] {
+        let _ = write!(moves, "INSERT INTO {table} SELECT * FROM purge_keep_{table}; ");
+    }
+    sqlx::raw_sql(AssertSqlSafe(moves)).execute(&mut *tx).await?;
+    deltas.apply(&mut tx, Writer::Other).await?;
+    tx.commit().await?;
+    Ok(Some(Purged {
+        processed,
+        dead_lettered,
+        partitions: 1,
+    }))
+}
