@@ -104,6 +104,13 @@ async fn counters_follow_every_change_and_the_purge(backend: Backend) {
     let counts = store.status_counts().await.expect("counts");
     assert_eq!(counts["received"], 2);
     assert_eq!(counts["dead_lettered"], 0);
+    // The oldest unfinished event per type: the one retried, received 3 h ago.
+    let oldest = store.oldest_pending().await.expect("oldest");
+    assert_eq!(oldest.len(), 1, "{oldest:?}");
+    assert_eq!(
+        oldest["T"].timestamp_millis(),
+        (now - h * 3).timestamp_millis()
+    );
 
     // Rolling every row up into days changes no total.
     let before = total(&store, StatsQuery::default()).await;

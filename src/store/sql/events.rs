@@ -260,12 +260,24 @@ impl EventStore for SqlStore {
     }
 
     async fn oldest_pending(&self) -> StoreResult<BTreeMap<String, DateTime<Utc>>> {
-        let rows = sqlx::query(
-            "SELECT tipo, MIN(received_at) AS oldest FROM events \
-             WHERE status IN ('received', 'processing', 'retrying') GROUP BY tipo",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        // Per type and unfinished status, the oldest event is the first entry
+        // of the (tipo, status, id) index: a probe each, however long the
+        // backlog or the history. The types are the counters'.
+        let firsts: Vec<String> = ["received", "processing", "retrying"]
+            .iter()
+            .map(|s| {
+                format!(
+                    "SELECT t.tipo AS tipo, (SELECT e.received_at FROM events e \
+                     WHERE e.tipo = t.tipo AND e.status = '{s}' ORDER BY e.id LIMIT 1) AS oldest \
+                     FROM (SELECT DISTINCT tipo FROM event_counts) t"
+                )
+            })
+            .collect();
+        let sql = format!(
+            "SELECT tipo, MIN(oldest) AS oldest FROM ({}) firsts WHERE oldest IS NOT NULL GROUP BY tipo",
+            firsts.join(" UNION ALL ")
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql)).fetch_all(&self.pool).await?;
         rows.iter()
             .map(|r| {
                 Ok((
