@@ -107,10 +107,7 @@ async fn counters_follow_every_change_and_the_purge(backend: Backend) {
     // The oldest unfinished event per type: the one retried, received 3 h ago.
     let oldest = store.oldest_pending().await.expect("oldest");
     assert_eq!(oldest.len(), 1, "{oldest:?}");
-    assert_eq!(
-        oldest["T"].timestamp_millis(),
-        (now - h * 3).timestamp_millis()
-    );
+    assert_eq!(oldest["T"].timestamp_millis(), (now - h * 3).timestamp_millis());
 
     // Rolling every row up into days changes no total.
     let before = total(&store, StatsQuery::default()).await;
@@ -600,4 +597,42 @@ async fn partitions_go_whole_and_keep_what_must_stay(backend: Backend) {
     }
 }
 
-production_only!(partitions_go_whole_and_keep_what_must_stay);
+/// PostgreSQL: a dead letter whose (shorter) retention has run out goes
+/// from a partition that is not due yet.
+async fn dead_letters_go_from_live_partitions(backend: Backend) {
+    let (store, iso, _dir) = test_store(&backend).await;
+    let now = Utc::now();
+    let minute = chrono::Duration::minutes(1);
+    let t0 = now - minute * 10;
+    store.prepare(t0, Duration::from_secs(60)).await.expect("prepare");
+    let received = t0 + chrono::Duration::seconds(30);
+    let id = ulid::Ulid::from_datetime(received.into()).to_string();
+    store
+        .insert_event(at(&id, "T", "p", received, Some("dl")))
+        .await
+        .expect("insert");
+    run(&store, &id, Status::DeadLettered).await;
+    let expiry = Expiry {
+        processed_before: now - minute * 60,
+        dead_lettered_before: Utc::now() + minute,
+    };
+    let gone = Purged {
+        processed: 0,
+        dead_lettered: 1,
+        partitions: 0,
+    };
+    assert_eq!(store.count_expired(&expiry).await.expect("count"), gone);
+    assert_eq!(store.purge_expired(&expiry, 500).await.expect("purge"), gone);
+    assert!(store.get_event(&id).await.expect("get").is_none());
+    assert_eq!(owned_rows(&store, &id).await, 0);
+    assert_eq!(total(&store, StatsQuery::default()).await.0, 0);
+    store.close().await;
+    if let Some(i) = iso {
+        i.remove().await;
+    }
+}
+
+production_only!(
+    partitions_go_whole_and_keep_what_must_stay,
+    dead_letters_go_from_live_partitions,
+);

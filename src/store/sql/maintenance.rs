@@ -33,17 +33,17 @@ fn expiring(expiry: &Expiry) -> [(Status, i64); 2] {
 impl MaintenanceStore for SqlStore {
     async fn count_expired(&self, expiry: &Expiry) -> StoreResult<Purged> {
         let mut out = Purged::default();
-        // PostgreSQL: the default partition row by row, and the partitions
-        // that are due (the others go when they are due).
+        // PostgreSQL: processed events of the default partition and of the
+        // partitions that are due (the others go when they are due); dead
+        // letters anywhere.
         let due = match self.backend {
             Backend::Postgres => partitions::due_range(&self.pool, expiry).await?,
             Backend::Sqlite => None,
         };
         for (status, before) in expiring(expiry) {
-            let mut sql = format!(
-                "SELECT COUNT(*) AS n FROM {} WHERE status = $1 AND updated_at < $2",
-                self.row_purged_table()
-            );
+            let table = self.row_purged_table(status);
+            let mut sql = format!("SELECT COUNT(*) AS n FROM {table} WHERE status = $1 AND updated_at < $2");
+            let due = due.as_ref().filter(|_| table != "events");
             if due.is_some() {
                 sql = format!(
                     "SELECT ({sql}) + (SELECT COUNT(*) FROM events WHERE status = $1 AND updated_at < $2 \
@@ -51,7 +51,7 @@ impl MaintenanceStore for SqlStore {
                 );
             }
             let mut q = sqlx::query(AssertSqlSafe(sql)).bind(status.as_str()).bind(before);
-            if let Some((lo, hi)) = &due {
+            if let Some((lo, hi)) = due {
                 q = q.bind(lo.as_str()).bind(hi.as_str());
             }
             let n: i64 = q.fetch_one(&self.pool).await?.try_get("n")?;
@@ -96,7 +96,7 @@ impl MaintenanceStore for SqlStore {
             }
             let sql = format!(
                 "SELECT id FROM {} WHERE status = $1 AND updated_at < $2 ORDER BY updated_at LIMIT $3",
-                self.row_purged_table()
+                self.row_purged_table(status)
             );
             let ids: Vec<String> = sqlx::query(AssertSqlSafe(sql))
                 .bind(status.as_str())
@@ -236,13 +236,14 @@ fn purged_of(p: &mut Purged, status: Status) -> &mut u64 {
 }
 
 impl SqlStore {
-    /// Where expired events are deleted row by row: every event on SQLite,
-    /// the default partition on PostgreSQL (the time partitions are dropped
-    /// whole).
-    fn row_purged_table(&self) -> &'static str {
-        match self.backend {
-            Backend::Sqlite => "events",
-            Backend::Postgres => "events_kept",
+    /// Where expired events of `status` are deleted row by row: everywhere
+    /// on SQLite; on PostgreSQL, processed events only in the default
+    /// partition (the time partitions are dropped whole), dead letters
+    /// anywhere (they are few, and their retention may be the shorter).
+    fn row_purged_table(&self, status: Status) -> &'static str {
+        match (self.backend, status) {
+            (Backend::Postgres, Status::Processed) => "events_kept",
+            _ => "events",
         }
     }
 }
