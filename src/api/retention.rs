@@ -26,11 +26,10 @@ pub struct RetentionOut {
     pub last_run: Option<PurgeReport>,
     /// When the process that ran the last pass runs the next one.
     pub next_run_at: Option<DateTime<Utc>>,
-    /// Events that have expired and are not removed yet.
-    pub expired_now: Purged,
 }
 
-/// Retention settings, the last purge and the next.
+/// Retention settings, the last purge and the next (what would go now:
+/// `POST /admin/retention/purge?dry_run=true`).
 #[utoipa::path(get, path = "/admin/retention", tag = "admin",
     responses((status = 200, body = RetentionOut), (status = 401, body = Problem), (status = 403, body = Problem)))]
 pub async fn get_retention(_: Admin, State(state): State<AppState>) -> Result<Json<RetentionOut>, ApiError> {
@@ -43,7 +42,6 @@ pub async fn get_retention(_: Admin, State(state): State<AppState>) -> Result<Js
     let last_run: Option<PurgeReport> = task
         .and_then(|t| t.last_run)
         .and_then(|v| serde_json::from_value(v).ok());
-    let purger = purger(&state);
     Ok(Json(RetentionOut {
         processed_seconds: state.config.retention.processed.as_secs(),
         dead_lettered_seconds: state.config.retention.dead_lettered.as_secs(),
@@ -51,7 +49,6 @@ pub async fn get_retention(_: Admin, State(state): State<AppState>) -> Result<Js
         running,
         next_run_at: last_run.as_ref().and_then(|r| r.next_run_at),
         last_run,
-        expired_now: purger.dry_run().await?,
     }))
 }
 
