@@ -264,8 +264,9 @@ fn event_types(doc: &mut Value, set: &engine::PipelineSet) {
             "in": "header",
             "required": false,
             "description": "Makes the POST safe to repeat: the same key with the same body answers 200 with the \
-                            original event; with another body, 409. Per partner, kept for good. An empty \
-                            value is no key.",
+                            original event; with another body, 409. Per partner; a key lives exactly as long as \
+                            its event: once the retention purge has removed the event, the key makes a new \
+                            one. An empty value is no key.",
             "schema": {"type": "string", "pattern": "^[!-~]{0,255}$"},
         }));
     }

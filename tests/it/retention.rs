@@ -316,6 +316,15 @@ async fn expired_events_go_and_the_rest_stays(backend: Backend) {
     let again = accepted_id(resp).await;
     assert!(!processed.contains(&again));
 
+    let doc = app.openapi().await;
+    let key_doc = doc["paths"]["/events"]["post"]["parameters"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == "Idempotency-Key"))
+        .and_then(|p| p["description"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(key_doc.contains("as long as"), "the OpenAPI text says how long a key lives: {key_doc}");
+
     let metrics = app.metrics_text().await;
     let purged: u64 = metrics
         .lines()

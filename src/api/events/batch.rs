@@ -29,7 +29,8 @@ pub struct BatchItem {
     pub tipo: String,
     #[schema(value_type = Object)]
     pub dados: Value,
-    /// This item's idempotency key (as the `Idempotency-Key` header of `POST /events`).
+    /// This item's idempotency key (as the `Idempotency-Key` header of `POST /events`):
+    /// it lives as long as its event, which the retention purge removes in time.
     #[schema(pattern = "^[!-~]{1,255}$")]
     pub idempotency_key: Option<String>,
 }
