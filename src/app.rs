@@ -176,7 +176,14 @@ impl App {
         }
         let store: Arc<dyn Store> = sql.clone();
         // The first events' partitions (PostgreSQL); the purge keeps them ahead.
-        if let Err(e) = store.prepare(chrono::Utc::now(), config.partition_period).await {
+        if let Err(e) = store
+            .prepare(
+                chrono::Utc::now(),
+                config.partition_period,
+                config.purge_interval * 4,
+            )
+            .await
+        {
             warn!(error = %e, "cannot create the event partitions ahead; events go to the default partition");
         }
         let pipelines = Arc::new(

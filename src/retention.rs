@@ -29,7 +29,7 @@ const LEASE: Duration = Duration::from_secs(60);
 /// What one pass did, as the store keeps it and the admin API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PurgeReport {
-    /// The process that ran it (host:pid).
+    /// The pass that ran it (host:pid:ulid).
     pub holder: String,
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
@@ -68,7 +68,8 @@ pub struct Purger {
     pub interval: Duration,
     /// PostgreSQL partitions' time range.
     pub partition_period: Duration,
-    /// This process, as lease holder.
+    /// This process (host:pid); each pass holds the lease as
+    /// `host:pid:<ulid>`.
     pub holder: String,
 }
 
@@ -96,10 +97,13 @@ impl Purger {
     /// time, compacts, and keeps the report.
     pub async fn run_once(&self) -> Result<PurgeReport, PurgeError> {
         let started_at = Utc::now();
+        // One holder per pass, so two passes of one process (the loop and an
+        // admin call) exclude each other too.
+        let holder = format!("{}:{}", self.holder, ulid::Ulid::new());
         let lease_until = |now: DateTime<Utc>| now + chrono::Duration::from_std(LEASE).unwrap_or_default();
         if !self
             .store
-            .take_lease(TASK, &self.holder, started_at, lease_until(started_at))
+            .take_lease(TASK, &holder, started_at, lease_until(started_at))
             .await?
         {
             let state = self.store.task_state(TASK).await?;
@@ -144,17 +148,19 @@ impl Purger {
             }
             tokio::task::yield_now().await;
         }
-        if error.is_none()
-            && let Err(e) = self.store.compact(Utc::now()).await
-        {
-            error = Some(format!("compaction: {e}"));
+        if let Err(e) = self.store.compact(Utc::now()).await {
+            error.get_or_insert(format!("compaction: {e}"));
         }
-        if let Err(e) = self.store.prepare(Utc::now(), self.partition_period).await {
+        if let Err(e) = self
+            .store
+            .prepare(Utc::now(), self.partition_period, self.ahead())
+            .await
+        {
             error.get_or_insert(format!("partitions ahead: {e}"));
         }
         let finished_at = Utc::now();
         let report = PurgeReport {
-            holder: self.holder.clone(),
+            holder: holder.clone(),
             started_at,
             finished_at,
             removed,
@@ -162,8 +168,13 @@ impl Purger {
             next_run_at: Some(finished_at + chrono::Duration::from_std(self.interval).unwrap_or_default()),
         };
         let json = serde_json::to_value(&report).unwrap_or_default();
-        self.store.finish_task(TASK, &self.holder, &json).await?;
+        self.store.finish_task(TASK, &holder, &json).await?;
         Ok(report)
+    }
+
+    /// How far ahead partitions are made: beyond the next few passes.
+    pub fn ahead(&self) -> Duration {
+        self.interval * 4
     }
 
     fn count(&self, p: Purged) {

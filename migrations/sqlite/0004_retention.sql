@@ -63,9 +63,11 @@ CREATE TABLE event_counts (
     PRIMARY KEY (bucket, width, partner_id, tipo, writer)
 );
 CREATE INDEX event_counts_partner ON event_counts(partner_id, bucket);
--- The events already stored, counted once.
+-- The events already stored, counted once, in rows as wide as a roll-up would
+-- have made them by now (minutes for the last two hours, hours for the last
+-- two days, days before).
 INSERT INTO event_counts (bucket, width, partner_id, tipo, writer, received, processing, retrying, processed, dead_lettered, ms_sum, ms_le_5, ms_le_10, ms_le_25, ms_le_50, ms_le_100, ms_le_250, ms_le_500, ms_le_1000, ms_le_2500, ms_le_5000, ms_le_10000, ms_le_30000, ms_le_60000, ms_le_300000, ms_le_900000, ms_le_3600000, ms_inf)
-SELECT (received_at / 60000) * 60000, 60000, partner_id, tipo, 0,
+SELECT (received_at / w) * w, w, partner_id, tipo, 0,
     CAST(SUM(CASE WHEN status = 'received' THEN 1 ELSE 0 END) AS BIGINT),
     CAST(SUM(CASE WHEN status = 'processing' THEN 1 ELSE 0 END) AS BIGINT),
     CAST(SUM(CASE WHEN status = 'retrying' THEN 1 ELSE 0 END) AS BIGINT),
@@ -89,7 +91,10 @@ SELECT (received_at / 60000) * 60000, 60000, partner_id, tipo, 0,
     CAST(SUM(CASE WHEN status = 'processed' AND processing_ms IS NOT NULL AND processing_ms > 300000 AND processing_ms <= 900000 THEN 1 ELSE 0 END) AS BIGINT),
     CAST(SUM(CASE WHEN status = 'processed' AND processing_ms IS NOT NULL AND processing_ms > 900000 AND processing_ms <= 3600000 THEN 1 ELSE 0 END) AS BIGINT),
     CAST(SUM(CASE WHEN status = 'processed' AND processing_ms IS NOT NULL AND processing_ms > 3600000 THEN 1 ELSE 0 END) AS BIGINT)
-FROM events GROUP BY (received_at / 60000) * 60000, partner_id, tipo;
+FROM (SELECT e.*, CASE WHEN e.received_at >= CAST(strftime('%s', 'now') AS INTEGER) * 1000 - 7200000 THEN 60000
+                   WHEN e.received_at >= CAST(strftime('%s', 'now') AS INTEGER) * 1000 - 172800000 THEN 3600000
+                   ELSE 86400000 END AS w FROM events e) x
+GROUP BY (received_at / w) * w, w, partner_id, tipo;
 
 -- Background tasks that one process of a cluster runs at a time (the
 -- purge): who holds the lease, until when, and the last run's report (JSON).

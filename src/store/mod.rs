@@ -425,9 +425,14 @@ pub trait MaintenanceStore: Send + Sync {
     /// Call again while it removes a partition or `limit` events.
     async fn purge_expired(&self, expiry: &Expiry, limit: u32) -> StoreResult<Purged>;
     /// Makes the storage the next events need ahead of time (PostgreSQL: time
-    /// partitions of `period`, a few periods ahead of `now`); how many
-    /// partitions it made.
-    async fn prepare(&self, now: DateTime<Utc>, period: std::time::Duration) -> StoreResult<u32>;
+    /// partitions of `period`, from `now` to at least `ahead` and four
+    /// periods ahead); how many partitions it made.
+    async fn prepare(
+        &self,
+        now: DateTime<Utc>,
+        period: std::time::Duration,
+        ahead: std::time::Duration,
+    ) -> StoreResult<u32>;
     /// Folds old counter rows into coarser ones and gives the space freed by
     /// purges back (SQLite); cheap when there is nothing to do.
     async fn compact(&self, now: DateTime<Utc>) -> StoreResult<()>;

@@ -323,7 +323,10 @@ async fn expired_events_go_and_the_rest_stays(backend: Backend) {
         .and_then(|p| p["description"].as_str())
         .unwrap_or_default()
         .to_owned();
-    assert!(key_doc.contains("as long as"), "the OpenAPI text says how long a key lives: {key_doc}");
+    assert!(
+        key_doc.contains("as long as"),
+        "the OpenAPI text says how long a key lives: {key_doc}"
+    );
 
     let metrics = app.metrics_text().await;
     let purged: u64 = metrics
@@ -441,6 +444,7 @@ both_backends!(
     one_holder_at_a_time,
     expired_events_go_and_the_rest_stays,
     a_database_with_events_upgrades,
+    purges_run_beside_writes,
 );
 
 /// PostgreSQL: a due time partition is dropped whole; what it must keep
@@ -451,7 +455,10 @@ async fn partitions_go_whole_and_keep_what_must_stay(backend: Backend) {
     let minute = chrono::Duration::minutes(1);
     let t0 = now - minute * 10;
     assert_eq!(
-        store.prepare(t0, Duration::from_secs(60)).await.expect("prepare"),
+        store
+            .prepare(t0, Duration::from_secs(60), Duration::ZERO)
+            .await
+            .expect("prepare"),
         4
     );
     let count = |sql: &'static str, id: String| {
@@ -588,18 +595,111 @@ async fn partitions_go_whole_and_keep_what_must_stay(backend: Backend) {
     // New partitions ahead of the clock.
     assert_eq!(
         store
-            .prepare(Utc::now(), Duration::from_secs(60))
+            .prepare(Utc::now(), Duration::from_secs(60), Duration::ZERO)
             .await
             .expect("prepare"),
         4
     );
     assert_eq!(
         store
-            .prepare(Utc::now(), Duration::from_secs(60))
+            .prepare(Utc::now(), Duration::from_secs(60), Duration::ZERO)
             .await
             .expect("prepare"),
         0
     );
+    store.close().await;
+    if let Some(i) = iso {
+        i.remove().await;
+    }
+}
+
+/// The purge beside a steady stream of writes: no pass fails (SQLite: the
+/// chunk takes its write lock before reading), and the counters still match
+/// the rows.
+async fn purges_run_beside_writes(backend: Backend) {
+    let (store, iso, _dir) = test_store(&backend).await;
+    for i in 0..400 {
+        let id = format!("01PURGE{i:05}");
+        store.insert_event(new_event(&id)).await.expect("insert");
+        run(&store, &id, Status::Processed).await;
+    }
+    // The cut-off after the last of them, before the writer's first.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let expiry = Expiry {
+        processed_before: Utc::now(),
+        dead_lettered_before: Utc::now(),
+    };
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for i in 0..300 {
+                let id = format!("01WRITE{i:05}");
+                store
+                    .insert_event(new_event(&id))
+                    .await
+                    .expect("insert beside the purge");
+                if i % 2 == 0 {
+                    run(&store, &id, Status::Processed).await;
+                }
+            }
+        })
+    };
+    let mut purged = 0;
+    loop {
+        let p = store
+            .purge_expired(&expiry, 50)
+            .await
+            .expect("a purge chunk beside writes");
+        purged += p.processed;
+        if p.total() == 0 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    writer.await.expect("writer");
+    assert_eq!(purged, 400, "exactly the events expired at the cut-off");
+    let rows: Vec<(String, i64)> = sqlx::query("SELECT status, COUNT(*) AS n FROM events GROUP BY status")
+        .fetch_all(store.pool())
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| (r.try_get("status").expect("status"), r.try_get("n").expect("n")))
+        .collect();
+    let counted = store.status_counts().await.expect("counts");
+    for (status, n) in rows {
+        assert_eq!(counted[&status], n, "{status}: counters {counted:?}");
+    }
+    assert_eq!(counted.values().sum::<i64>(), 300);
+    store.close().await;
+    if let Some(i) = iso {
+        i.remove().await;
+    }
+}
+
+/// PostgreSQL: the default partition holds an id of the range the next
+/// partitions would cover (a clock ahead of ours): they start after it.
+async fn partitions_start_after_ids_already_kept(backend: Backend) {
+    let (store, iso, _dir) = test_store(&backend).await;
+    let ahead = Utc::now() + chrono::Duration::seconds(3);
+    let id = ulid::Ulid::from_datetime(ahead.into()).to_string();
+    store
+        .insert_event(at(&id, "T", "p", ahead, None))
+        .await
+        .expect("insert");
+    let made = store
+        .prepare(Utc::now(), Duration::from_secs(1), Duration::ZERO)
+        .await
+        .expect("partitions after the kept id");
+    assert!(made >= 1);
+    let first: i64 = sqlx::query("SELECT MIN(lo) AS lo FROM event_partitions")
+        .fetch_one(store.pool())
+        .await
+        .expect("partitions")
+        .try_get("lo")
+        .expect("lo");
+    assert!(first > ahead.timestamp_millis(), "{first} starts after {ahead}");
+    assert!(store.get_event(&id).await.expect("get").is_some());
     store.close().await;
     if let Some(i) = iso {
         i.remove().await;
@@ -613,7 +713,10 @@ async fn dead_letters_go_from_live_partitions(backend: Backend) {
     let now = Utc::now();
     let minute = chrono::Duration::minutes(1);
     let t0 = now - minute * 10;
-    store.prepare(t0, Duration::from_secs(60)).await.expect("prepare");
+    store
+        .prepare(t0, Duration::from_secs(60), Duration::ZERO)
+        .await
+        .expect("prepare");
     let received = t0 + chrono::Duration::seconds(30);
     let id = ulid::Ulid::from_datetime(received.into()).to_string();
     store
@@ -644,4 +747,5 @@ async fn dead_letters_go_from_live_partitions(backend: Backend) {
 production_only!(
     partitions_go_whole_and_keep_what_must_stay,
     dead_letters_go_from_live_partitions,
+    partitions_start_after_ids_already_kept,
 );

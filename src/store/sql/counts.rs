@@ -222,22 +222,30 @@ pub(super) async fn read(
     Ok(out)
 }
 
-/// Folds rows older than their width's age into the next width (as
-/// [`Writer::Other`]) and removes the rows left at zero. The rows are taken
-/// with `DELETE … RETURNING`, so a change written meanwhile is never lost:
-/// it lands in a row of its own, rolled up next time.
+/// Counter rows rolled up per transaction at most.
+pub(super) const ROLL_UP_CHUNK: i64 = 5_000;
+
+/// Folds at most [`ROLL_UP_CHUNK`] rows older than their width's age into
+/// the next width (as [`Writer::Other`]) and removes rows left at zero;
+/// how many it folded (call again while it folds a full chunk). The rows are
+/// taken with `DELETE … RETURNING`, so a change written meanwhile is never
+/// lost: it lands in a row of its own, rolled up next time.
 pub(super) async fn roll_up(conn: &mut AnyConnection, now: i64) -> StoreResult<u64> {
     let cols = value_columns();
     let mut moved = 0;
     for pair in WIDTHS.windows(2) {
         let ((width, age), (next, _)) = (pair[0], pair[1]);
         let sql = format!(
-            "DELETE FROM event_counts WHERE width = $1 AND bucket < $2 RETURNING bucket, partner_id, tipo, {}",
+            "DELETE FROM event_counts WHERE (bucket, width, partner_id, tipo, writer) IN \
+             (SELECT bucket, width, partner_id, tipo, writer FROM event_counts \
+              WHERE width = $1 AND bucket < $2 LIMIT $3) \
+             RETURNING bucket, partner_id, tipo, {}",
             cols.join(", ")
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(width)
             .bind(now - age)
+            .bind(ROLL_UP_CHUNK)
             .fetch_all(&mut *conn)
             .await?;
         if rows.is_empty() {
@@ -257,7 +265,10 @@ pub(super) async fn roll_up(conn: &mut AnyConnection, now: i64) -> StoreResult<u
         deltas.apply(conn, Writer::Other).await?;
     }
     let zero: Vec<String> = cols.iter().map(|c| format!("{c} = 0")).collect();
-    let sql = format!("DELETE FROM event_counts WHERE {}", zero.join(" AND "));
+    let sql = format!(
+        "DELETE FROM event_counts WHERE width > {MINUTE} AND {}",
+        zero.join(" AND ")
+    );
     sqlx::query(AssertSqlSafe(sql)).execute(&mut *conn).await?;
     Ok(moved)
 }

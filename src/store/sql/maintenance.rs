@@ -21,6 +21,9 @@ const IDS_PER_STATEMENT: usize = 500;
 /// share of it: below, they are reused by the next inserts anyway.
 const VACUUM_FREE_SHARE: f64 = 0.2;
 
+/// Pages given back per pass at most (16 MiB of 4 KiB pages).
+const VACUUM_PAGES: i64 = 4_096;
+
 /// The terminal statuses with the instant before which they expire.
 fn expiring(expiry: &Expiry) -> [(Status, i64); 2] {
     [
@@ -70,21 +73,31 @@ impl MaintenanceStore for SqlStore {
         Ok(out)
     }
 
-    async fn prepare(&self, now: DateTime<Utc>, period: std::time::Duration) -> StoreResult<u32> {
+    async fn prepare(
+        &self,
+        now: DateTime<Utc>,
+        period: std::time::Duration,
+        ahead: std::time::Duration,
+    ) -> StoreResult<u32> {
         match self.backend {
             Backend::Postgres => {
-                let period = i64::try_from(period.as_millis()).unwrap_or(i64::MAX);
-                partitions::prepare(&self.pool, ms(now), period).await
+                let millis = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4);
+                partitions::prepare(&self.pool, ms(now), millis(period), millis(ahead)).await
             }
             Backend::Sqlite => Ok(0),
         }
     }
 
     async fn purge_expired(&self, expiry: &Expiry, limit: u32) -> StoreResult<Purged> {
-        if self.backend == Backend::Postgres
-            && let Some(dropped) = partitions::drop_due(&self.pool, expiry).await?
-        {
-            return Ok(dropped);
+        if self.backend == Backend::Postgres {
+            match partitions::drop_due(&self.pool, expiry).await {
+                Ok(Some(dropped)) => return Ok(dropped),
+                Ok(None) => {}
+                // Busy (a lock timeout): the rows below need not wait for it.
+                Err(e) => {
+                    tracing::warn!(error = %e, "a due event partition was not dropped; next pass tries again")
+                }
+            }
         }
         let mut out = Purged::default();
         let mut tx = self.pool.begin().await?;
@@ -94,60 +107,45 @@ impl MaintenanceStore for SqlStore {
             if left <= 0 {
                 break;
             }
+            // One statement, and the transaction's first a write: SQLite takes
+            // its write lock (waiting its busy timeout) before reading, so a
+            // commit by another connection cannot void the read. The condition
+            // is checked again on the row deleted: an event retried meanwhile
+            // stays, and so does what it owns.
             let sql = format!(
-                "SELECT id FROM {} WHERE status = $1 AND updated_at < $2 ORDER BY updated_at LIMIT $3",
+                "DELETE FROM events WHERE id IN (SELECT id FROM {} WHERE status = $1 AND updated_at < $2 \
+                 ORDER BY updated_at LIMIT $3) AND status = $1 AND updated_at < $2 \
+                 RETURNING id, partner_id, tipo, received_at, processing_ms",
                 self.row_purged_table(status)
             );
-            let ids: Vec<String> = sqlx::query(AssertSqlSafe(sql))
+            let gone = sqlx::query(AssertSqlSafe(sql))
                 .bind(status.as_str())
                 .bind(before)
                 .bind(left)
                 .fetch_all(&mut *tx)
-                .await?
-                .iter()
-                .map(|r| r.try_get::<String, _>("id"))
-                .collect::<Result<_, _>>()?;
-            left -= ids.len() as i64;
-            for chunk in ids.chunks(IDS_PER_STATEMENT) {
-                // The condition again: an event retried since it was read
-                // stays, and so does what it owns.
-                let sql = format!(
-                    "DELETE FROM events WHERE id IN ({}) AND status = $1 AND updated_at < $2 \
-                     RETURNING id, partner_id, tipo, received_at, processing_ms",
-                    placeholders(3, chunk.len())
-                );
-                let mut q = sqlx::query(AssertSqlSafe(sql)).bind(status.as_str()).bind(before);
-                for id in chunk {
-                    q = q.bind(id);
+                .await?;
+            left -= gone.len() as i64;
+            let mut gone_ids = Vec::with_capacity(gone.len());
+            for r in &gone {
+                let (partner, tipo): (String, String) = (r.try_get("partner_id")?, r.try_get("tipo")?);
+                let received_at: i64 = r.try_get("received_at")?;
+                deltas.status(&partner, &tipo, received_at, status, -1);
+                if status == Status::Processed
+                    && let Some(took) = r.try_get::<Option<i64>, _>("processing_ms")?
+                {
+                    deltas.processing_ms(&partner, &tipo, received_at, took, -1);
                 }
-                let gone = q.fetch_all(&mut *tx).await?;
-                let mut gone_ids = Vec::with_capacity(gone.len());
-                for r in &gone {
-                    let (partner, tipo): (String, String) = (r.try_get("partner_id")?, r.try_get("tipo")?);
-                    let received_at: i64 = r.try_get("received_at")?;
-                    deltas.status(&partner, &tipo, received_at, status, -1);
-                    if status == Status::Processed
-                        && let Some(took) = r.try_get::<Option<i64>, _>("processing_ms")?
-                    {
-                        deltas.processing_ms(&partner, &tipo, received_at, took, -1);
-                    }
-                    gone_ids.push(r.try_get::<String, _>("id")?);
-                }
-                *purged_of(&mut out, status) += gone_ids.len() as u64;
-                for (table, column) in [
-                    ("attempts", "event_id"),
-                    ("deliveries", "event_id"),
-                    ("idempotency_keys", "event_id"),
-                ] {
-                    if gone_ids.is_empty() {
-                        break;
-                    }
+                gone_ids.push(r.try_get::<String, _>("id")?);
+            }
+            *purged_of(&mut out, status) += gone_ids.len() as u64;
+            for chunk in gone_ids.chunks(IDS_PER_STATEMENT) {
+                for table in ["attempts", "deliveries", "idempotency_keys"] {
                     let sql = format!(
-                        "DELETE FROM {table} WHERE {column} IN ({})",
-                        placeholders(1, gone_ids.len())
+                        "DELETE FROM {table} WHERE event_id IN ({})",
+                        placeholders(1, chunk.len())
                     );
                     let mut q = sqlx::query(AssertSqlSafe(sql));
-                    for id in &gone_ids {
+                    for id in chunk {
                         q = q.bind(id);
                     }
                     q.execute(&mut *tx).await?;
@@ -160,17 +158,25 @@ impl MaintenanceStore for SqlStore {
     }
 
     async fn compact(&self, now: DateTime<Utc>) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
-        counts::roll_up(&mut tx, ms(now)).await?;
-        tx.commit().await?;
+        // A bounded number of bounded chunks per pass; the rest next pass.
+        for _ in 0..20 {
+            let mut tx = self.pool.begin().await?;
+            let moved = counts::roll_up(&mut tx, ms(now)).await?;
+            tx.commit().await?;
+            if moved < counts::ROLL_UP_CHUNK as u64 {
+                break;
+            }
+        }
         if self.backend == Backend::Sqlite {
             let mut conn = self.pool.acquire().await?;
             let pragma = |name: &'static str| sqlx::query(AssertSqlSafe(format!("PRAGMA {name}")));
             let pages: i64 = pragma("page_count").fetch_one(&mut *conn).await?.try_get(0)?;
             let free: i64 = pragma("freelist_count").fetch_one(&mut *conn).await?.try_get(0)?;
             if pages > 0 && free as f64 > pages as f64 * VACUUM_FREE_SHARE {
-                // Keep half of the free pages for the next inserts.
-                sqlx::query(AssertSqlSafe(format!("PRAGMA incremental_vacuum({})", free / 2)))
+                // Keep half of the free pages for the next inserts; at most
+                // VACUUM_PAGES a pass, so the write lock is held briefly.
+                let n = (free / 2).min(VACUUM_PAGES);
+                sqlx::query(AssertSqlSafe(format!("PRAGMA incremental_vacuum({n})")))
                     .execute(&mut *conn)
                     .await?;
             }

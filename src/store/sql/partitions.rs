@@ -11,13 +11,23 @@
 //! deliveries, to the default partitions (`events_kept`, …), where the
 //! row-by-row purge takes them when they expire. Rows stored before the
 //! partitions existed live there too.
+//!
+//! Locks. Everything slow happens before the one short transaction that
+//! needs the parents: counting the expired processed rows (nothing changes
+//! them) and deleting their idempotency keys. The drop itself locks the
+//! three parents `ACCESS EXCLUSIVE` first, in the order the data path takes
+//! them (`deliveries`, `events`, `attempts`), so it cannot deadlock with a
+//! finish; the data path waits for it (a copy of the survivors, three
+//! `DROP`s). Creating a partition would scan the default partition under
+//! `ACCESS EXCLUSIVE`; a validated `CHECK` that excludes the new range
+//! (validation does not block writes) spares that scan.
 
 use std::fmt::Write as _;
 
 use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Row};
 
 use super::counts::{Deltas, Writer, bucket_sql};
-use crate::store::{Expiry, Purged, Status, StoreResult};
+use crate::store::{Expiry, Purged, Status, StoreError, StoreResult};
 
 /// The tables partitioned by event id, with their id column.
 const TABLES: [(&str, &str); 3] = [
@@ -35,7 +45,10 @@ const MAX_NEW: usize = 16;
 
 /// DDL waits at most this long for a lock, then gives up until next time
 /// (queries queue behind a waiting `ACCESS EXCLUSIVE`).
-const LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '2s'";
+const LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '1s'";
+
+/// Idempotency keys deleted per statement before a drop.
+const KEYS_PER_STATEMENT: i64 = 5_000;
 
 use super::codec::id_floor as bound;
 
@@ -43,28 +56,85 @@ fn name(table: &str, lo: i64) -> String {
     format!("{table}_p{lo}")
 }
 
-/// Makes sure partitions cover `now` to `AHEAD` periods of `period_ms` ahead;
-/// returns how many it made.
-pub(super) async fn prepare(pool: &AnyPool, now: i64, period_ms: i64) -> StoreResult<u32> {
+/// Makes sure partitions cover `now` to `ahead_ms` ahead (at least four
+/// periods of `period_ms`); returns how many it made.
+pub(super) async fn prepare(pool: &AnyPool, now: i64, period_ms: i64, ahead_ms: i64) -> StoreResult<u32> {
     let period = period_ms.max(1_000);
+    let to = now + ahead_ms.max(AHEAD * period);
     // Never a range the clock has passed: its events may be in the default
-    // partition already, which would refuse the new one.
-    extend(pool, now + 1_000, now + AHEAD * period, period, MAX_NEW).await
+    // partition already.
+    match extend(pool, now + 1_000, to, period, MAX_NEW).await {
+        Err(StoreError::Database(e)) if e.contains(GAP) => {
+            // The default partition holds ids of the range (a clock ahead of
+            // ours, ids written directly): start after the newest of them.
+            let newest = newest_kept_time(pool).await?;
+            tracing::warn!(error = %e, "event partitions start after the newest id in the default partition");
+            extend(
+                pool,
+                newest.max(now) + 1_000,
+                to.max(newest + period),
+                period,
+                MAX_NEW,
+            )
+            .await
+        }
+        other => other,
+    }
+}
+
+/// The name of the constraint that keeps a range out of the default partition
+/// while its partitions are made.
+const GAP: &str = "events_kept_gap";
+
+/// The time of the newest ULID in the default partition (0 without one).
+async fn newest_kept_time(pool: &AnyPool) -> StoreResult<i64> {
+    let id: Option<String> = sqlx::query("SELECT MAX(id) AS id FROM events_kept")
+        .fetch_one(pool)
+        .await?
+        .try_get("id")?;
+    Ok(id
+        .and_then(|id| id.parse::<ulid::Ulid>().ok())
+        .map_or(0, |u| i64::try_from(u.timestamp_ms()).unwrap_or(0)))
 }
 
 /// Adds partitions of `period` from the newest one's end (or `from`,
 /// whichever is later) until `to` is covered, at most `max`; how many.
 pub(super) async fn extend(pool: &AnyPool, from: i64, to: i64, period: i64, max: usize) -> StoreResult<u32> {
-    let mut made = 0;
-    let mut tx = pool.begin().await?;
-    sqlx::raw_sql(LOCK_TIMEOUT).execute(&mut *tx).await?;
     let newest: Option<i64> = sqlx::query("SELECT MAX(hi) AS hi FROM event_partitions")
-        .fetch_one(&mut *tx)
+        .fetch_one(pool)
         .await?
         .try_get("hi")?;
-    let mut lo = newest.unwrap_or(0).max(from);
-    while lo < to && (made as usize) < max {
-        let hi = lo + period;
+    let first = newest.unwrap_or(0).max(from);
+    let mut ranges = Vec::new();
+    let mut lo = first;
+    while lo < to && ranges.len() < max {
+        ranges.push((lo, lo + period));
+        lo += period;
+    }
+    let Some(&(_, last)) = ranges.last() else {
+        return Ok(0);
+    };
+    // A validated CHECK that no row of the default partitions is in the new
+    // span: creating the partitions then skips their scan. Validation reads
+    // them without blocking writes; it fails if one is (see `prepare`).
+    let (span_lo, span_hi) = (bound(first), bound(last));
+    for (table, column) in TABLES {
+        let ddl = format!(
+            "ALTER TABLE {table}_kept DROP CONSTRAINT IF EXISTS {GAP}; \
+             ALTER TABLE {table}_kept ADD CONSTRAINT {GAP} \
+             CHECK (NOT ({column} >= '{span_lo}' AND {column} < '{span_hi}')) NOT VALID"
+        );
+        locked(pool, ddl).await?;
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "ALTER TABLE {table}_kept VALIDATE CONSTRAINT {GAP}"
+        )))
+        .execute(pool)
+        .await
+        .map_err(|e| StoreError::Database(format!("{GAP}: {e}")))?;
+    }
+    let mut tx = pool.begin().await?;
+    sqlx::raw_sql(LOCK_TIMEOUT).execute(&mut *tx).await?;
+    for &(lo, hi) in &ranges {
         let mut ddl = String::new();
         for (table, _) in TABLES {
             let _ = write!(
@@ -81,11 +151,22 @@ pub(super) async fn extend(pool: &AnyPool, from: i64, to: i64, period: i64, max:
             .bind(hi)
             .execute(&mut *tx)
             .await?;
-        made += 1;
-        lo = hi;
+    }
+    for (table, _) in TABLES {
+        let ddl = format!("ALTER TABLE {table}_kept DROP CONSTRAINT {GAP}");
+        sqlx::raw_sql(AssertSqlSafe(ddl)).execute(&mut *tx).await?;
     }
     tx.commit().await?;
-    Ok(made)
+    Ok(u32::try_from(ranges.len()).unwrap_or(u32::MAX))
+}
+
+/// Runs `ddl` in a transaction of its own with the lock timeout.
+async fn locked(pool: &AnyPool, ddl: String) -> StoreResult<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::raw_sql(LOCK_TIMEOUT).execute(&mut *tx).await?;
+    sqlx::raw_sql(AssertSqlSafe(ddl)).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// The oldest partition whose every event was received before processed
@@ -164,7 +245,8 @@ pub(super) async fn drop_due(pool: &AnyPool, expiry: &Expiry) -> StoreResult<Opt
     let mut deltas = Deltas::default();
 
     // Processed events expired before the cut-off never change again (a
-    // finish only moves `processing` events): counted without a lock.
+    // finish only moves `processing` events): counted, and their keys freed,
+    // without a lock.
     let groups = expired_groups(&events);
     let processed = subtract(
         &mut conn,
@@ -174,19 +256,34 @@ pub(super) async fn drop_due(pool: &AnyPool, expiry: &Expiry) -> StoreResult<Opt
         &mut deltas,
     )
     .await?;
+    let keys = format!(
+        "DELETE FROM idempotency_keys WHERE event_id IN (SELECT id FROM {events} \
+         WHERE status = 'processed' AND updated_at < $1 AND idempotency_key IS NOT NULL \
+         AND id IN (SELECT event_id FROM idempotency_keys WHERE event_id >= $2 AND event_id < $3) LIMIT $4)"
+    );
+    loop {
+        let gone = sqlx::query(AssertSqlSafe(keys.clone()))
+            .bind(processed_before)
+            .bind(bound(lo))
+            .bind(bound(hi))
+            .bind(KEYS_PER_STATEMENT)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+        if gone < KEYS_PER_STATEMENT as u64 {
+            break;
+        }
+    }
     drop(conn);
 
     let mut tx = pool.begin().await?;
     sqlx::raw_sql(LOCK_TIMEOUT).execute(&mut *tx).await?;
-    // From here no row of the partition changes (a manual retry of one of its
-    // dead letters waits) until it is gone.
-    let locked: Vec<String> = TABLES.iter().map(|(t, _)| name(t, lo)).collect();
-    sqlx::raw_sql(AssertSqlSafe(format!(
-        "LOCK TABLE {} IN SHARE MODE",
-        locked.join(", ")
-    )))
-    .execute(&mut *tx)
-    .await?;
+    // The parents first, in the data path's order: no row of the partition
+    // changes until it is gone, and no finish can hold one of them while
+    // waiting for another.
+    sqlx::raw_sql("LOCK TABLE deliveries, events, attempts IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await?;
     let dead_lettered = subtract(
         &mut tx,
         groups.replace("{status}", Status::DeadLettered.as_str()),
@@ -213,9 +310,9 @@ pub(super) async fn drop_due(pool: &AnyPool, expiry: &Expiry) -> StoreResult<Opt
             name(table, lo)
         );
     }
-    // The keys of the events that go, then the partitions, then the kept
-    // rows again: no partition covers the range any more, so they land in
-    // the default partitions.
+    // The keys left (expired dead letters'), then the partitions, then the
+    // kept rows again: no partition covers the range any more, so they land
+    // in the default partitions.
     let _ = write!(
         moves,
         "DELETE FROM idempotency_keys WHERE event_id >= '{}' AND event_id < '{}' \

@@ -175,31 +175,61 @@ async fn insert_rows(
     Ok(created)
 }
 
-/// The idempotency key of `new` is taken: replay or conflict.
-async fn existing_outcome(conn: &mut sqlx::AnyConnection, new: &NewEvent) -> StoreResult<InsertOutcome> {
-    let key = sqlx::query(
-        "SELECT event_id, request_hash FROM idempotency_keys WHERE partner_id = $1 AND idempotency_key = $2",
-    )
-    .bind(&new.partner_id)
-    .bind(&new.idempotency_key)
-    .fetch_optional(&mut *conn)
-    .await?
-    .ok_or_else(|| StoreError::Database("idempotency conflict without a key".into()))?;
-    let (event_id, hash): (String, String) = (key.try_get("event_id")?, key.try_get("request_hash")?);
-    let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = $1");
-    let row = sqlx::query(AssertSqlSafe(sql))
-        .bind(&event_id)
+/// The idempotency key of `new` is taken: replay or conflict, read with its
+/// event in one statement. `None` when the key is gone meanwhile (its event
+/// was purged after `take_keys` found it taken).
+async fn existing_outcome(
+    conn: &mut sqlx::AnyConnection,
+    new: &NewEvent,
+) -> StoreResult<Option<InsertOutcome>> {
+    let columns: Vec<String> = EVENT_COLUMNS
+        .split(", ")
+        .map(|c| format!("e.{}", c.trim()))
+        .collect();
+    let sql = format!(
+        "SELECT k.request_hash AS key_hash, {} FROM idempotency_keys k JOIN events e ON e.id = k.event_id \
+         WHERE k.partner_id = $1 AND k.idempotency_key = $2",
+        columns.join(", ")
+    );
+    let Some(row) = sqlx::query(AssertSqlSafe(sql))
+        .bind(&new.partner_id)
+        .bind(&new.idempotency_key)
         .fetch_optional(&mut *conn)
         .await?
-        .ok_or_else(|| StoreError::Database(format!("idempotency key of a missing event {event_id}")))?;
+    else {
+        return Ok(None);
+    };
+    let hash: String = row.try_get("key_hash")?;
     let existing = event_from_row(&row)?;
-    if hash == new.request_hash {
-        Ok(InsertOutcome::Replayed(existing))
+    Ok(Some(if hash == new.request_hash {
+        InsertOutcome::Replayed(existing)
     } else {
-        Ok(InsertOutcome::Conflict {
+        InsertOutcome::Conflict {
             existing_id: existing.id,
-        })
+        }
+    }))
+}
+
+/// The outcome of `new`, whose key was taken when its chunk was inserted:
+/// the event that has it, or, if that event was purged since, `new` itself
+/// with the key taken again.
+async fn resolve_taken(
+    conn: &mut sqlx::AnyConnection,
+    new: &NewEvent,
+    deltas: &mut Deltas,
+) -> StoreResult<InsertOutcome> {
+    if let Some(o) = existing_outcome(conn, new).await? {
+        return Ok(o);
     }
+    if take_keys(conn, &[new]).await?.contains(&new.id)
+        && let Some(ev) = insert_rows(conn, &[new]).await?.remove(&new.id)
+    {
+        deltas.status(&ev.partner_id, &ev.tipo, ms(ev.received_at), Status::Received, 1);
+        return Ok(InsertOutcome::Created(ev));
+    }
+    existing_outcome(conn, new)
+        .await?
+        .ok_or_else(|| StoreError::Database("an idempotency key without its event".into()))
 }
 
 /// Inserts `new` in one transaction, resolving each idempotency key in list
@@ -223,7 +253,7 @@ async fn insert_all(pool: &AnyPool, new: &[&NewEvent], writer: Writer) -> StoreR
                     deltas.status(&ev.partner_id, &ev.tipo, ms(ev.received_at), Status::Received, 1);
                     InsertOutcome::Created(ev)
                 }
-                None => existing_outcome(&mut tx, n).await?,
+                None => resolve_taken(&mut tx, n, &mut deltas).await?,
             });
         }
     }
