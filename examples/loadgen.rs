@@ -921,6 +921,10 @@ async fn main() {
             pct(l, 1.0)
         );
     }
+    if args.sample == 0 {
+        println!("end to end      not sampled (--sample 0)");
+        return;
+    }
     println!(
         "end to end      p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms  ({} processed of {} sampled)",
         pct(&e2e, 0.5),
