@@ -89,6 +89,22 @@ echo "elapsed_s,phase,size_bytes,$extra_cols,events_stored,received_total,comple
 mib() { echo "scale=1; $1 / 1048576" | bc; }
 file_size() { stat -c %s "$1" 2>/dev/null || echo 0; }
 
+if [ "$mode" = pg ]; then
+    autovacuum=$(psql "$db_url" -qAtc "SHOW autovacuum")
+    echo "postgres autovacuum: $autovacuum${SOAK_VACUUM:+; VACUUM by this script every $SOAK_VACUUM s}"
+    if [ "$autovacuum" != on ] && [ -z "${SOAK_VACUUM:-}" ]; then
+        echo "  warning: dead rows are not reclaimed, the database will grow whatever the retention" \
+            "(SOAK_VACUUM=SECS stands in for autovacuum)"
+    fi
+    if [ -n "${SOAK_VACUUM:-}" ]; then
+        ( while sleep "$SOAK_VACUUM"; do
+              psql "$db_url" -q -c "VACUUM events" -c "VACUUM attempts" -c "VACUUM deliveries" \
+                  -c "VACUUM idempotency_keys" -c "VACUUM event_counts" >>"$dir/vacuum.log" 2>&1 || true
+          done ) >/dev/null 2>&1 &
+        vacuum=$!; pids+=("$vacuum")
+    fi
+fi
+
 echo
 echo "soak: $mode, $rate events/s for $minutes min, retention $retention, a sample every $interval s"
 case $mode in
@@ -143,22 +159,6 @@ sample() { # $1: load, drain or end
     esac
     prev_el=$el prev_rec=$rec prev_comp=$comp
 }
-
-if [ "$mode" = pg ]; then
-    autovacuum=$(psql "$db_url" -qAtc "SHOW autovacuum")
-    echo "postgres autovacuum: $autovacuum${SOAK_VACUUM:+; VACUUM by this script every $SOAK_VACUUM s}"
-    if [ "$autovacuum" != on ] && [ -z "${SOAK_VACUUM:-}" ]; then
-        echo "  warning: dead rows are not reclaimed, the database will grow whatever the retention" \
-            "(SOAK_VACUUM=SECS stands in for autovacuum)"
-    fi
-    if [ -n "${SOAK_VACUUM:-}" ]; then
-        ( while sleep "$SOAK_VACUUM"; do
-              psql "$db_url" -q -c "VACUUM events" -c "VACUUM attempts" -c "VACUUM deliveries" \
-                  -c "VACUUM idempotency_keys" -c "VACUUM event_counts" >>"$dir/vacuum.log" 2>&1 || true
-          done ) >/dev/null 2>&1 &
-        vacuum=$!; pids+=("$vacuum")
-    fi
-fi
 
 # shellcheck disable=SC2086
 "$bin/examples/loadgen" --url "$url" --admin-key "$admin" "${keys[@]}" \
