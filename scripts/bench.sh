@@ -109,9 +109,10 @@ if [ -n "$compare" ]; then
         f=$dir/$r.json
         polls=-
         if [ -n "$(json_num "$f" polls poll_stats)" ]; then
-            polls="$(json_num "$f" polls poll_stats) polls, $(json_num "$f" errors poll_stats) errors,"
-            polls+=" p50 $(json_num "$f" p50 poll_stats) p95 $(json_num "$f" p95 poll_stats)"
-            polls+=" p99 $(json_num "$f" p99 poll_stats) max $(json_num "$f" max poll_stats) ms"
+            polls=$(printf '%s polls, %s errors, p50 %.1f p95 %.1f p99 %.1f max %.1f ms' \
+                "$(json_num "$f" polls poll_stats)" "$(json_num "$f" errors poll_stats)" \
+                "$(json_num "$f" p50 poll_stats)" "$(json_num "$f" p95 poll_stats)" \
+                "$(json_num "$f" p99 poll_stats)" "$(json_num "$f" max poll_stats)")
         fi
         read -r scpu pcpu <"$dir/$r.cpu"
         printf '%-9s %11.0f %13.0f %9.1f %9s %8s  %s\n' "$r" "$(json_num "$f" accepted_per_second)" \

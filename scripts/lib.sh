@@ -118,7 +118,7 @@ pgbench_ref() {
     if [ -z "$(psql "$pg/postgres" -qAtc "SELECT 1 FROM pg_database WHERE datname = 'bench'")" ]; then
         psql "$pg/postgres" -qc "CREATE DATABASE bench" >/dev/null
     fi
-    psql "$db" -qc "DROP TABLE IF EXISTS pgbench_ref_insert" \
+    PGOPTIONS='-c client_min_messages=warning' psql "$db" -qc "DROP TABLE IF EXISTS pgbench_ref_insert" \
         -c "CREATE TABLE pgbench_ref_insert (id uuid PRIMARY KEY, key text NOT NULL UNIQUE, body text NOT NULL)" >/dev/null
     cat >"$script" <<'EOF'
 INSERT INTO pgbench_ref_insert (id, key, body)
