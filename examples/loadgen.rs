@@ -24,6 +24,23 @@
 //! end-to-end latency (`received_at` → `processed_at`) is read from
 //! `GET /events/{id}` for a uniform random sample of `--sample` accepted events.
 //!
+//! `--count-from metrics` counts terminal events from the `/metrics`
+//! counters (`events_processed_total` + `events_dead_lettered_total`, summed
+//! over `tipo`) instead of `GET /events/stats`: with a short retention
+//! (`RETENTION_PROCESSED`, `RETENTION_DEAD_LETTERED`) the stats go down as
+//! events are purged, the counters only go up. They are the server process's
+//! own, so this needs one server process that is not restarted during the run.
+//!
+//! `--report-every SECS` prints a line per interval: events accepted per
+//! second (as answered to this generator) and events completed per second
+//! (from the `/metrics` counters, so it works under retention too), from the
+//! start until everything is terminal. `--poll-stats MS` polls
+//! `GET /events/stats` with the admin key, one request at a time, every `MS`
+//! milliseconds over the same window (a poll slower than `MS` is followed
+//! at once by the next) and reports how many ran and their latency, to see
+//! what a dashboard costs and suffers. Both print to stdout, or to stderr
+//! with `--json`; `--json-file PATH` also writes the JSON report to `PATH`.
+//!
 //! ```sh
 //! # closed loop: 20 000 events from 32 connections
 //! cargo run --release --example loadgen -- --url http://127.0.0.1:3000 --key "$KEY" \
@@ -36,17 +53,22 @@
 //! # batches of 100 events, one JSON object as the report
 //! cargo run --release --example loadgen -- --key "$KEY" --admin-key "$ADMIN_API_KEY" \
 //!     --events 50000 --batch 100 --connections 8 --json
+//!
+//! # steady 300 events/s for 10 minutes against a server with a 1 minute
+//! # retention, one line every 30 s, a dashboard polling the stats every 100 ms
+//! cargo run --release --example loadgen -- --key "$KEY" --admin-key "$ADMIN_API_KEY" \
+//!     --rate 300 --duration 600 --count-from metrics --report-every 30 --poll-stats 100
 //! ```
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use clap::Parser;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant;
 
 /// Most events the server takes in one `POST /events/batch`.
@@ -56,7 +78,28 @@ const LATE_AFTER: Duration = Duration::from_millis(10);
 /// Concurrent `GET /events/{id}` while sampling end-to-end latency.
 const SAMPLE_CONCURRENCY: usize = 32;
 
+/// Where the end-of-run wait reads how many events are terminal.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum CountFrom {
+    /// `GET /events/stats`: `by_status.processed` + `by_status.dead_lettered`.
+    Stats,
+    /// `GET /metrics`: `events_processed_total` + `events_dead_lettered_total`.
+    Metrics,
+}
+
+impl CountFrom {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Stats => "stats",
+            Self::Metrics => "metrics",
+        }
+    }
+}
+
 #[derive(Parser, Debug)]
+// A later occurrence of an option replaces an earlier one (scripts put
+// defaults first); --key still adds up.
+#[command(args_override_self = true)]
 struct Args {
     #[arg(long, default_value = "http://127.0.0.1:3000")]
     url: String,
@@ -90,9 +133,24 @@ struct Args {
     /// Give up on one request after this many seconds (counted as status 0).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     timeout_secs: u64,
+    /// Count terminal events for the end-of-run wait from `stats`
+    /// (GET /events/stats, lowered by retention) or `metrics` (the /metrics
+    /// counters of the server process, which only go up).
+    #[arg(long, value_enum, default_value_t = CountFrom::Stats)]
+    count_from: CountFrom,
+    /// Also poll GET /events/stats every MS milliseconds (one at a time) until
+    /// everything is terminal, and report the polls' latency.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    poll_stats: Option<u64>,
+    /// Print accepted and completed events per second every SECS seconds.
+    #[arg(long, value_name = "SECS", value_parser = positive_f64)]
+    report_every: Option<f64>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also write the JSON report to this file.
+    #[arg(long, value_name = "PATH")]
+    json_file: Option<std::path::PathBuf>,
 }
 
 fn at_least_one(s: &str) -> Result<usize, String> {
@@ -149,6 +207,8 @@ struct Ctx {
     /// Unique per run, so idempotency keys never collide with an earlier run.
     run: String,
     batch: usize,
+    /// Events answered 202 so far, for --report-every.
+    accepted: AtomicU64,
 }
 
 /// The answer to one request: a status per event (0 = connection error or
@@ -160,6 +220,13 @@ struct Sent {
 
 /// Sends events `first..first + count` as request number `req`.
 async fn send(ctx: &Ctx, req: usize, first: usize, count: usize) -> Sent {
+    let sent = send_request(ctx, req, first, count).await;
+    let accepted = sent.statuses.iter().filter(|s| **s == 202).count();
+    ctx.accepted.fetch_add(accepted as u64, Ordering::Relaxed);
+    sent
+}
+
+async fn send_request(ctx: &Ctx, req: usize, first: usize, count: usize) -> Sent {
     let key = &ctx.keys[req % ctx.keys.len()];
     let idem = |i: usize| format!("{}-{i}", ctx.run);
     if ctx.batch == 1 {
@@ -383,7 +450,7 @@ async fn open_loop(
     collector.await.expect("open-loop collector")
 }
 
-async fn terminal_count(http: &reqwest::Client, args: &Args) -> (u64, u64) {
+async fn stats_terminal_count(http: &reqwest::Client, args: &Args) -> (u64, u64) {
     let stats: Value = match http
         .get(format!("{}/events/stats", args.url))
         .header("x-api-key", &args.admin_key)
@@ -396,6 +463,190 @@ async fn terminal_count(http: &reqwest::Client, args: &Args) -> (u64, u64) {
     let processed = stats["by_status"]["processed"].as_u64().unwrap_or(0);
     let dead = stats["by_status"]["dead_lettered"].as_u64().unwrap_or(0);
     (processed, dead)
+}
+
+/// The server's event counters, read from `GET /metrics`, each summed over
+/// its labels.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    /// `events_received_total`: events the server accepted.
+    received: u64,
+    /// `events_processed_total`.
+    processed: u64,
+    /// `events_dead_lettered_total`.
+    dead_lettered: u64,
+    /// `events_purged_total`: events the retention purge removed.
+    purged: u64,
+}
+
+impl Counters {
+    fn completed(&self) -> u64 {
+        self.processed + self.dead_lettered
+    }
+
+    /// Sums the samples of the counters above in Prometheus text format.
+    fn parse(text: &str) -> Self {
+        let mut c = Self::default();
+        for line in text.lines() {
+            if line.starts_with('#') {
+                continue;
+            }
+            // `name{labels} value` or `name value`; label values may hold spaces.
+            let (name, rest) = match line.find('{') {
+                Some(open) => match line.rfind('}') {
+                    Some(close) if close > open => (&line[..open], &line[close + 1..]),
+                    _ => continue,
+                },
+                None => match line.split_once(' ') {
+                    Some((name, rest)) => (name, rest),
+                    None => continue,
+                },
+            };
+            let Some(value) = rest.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()) else {
+                continue;
+            };
+            let slot = match name {
+                "events_received_total" => &mut c.received,
+                "events_processed_total" => &mut c.processed,
+                "events_dead_lettered_total" => &mut c.dead_lettered,
+                "events_purged_total" => &mut c.purged,
+                _ => continue,
+            };
+            *slot += value as u64;
+        }
+        c
+    }
+}
+
+async fn metrics_counters(http: &reqwest::Client, args: &Args) -> Option<Counters> {
+    let text = http
+        .get(format!("{}/metrics", args.url))
+        .header("x-api-key", &args.admin_key)
+        .send()
+        .await
+        .ok()?
+        .error_for_status()
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    Some(Counters::parse(&text))
+}
+
+/// (processed, dead-lettered) as `--count-from` reads them.
+async fn terminal_count(http: &reqwest::Client, args: &Args) -> (u64, u64) {
+    match args.count_from {
+        CountFrom::Stats => stats_terminal_count(http, args).await,
+        CountFrom::Metrics => metrics_counters(http, args)
+            .await
+            .map_or((0, 0), |c| (c.processed, c.dead_lettered)),
+    }
+}
+
+/// What the `--poll-stats` task saw.
+#[derive(Default)]
+struct Polls {
+    /// Per poll, answered or not.
+    latencies_ms: Vec<f64>,
+    /// Polls that failed or did not answer 200.
+    errors: u64,
+}
+
+/// Polls `GET /events/stats` every `every`, one request at a time, until `stop`.
+async fn poll_stats(
+    http: reqwest::Client,
+    url: String,
+    admin_key: String,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> Polls {
+    let mut polls = Polls::default();
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = ticks.tick() => {}
+        }
+        let t = Instant::now();
+        let ok = match http
+            .get(format!("{url}/events/stats"))
+            .header("x-api-key", &admin_key)
+            .send()
+            .await
+        {
+            // Read the whole body, so latency covers the full answer.
+            Ok(r) => r.status() == reqwest::StatusCode::OK && r.bytes().await.is_ok(),
+            Err(_) => false,
+        };
+        polls.latencies_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        if !ok {
+            polls.errors += 1;
+        }
+    }
+    polls.latencies_ms.sort_by(|a, b| a.total_cmp(b));
+    polls
+}
+
+/// One `--report-every` line.
+struct Interval {
+    /// Seconds since the start, at the end of the interval.
+    at: f64,
+    accepted_per_second: f64,
+    /// None when /metrics could not be read at either end.
+    completed_per_second: Option<f64>,
+}
+
+/// Prints a line every `every` until `stop`: accepted/s as answered to this
+/// generator, completed/s from the /metrics counters.
+async fn report_intervals(
+    ctx: Arc<Ctx>,
+    args: Arc<Args>,
+    started: Instant,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> Vec<Interval> {
+    let mut out = Vec::new();
+    let mut ticks = tokio::time::interval_at(started + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_at = started;
+    let mut last_accepted = 0;
+    let mut last_completed = metrics_counters(&ctx.http, &args).await.map(|c| c.completed());
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = ticks.tick() => {}
+        }
+        let counters = metrics_counters(&ctx.http, &args).await;
+        let now = Instant::now();
+        let accepted = ctx.accepted.load(Ordering::Relaxed);
+        let dt = (now - last_at).as_secs_f64().max(1e-9);
+        let completed = counters.map(|c| c.completed());
+        let line = Interval {
+            at: (now - started).as_secs_f64(),
+            accepted_per_second: (accepted - last_accepted) as f64 / dt,
+            completed_per_second: match (last_completed, completed) {
+                (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / dt),
+                _ => None,
+            },
+        };
+        let completed_text = line
+            .completed_per_second
+            .map_or("?".to_owned(), |c| format!("{c:.0}"));
+        let purged = counters.map_or("?".to_owned(), |c| c.purged.to_string());
+        let text = format!(
+            "[{:7.1}s] accepted {:>7.0}/s  completed {:>7}/s  (accepted so far {accepted}, server purged {purged})",
+            line.at, line.accepted_per_second, completed_text
+        );
+        if args.json {
+            eprintln!("{text}");
+        } else {
+            println!("{text}");
+        }
+        out.push(line);
+        (last_at, last_accepted, last_completed) = (now, accepted, completed);
+    }
+    out
 }
 
 /// `processed_at − received_at` in ms for a uniform random sample of `ids`,
@@ -451,7 +702,7 @@ fn errors_line(errors: &BTreeMap<u16, u64>) -> String {
 
 #[tokio::main]
 async fn main() {
-    let args = Args::parse();
+    let args = Arc::new(Args::parse());
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.connections)
         .timeout(Duration::from_secs(args.timeout_secs))
@@ -463,6 +714,7 @@ async fn main() {
         keys: args.key.clone(),
         run: ulid::Ulid::new().to_string(),
         batch: args.batch,
+        accepted: AtomicU64::new(0),
     });
     let duration = args.duration.map(Duration::from_secs_f64);
     // A duration replaces the event count.
@@ -474,10 +726,39 @@ async fn main() {
     let mode = if args.rate.is_some() { "open" } else { "closed" };
 
     let (before_processed, before_dead) = terminal_count(&http, &args).await;
+    let before_counters = metrics_counters(&http, &args).await;
+    // Tells the poller and the reporter that everything is terminal.
+    let (stop, stopped) = watch::channel(false);
     let started = Instant::now();
+    let poller = args.poll_stats.map(|ms| {
+        tokio::spawn(poll_stats(
+            http.clone(),
+            args.url.clone(),
+            args.admin_key.clone(),
+            Duration::from_millis(ms),
+            stopped.clone(),
+        ))
+    });
+    let reporter = args.report_every.map(|secs| {
+        tokio::spawn(report_intervals(
+            ctx.clone(),
+            args.clone(),
+            started,
+            Duration::from_secs_f64(secs),
+            stopped.clone(),
+        ))
+    });
     let totals = match args.rate {
-        Some(rate) => open_loop(ctx, args.connections, rate, events, duration, started).await,
-        None => closed_loop(ctx, args.connections, events, duration.map(|d| started + d)).await,
+        Some(rate) => open_loop(ctx.clone(), args.connections, rate, events, duration, started).await,
+        None => {
+            closed_loop(
+                ctx.clone(),
+                args.connections,
+                events,
+                duration.map(|d| started + d),
+            )
+            .await
+        }
     };
     let ingest = started.elapsed();
     let Totals {
@@ -504,10 +785,37 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let total = started.elapsed();
+    // Errors only if the sender is gone, and it is still here.
+    let _ = stop.send(true);
+    let polls = match poller {
+        Some(p) => Some(p.await.expect("stats poller")),
+        None => None,
+    };
+    let intervals = match reporter {
+        Some(r) => r.await.expect("interval reporter"),
+        None => Vec::new(),
+    };
+    let purged = match (before_counters, metrics_counters(&http, &args).await) {
+        (Some(b), Some(a)) => Some(a.purged.saturating_sub(b.purged)),
+        _ => None,
+    };
     let lost = accepted.saturating_sub(processed + dead);
     let e2e = end_to_end_sample(&http, &args, &ids).await;
 
     let per_s = |n: u64, d: Duration| n as f64 / d.as_secs_f64().max(1e-9);
+    let poll_report = polls.as_ref().map(|p| {
+        let l = &p.latencies_ms;
+        json!({
+            "every_ms": args.poll_stats,
+            "polls": l.len(),
+            "errors": p.errors,
+            "latency_ms": {"p50": pct(l, 0.5), "p95": pct(l, 0.95), "p99": pct(l, 0.99), "max": pct(l, 1.0)},
+        })
+    });
+    let interval_report: Vec<Value> = intervals
+        .iter()
+        .map(|i| json!({"at_seconds": i.at, "accepted_per_second": i.accepted_per_second, "completed_per_second": i.completed_per_second}))
+        .collect();
     let report = json!({
         "mode": mode,
         "rate": args.rate,
@@ -529,7 +837,16 @@ async fn main() {
         "processed_per_second": per_s(processed + dead, total),
         "lost": lost,
         "end_to_end_latency_ms": {"p50": pct(&e2e, 0.5), "p99": pct(&e2e, 0.99), "max": pct(&e2e, 1.0), "sampled": e2e.len()},
+        "count_from": args.count_from.as_str(),
+        "purged": purged,
+        "poll_stats": poll_report,
+        "intervals": interval_report,
     });
+    if let Some(path) = &args.json_file
+        && let Err(e) = std::fs::write(path, format!("{report}\n"))
+    {
+        eprintln!("cannot write {}: {e}", path.display());
+    }
     if args.json {
         println!("{report}");
         return;
@@ -576,11 +893,38 @@ async fn main() {
     );
     println!("errors          {}", errors_line(&errors));
     println!(
-        "terminal        {processed} processed, {dead} dead-lettered, {:.0}/s end to end over {:.1}s",
+        "terminal        {processed} processed, {dead} dead-lettered, {:.0}/s end to end over {:.1}s{}",
         per_s(processed + dead, total),
-        total.as_secs_f64()
+        total.as_secs_f64(),
+        match args.count_from {
+            CountFrom::Stats => "",
+            CountFrom::Metrics => " (counted from /metrics)",
+        }
     );
     println!("lost            {lost}");
+    if args.count_from == CountFrom::Metrics || purged.is_some_and(|n| n > 0) {
+        println!(
+            "purged          {} events by retention during the run (events_purged_total)",
+            purged.map_or("?".to_owned(), |n| n.to_string())
+        );
+    }
+    if let Some(p) = &polls {
+        let l = &p.latencies_ms;
+        println!(
+            "stats polls     {} every {} ms, {} errors; latency p50 {:.1} ms  p95 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+            l.len(),
+            args.poll_stats.unwrap_or_default(),
+            p.errors,
+            pct(l, 0.5),
+            pct(l, 0.95),
+            pct(l, 0.99),
+            pct(l, 1.0)
+        );
+    }
+    if args.sample == 0 {
+        println!("end to end      not sampled (--sample 0)");
+        return;
+    }
     println!(
         "end to end      p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms  ({} processed of {} sampled)",
         pct(&e2e, 0.5),
