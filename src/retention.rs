@@ -198,10 +198,20 @@ pub async fn purge_loop(p: Purger, mut shutdown: watch::Receiver<bool>) {
             return;
         }
         match p.run_once().await {
-            Ok(r) if r.removed.total() > 0 || r.error.is_some() => info!(
+            Ok(PurgeReport {
+                error: Some(e),
+                removed,
+                ..
+            }) => warn!(
+                processed = removed.processed,
+                dead_lettered = removed.dead_lettered,
+                error = %e,
+                "retention purge stopped early; the next pass goes on"
+            ),
+            Ok(r) if r.removed.total() > 0 || r.removed.partitions > 0 => info!(
                 processed = r.removed.processed,
                 dead_lettered = r.removed.dead_lettered,
-                error = r.error.as_deref().unwrap_or(""),
+                partitions = r.removed.partitions,
                 "retention purge"
             ),
             Ok(_) | Err(PurgeError::Busy { .. }) => {}

@@ -167,6 +167,13 @@ impl MaintenanceStore for SqlStore {
                 break;
             }
         }
+        if self.backend == Backend::Postgres {
+            // The counters are rewritten by every batch: their dead rows are
+            // reclaimed here too, not only by autovacuum (which may be off).
+            sqlx::raw_sql("VACUUM (SKIP_LOCKED) event_counts")
+                .execute(&self.pool)
+                .await?;
+        }
         if self.backend == Backend::Sqlite {
             let mut conn = self.pool.acquire().await?;
             let pragma = |name: &'static str| sqlx::query(AssertSqlSafe(format!("PRAGMA {name}")));
