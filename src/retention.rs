@@ -131,11 +131,7 @@ impl Purger {
                 }
             }
             let now = Utc::now();
-            match self
-                .store
-                .take_lease(TASK, &self.holder, now, lease_until(now))
-                .await
-            {
+            match self.store.take_lease(TASK, &holder, now, lease_until(now)).await {
                 Ok(true) => {}
                 Ok(false) => {
                     error = Some("the lease was lost to another process".into());

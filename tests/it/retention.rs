@@ -445,6 +445,7 @@ both_backends!(
     expired_events_go_and_the_rest_stays,
     a_database_with_events_upgrades,
     purges_run_beside_writes,
+    a_pass_removes_every_chunk,
 );
 
 /// PostgreSQL: a due time partition is dropped whole; what it must keep
@@ -671,6 +672,38 @@ async fn purges_run_beside_writes(backend: Backend) {
         assert_eq!(counted[&status], n, "{status}: counters {counted:?}");
     }
     assert_eq!(counted.values().sum::<i64>(), 300);
+    store.close().await;
+    if let Some(i) = iso {
+        i.remove().await;
+    }
+}
+
+/// A pass goes on chunk after chunk, renewing its own lease, until nothing
+/// expired is left.
+async fn a_pass_removes_every_chunk(backend: Backend) {
+    use orchestrator::retention::Purger;
+    let (store, iso, _dir) = test_store(&backend).await;
+    let batch: Vec<NewEvent> = (0..1_100).map(|i| new_event(&format!("01CHUNK{i:05}"))).collect();
+    store.insert_events(batch).await.expect("insert");
+    for i in 0..1_100 {
+        run(&store, &format!("01CHUNK{i:05}"), Status::Processed).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let config = orchestrator::config::Config::from_map(&std::collections::HashMap::from([(
+        "RETENTION_PROCESSED".to_owned(),
+        "1s".to_owned(),
+    )]))
+    .expect("config");
+    let store = std::sync::Arc::new(store);
+    let purger = Purger::new(
+        store.clone(),
+        std::sync::Arc::new(orchestrator::telemetry::Metrics::new()),
+        &config,
+    );
+    let report = purger.run_once().await.expect("pass");
+    assert_eq!(report.error, None);
+    assert_eq!(report.removed.processed, 1_100);
+    assert_eq!(total(&store, StatsQuery::default()).await.0, 0);
     store.close().await;
     if let Some(i) = iso {
         i.remove().await;
