@@ -72,12 +72,13 @@ pub struct PurgeOut {
 /// Runs a purge pass now (`409` while another process runs one).
 #[utoipa::path(post, path = "/admin/retention/purge", tag = "admin", params(PurgeParams),
     responses((status = 200, body = PurgeOut), (status = 401, body = Problem), (status = 403, body = Problem),
-              (status = 409, body = Problem)))]
+              (status = 409, body = Problem), (status = 422, body = Problem)))]
 pub async fn purge_now(
     _: Admin,
     State(state): State<AppState>,
-    Query(q): Query<PurgeParams>,
+    query: Result<Query<PurgeParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<PurgeOut>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
     let purger = purger(&state);
     if q.dry_run {
         return Ok(Json(PurgeOut {

@@ -353,6 +353,16 @@ async fn expired_events_go_and_the_rest_stays(backend: Backend) {
     assert_eq!(dry.status(), 200);
     let dry: Value = dry.json().await.expect("json");
     assert_eq!(dry["dry_run"], true);
+    let bad = app
+        .http
+        .post(app.url("/admin/retention/purge?dry_run=maybe"))
+        .header("X-API-Key", ADMIN_KEY)
+        .send()
+        .await
+        .expect("bad query");
+    assert_eq!(bad.status(), 422);
+    let bad: Value = bad.json().await.expect("problem json");
+    assert_eq!(bad["code"], "invalid_query");
     app.stop().await;
 }
 
