@@ -29,9 +29,10 @@
 //! `REQUEUE_AFTER` is longer than the time since the load does not queue
 //! them again. Then `event_counts` is filled from the events with one
 //! aggregate `INSERT … SELECT` (minute buckets, as migration 0004 does),
-//! rolled up with `MaintenanceStore::compact`, and the database analysed
-//! (PostgreSQL: `VACUUM (ANALYZE)`, so autovacuum has nothing left to do
-//! during a read run).
+//! with the running totals, rolled up with `MaintenanceStore::compact`,
+//! and (PostgreSQL) the database analysed with `VACUUM (ANALYZE)`, so
+//! autovacuum has nothing left to do during a read run. The SQLite file is
+//! not analysed, as the service never analyses it.
 //!
 //! **read** times each request on its own (one connection, one request at a
 //! time, a few untimed warm-up calls first) and prints p50/p95/p99/max per
@@ -620,14 +621,41 @@ fn counts_sql() -> String {
     )
 }
 
+/// The running totals (width 0) from the minute rows, as migration 0006
+/// fills them.
+fn totals_sql() -> String {
+    let mut cols = vec![
+        "received",
+        "processing",
+        "retrying",
+        "processed",
+        "dead_lettered",
+        "ms_sum",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect::<Vec<_>>();
+    cols.extend(hist_columns());
+    let sums: Vec<String> = cols.iter().map(|c| format!("CAST(SUM({c}) AS BIGINT)")).collect();
+    format!(
+        "INSERT INTO event_counts (bucket, width, partner_id, tipo, writer, {}) \
+         SELECT 0, 0, partner_id, tipo, 0, {} FROM event_counts WHERE width > 0 GROUP BY partner_id, tipo",
+        cols.join(", "),
+        sums.join(", ")
+    )
+}
+
 /// The minute rows a running server has: each group-committed writer keeps
 /// rows of its own (ingest 1: into `received`; claims 2: `received` →
-/// `processing`; outcomes 3: `processing` → where the event ended), so the
-/// backfilled writer-0 minutes left after the roll-up (the last two hours)
-/// become those three, with the same sums.
-fn split_writers_sql() -> Vec<String> {
+/// `processing`; outcomes 3: `processing` → where the event ended) until the
+/// roll-up merges a minute five minutes old, so the backfilled writer-0
+/// minutes of the last five minutes become those three, with the same sums.
+fn split_writers_sql(now: i64) -> Vec<String> {
     let key = "bucket, width, partner_id, tipo";
-    let src = "FROM event_counts WHERE width = 60000 AND writer = 0";
+    let src = format!(
+        "FROM event_counts WHERE width = 60000 AND writer = 0 AND bucket >= {}",
+        now - 5 * 60_000
+    );
     let claimed = "processing + retrying + processed + dead_lettered";
     let finished = "retrying + processed + dead_lettered";
     let hist = hist_columns().join(", ");
@@ -752,6 +780,9 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
         .execute(&mut *conn)
         .await?
         .rows_affected();
+    sqlx::query(AssertSqlSafe(totals_sql()))
+        .execute(&mut *conn)
+        .await?;
     drop(conn);
     let counts_s = t_counts.elapsed().as_secs_f64();
     eprintln!("event_counts: {rows} minute rows in {counts_s:.1} s");
@@ -766,7 +797,7 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
     let t_tidy = Instant::now();
     if !a.single_writer {
         let mut tx = store.pool().begin().await?;
-        for sql in split_writers_sql() {
+        for sql in split_writers_sql(Utc::now().timestamp_millis()) {
             sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
         }
         tx.commit().await?;
@@ -786,11 +817,17 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
         .try_get("n")?;
     eprintln!("event_counts: {left} rows after the writer split and rewrite ({tidy_s:.1} s)");
     let t_analyze = Instant::now();
+    // SQLite: no ANALYZE, as the service never analyses its event store
+    // (with statistics, SQLite chose skip-scans that read a week's window of
+    // one type in seconds).
     let analyze = match backend {
         Backend::Postgres if !a.no_vacuum => "VACUUM (ANALYZE)",
-        _ => "ANALYZE",
+        Backend::Postgres => "ANALYZE",
+        Backend::Sqlite => "",
     };
-    sqlx::raw_sql(analyze).execute(store.pool()).await?;
+    if !analyze.is_empty() {
+        sqlx::raw_sql(analyze).execute(store.pool()).await?;
+    }
     let analyze_s = t_analyze.elapsed().as_secs_f64();
     eprintln!("{analyze}: {analyze_s:.1} s");
     store.close().await;

@@ -14,9 +14,34 @@ use sqlx::Row;
 
 use crate::helpers::*;
 
+/// The statistics of `q`; without a window, also checks that the running
+/// totals agree with the sum of every counter row (a window from 1970).
 async fn total(store: &SqlStore, q: StatsQuery) -> (i64, Value) {
     let s = store.stats(&q).await.expect("stats");
+    if q.since.is_none() && q.until.is_none() {
+        let all = StatsQuery {
+            since: DateTime::from_timestamp(0, 0),
+            ..q.clone()
+        };
+        let windowed = store.stats(&all).await.expect("stats");
+        assert_eq!(
+            format!("{s:?}"),
+            format!("{windowed:?}"),
+            "totals = sum of the rows"
+        );
+    }
     (s.total, json!({"by_status": s.by_status, "by_type": s.by_type}))
+}
+
+/// Counter rows that meet `condition` (width 0: the running totals).
+async fn count_rows(store: &SqlStore, condition: &str) -> i64 {
+    let sql = format!("SELECT COUNT(*) AS n FROM event_counts WHERE {condition}");
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .fetch_one(store.pool())
+        .await
+        .expect("rows")
+        .try_get("n")
+        .expect("n")
 }
 
 async fn owned_rows(store: &SqlStore, id: &str) -> i64 {
@@ -109,17 +134,32 @@ async fn counters_follow_every_change_and_the_purge(backend: Backend) {
     assert_eq!(oldest.len(), 1, "{oldest:?}");
     assert_eq!(oldest["T"].timestamp_millis(), (now - h * 3).timestamp_millis());
 
-    // Rolling every row up into days changes no total.
+    // Merging the writers' minutes and rolling every row up into days
+    // changes no total.
     let before = total(&store, StatsQuery::default()).await;
+    assert!(count_rows(&store, "width = 60000 AND writer <> 0").await > 0);
+    store
+        .compact(now + chrono::Duration::minutes(10))
+        .await
+        .expect("compact");
+    assert_eq!(total(&store, StatsQuery::default()).await, before);
+    assert_eq!(
+        count_rows(&store, "width = 60000 AND writer <> 0").await,
+        0,
+        "minutes older than five merged into one writer"
+    );
+    assert!(
+        count_rows(&store, "width = 60000").await > 0,
+        "the minutes stay minutes"
+    );
     store.compact(now + h * 24 * 30).await.expect("compact");
     assert_eq!(total(&store, StatsQuery::default()).await, before);
-    let rows: i64 = sqlx::query("SELECT COUNT(*) AS n FROM event_counts WHERE width < 86400000")
-        .fetch_one(store.pool())
-        .await
-        .expect("rows")
-        .try_get("n")
-        .expect("n");
-    assert_eq!(rows, 0, "every counter row was rolled up into days");
+    assert_eq!(
+        count_rows(&store, "width > 0 AND width < 86400000").await,
+        0,
+        "every counter row was rolled up into days"
+    );
+    assert!(count_rows(&store, "width = 0").await > 0, "the totals stay");
 
     // Everything terminal has expired an hour from now; nothing else goes.
     let expiry = Expiry {

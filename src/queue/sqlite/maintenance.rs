@@ -29,12 +29,13 @@ impl Inner {
             .await
             .map_err(db_err)?;
         // ANALYZE loads the new statistics into this connection only; a
-        // schema change makes every pooled connection reload them.
+        // schema change makes every pooled connection reload them. Queues
+        // analyse concurrently, so another may have dropped the table first.
         sqlx::query("CREATE TABLE IF NOT EXISTS _orchestrator_replan (x INTEGER)")
             .execute(&mut *conn)
             .await
             .map_err(db_err)?;
-        sqlx::query("DROP TABLE _orchestrator_replan")
+        sqlx::query("DROP TABLE IF EXISTS _orchestrator_replan")
             .execute(&mut *conn)
             .await
             .map_err(db_err)?;

@@ -6,7 +6,12 @@
 //!   them as one multi-row upsert. Each group-committed writer has rows of its
 //!   own ([`Writer`]), so two flushers never wait on one counter row; readers
 //!   sum over writers.
-//! * [`roll_up`] folds minutes older than two hours into hours, and hours
+//! * Besides its minute, every change also goes to a running total per
+//!   (partner, type, writer): the row of width 0 ([`TOTAL`]). A read without
+//!   a window (everything retained, the usual poll) and the
+//!   `events_by_status` gauge read only those rows, however long the history.
+//! * [`roll_up`] merges the writers' minute rows once a minute is five
+//!   minutes old, folds minutes older than two hours into hours, and hours
 //!   older than two days into days, so a window over months reads a few
 //!   hundred rows per (partner, type).
 
@@ -23,19 +28,54 @@ pub(super) const MINUTE: i64 = 60_000;
 pub(super) const HOUR: i64 = 60 * MINUTE;
 pub(super) const DAY: i64 = 24 * HOUR;
 
-/// Counter widths, finest first, with the age after which a row rolls up
-/// into the next width.
-const WIDTHS: [(i64, i64); 3] = [(MINUTE, 2 * HOUR), (HOUR, 2 * DAY), (DAY, i64::MAX)];
+/// The width of the running totals (their bucket is 0 too).
+pub(super) const TOTAL: i64 = 0;
+
+/// Counter widths of a windowed read, finest first.
+const WIDTHS: [i64; 3] = [MINUTE, HOUR, DAY];
+
+/// One step of [`roll_up`]: rows of `width` (of every writer, or only of the
+/// group-committed ones) whose bucket is older than `age` move into `into`
+/// as [`Writer::Other`].
+struct Stage {
+    width: i64,
+    writers: &'static str,
+    age: i64,
+    into: i64,
+}
+
+const STAGES: [Stage; 3] = [
+    Stage {
+        width: MINUTE,
+        writers: "writer <> 0",
+        age: 5 * MINUTE,
+        into: MINUTE,
+    },
+    Stage {
+        width: MINUTE,
+        writers: "1 = 1",
+        age: 2 * HOUR,
+        into: HOUR,
+    },
+    Stage {
+        width: HOUR,
+        writers: "1 = 1",
+        age: 2 * DAY,
+        into: DAY,
+    },
+];
 
 /// Who writes a counter row. The group-committed flushers (one each) have
-/// their own; everything else (batch ingest, manual retries, purges,
-/// roll-ups) shares [`Writer::Other`].
+/// their own, and so do purges (which would otherwise hold the totals they
+/// share with batch ingest for a whole chunk); everything else (batch ingest,
+/// manual retries, roll-ups) shares [`Writer::Other`].
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Writer {
     Other = 0,
     Insert = 1,
     Claim = 2,
     Finish = 3,
+    Purge = 4,
 }
 
 /// Columns after the key: statuses, the processing-time sum, the histogram.
@@ -62,24 +102,36 @@ pub(super) struct Deltas {
 
 impl Deltas {
     fn row(&mut self, received_at: i64, width: i64, partner: &str, tipo: &str) -> &mut [i64; VALUES] {
-        let bucket = received_at.div_euclid(width) * width;
+        let bucket = if width == TOTAL {
+            0
+        } else {
+            received_at.div_euclid(width) * width
+        };
         self.rows
             .entry((bucket, width, partner.to_owned(), tipo.to_owned()))
             .or_insert([0; VALUES])
     }
 
+    /// Applies `change` to the minute of `received_at` and to the running
+    /// total of (`partner`, `tipo`).
+    fn count(&mut self, partner: &str, tipo: &str, received_at: i64, change: impl Fn(&mut [i64; VALUES])) {
+        change(self.row(received_at, MINUTE, partner, tipo));
+        change(self.row(0, TOTAL, partner, tipo));
+    }
+
     /// `n` events (received at `received_at`, epoch ms) enter (`n > 0`) or
     /// leave (`n < 0`) `status`.
     pub(super) fn status(&mut self, partner: &str, tipo: &str, received_at: i64, status: Status, n: i64) {
-        self.row(received_at, MINUTE, partner, tipo)[status_index(status)] += n;
+        self.count(partner, tipo, received_at, |row| row[status_index(status)] += n);
     }
 
     /// A processed event's processing time enters (`n = 1`) or leaves
     /// (`n = -1`) the histogram.
     pub(super) fn processing_ms(&mut self, partner: &str, tipo: &str, received_at: i64, ms: i64, n: i64) {
-        let row = self.row(received_at, MINUTE, partner, tipo);
-        row[5] += n * ms;
-        row[6 + ms_bucket(ms)] += n;
+        self.count(partner, tipo, received_at, |row| {
+            row[5] += n * ms;
+            row[6 + ms_bucket(ms)] += n;
+        });
     }
 
     /// `n` processed events whose processing times fell in histogram bucket
@@ -93,12 +145,14 @@ impl Deltas {
         n: i64,
         ms_sum: i64,
     ) {
-        let row = self.row(received_at, MINUTE, partner, tipo);
-        row[status_index(Status::Processed)] -= n;
-        if let Some(b) = bucket.filter(|b| *b < MS_BUCKETS) {
-            row[5] -= ms_sum;
-            row[6 + b] -= n;
-        }
+        let bucket = bucket.filter(|b| *b < MS_BUCKETS);
+        self.count(partner, tipo, received_at, |row| {
+            row[status_index(Status::Processed)] -= n;
+            if let Some(b) = bucket {
+                row[5] -= ms_sum;
+                row[6 + b] -= n;
+            }
+        });
     }
 
     /// Writes the changes in key order (so concurrent writers of the same
@@ -164,7 +218,7 @@ fn window_sql(first: usize) -> String {
     WIDTHS
         .iter()
         .enumerate()
-        .map(|(i, (w, _))| {
+        .map(|(i, w)| {
             format!(
                 "(width = {w} AND bucket > ${} - {w} AND bucket < ${})",
                 first + 2 * i,
@@ -176,9 +230,10 @@ fn window_sql(first: usize) -> String {
 }
 
 /// Sums of the counters of events received in `[since, until)` (epoch ms;
-/// `None` = unbounded), per type, optionally for one partner. A bucket that
-/// overlaps the window counts whole: the window is exact to the minute for
-/// the last two hours, to the hour for the last two days, to the day before.
+/// `None` = unbounded), per type, optionally for one partner. Without a
+/// window the running totals answer. A bucket that overlaps the window
+/// counts whole: the window is exact to the minute for the last two hours,
+/// to the hour for the last two days, to the day before.
 pub(super) async fn read(
     conn: &mut AnyConnection,
     partner: Option<&str>,
@@ -190,20 +245,27 @@ pub(super) async fn read(
         .iter()
         .map(|c| format!("CAST(SUM({c}) AS BIGINT) AS {c}"))
         .collect();
+    let windowed = since.is_some() || until.is_some();
+    let (window, args) = if windowed {
+        (window_sql(1), 2 * WIDTHS.len())
+    } else {
+        (format!("width = {TOTAL}"), 0)
+    };
     let mut sql = format!(
-        "SELECT tipo, {} FROM event_counts WHERE ({})",
-        sums.join(", "),
-        window_sql(1)
+        "SELECT tipo, {} FROM event_counts WHERE ({window})",
+        sums.join(", ")
     );
     if partner.is_some() {
-        let _ = write!(sql, " AND partner_id = ${}", 1 + 2 * WIDTHS.len());
+        let _ = write!(sql, " AND partner_id = ${}", 1 + args);
     }
     sql += " GROUP BY tipo";
     let mut q = sqlx::query(AssertSqlSafe(sql));
-    for _ in WIDTHS {
-        q = q
-            .bind(since.unwrap_or(i64::MIN / 2))
-            .bind(until.unwrap_or(i64::MAX / 2));
+    if windowed {
+        for _ in WIDTHS {
+            q = q
+                .bind(since.unwrap_or(i64::MIN / 2))
+                .bind(until.unwrap_or(i64::MAX / 2));
+        }
     }
     if let Some(p) = partner {
         q = q.bind(p);
@@ -225,26 +287,26 @@ pub(super) async fn read(
 /// Counter rows rolled up per transaction at most.
 pub(super) const ROLL_UP_CHUNK: i64 = 5_000;
 
-/// Folds at most [`ROLL_UP_CHUNK`] rows older than their width's age into
-/// the next width (as [`Writer::Other`]) and removes rows left at zero;
-/// how many it folded (call again while it folds a full chunk). The rows are
-/// taken with `DELETE … RETURNING`, so a change written meanwhile is never
-/// lost: it lands in a row of its own, rolled up next time.
+/// Runs each [`Stage`] on at most [`ROLL_UP_CHUNK`] rows and removes the
+/// wider rows and totals left at zero; how many rows it moved (call again
+/// while a stage moves a full chunk). The rows are taken with `DELETE …
+/// RETURNING`, so a change written meanwhile is never lost: it lands in a
+/// row of its own, rolled up next time.
 pub(super) async fn roll_up(conn: &mut AnyConnection, now: i64) -> StoreResult<u64> {
     let cols = value_columns();
     let mut moved = 0;
-    for pair in WIDTHS.windows(2) {
-        let ((width, age), (next, _)) = (pair[0], pair[1]);
+    for stage in &STAGES {
         let sql = format!(
             "DELETE FROM event_counts WHERE (bucket, width, partner_id, tipo, writer) IN \
              (SELECT bucket, width, partner_id, tipo, writer FROM event_counts \
-              WHERE width = $1 AND bucket < $2 LIMIT $3) \
+              WHERE width = $1 AND bucket < $2 AND {} LIMIT $3) \
              RETURNING bucket, partner_id, tipo, {}",
+            stage.writers,
             cols.join(", ")
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(width)
-            .bind(now - age)
+            .bind(stage.width)
+            .bind(now - stage.age)
             .bind(ROLL_UP_CHUNK)
             .fetch_all(&mut *conn)
             .await?;
@@ -257,7 +319,7 @@ pub(super) async fn roll_up(conn: &mut AnyConnection, now: i64) -> StoreResult<u
             let bucket: i64 = r.try_get("bucket")?;
             let partner: String = r.try_get("partner_id")?;
             let tipo: String = r.try_get("tipo")?;
-            let row = deltas.row(bucket, next, &partner, &tipo);
+            let row = deltas.row(bucket, stage.into, &partner, &tipo);
             for (i, c) in cols.iter().enumerate() {
                 row[i] += r.try_get::<i64, _>(c.as_str())?;
             }
@@ -266,7 +328,7 @@ pub(super) async fn roll_up(conn: &mut AnyConnection, now: i64) -> StoreResult<u
     }
     let zero: Vec<String> = cols.iter().map(|c| format!("{c} = 0")).collect();
     let sql = format!(
-        "DELETE FROM event_counts WHERE width > {MINUTE} AND {}",
+        "DELETE FROM event_counts WHERE width <> {MINUTE} AND {}",
         zero.join(" AND ")
     );
     sqlx::query(AssertSqlSafe(sql)).execute(&mut *conn).await?;
@@ -279,7 +341,10 @@ pub(super) async fn status_totals(conn: &mut AnyConnection) -> StoreResult<BTree
         .iter()
         .map(|s| format!("CAST(SUM({0}) AS BIGINT) AS {0}", s.as_str()))
         .collect();
-    let sql = format!("SELECT {} FROM event_counts", sums.join(", "));
+    let sql = format!(
+        "SELECT {} FROM event_counts WHERE width = {TOTAL}",
+        sums.join(", ")
+    );
     let row = sqlx::query(AssertSqlSafe(sql)).fetch_one(&mut *conn).await?;
     Status::ALL
         .iter()

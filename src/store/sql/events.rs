@@ -93,7 +93,12 @@ impl EventStore for SqlStore {
                 format!("{} ORDER BY id DESC LIMIT {limit}", parts.join(" UNION ALL "))
             }
         };
-        let mut q = sqlx::query(AssertSqlSafe(sql));
+        // Planned for its own values each time: a cached statement may get
+        // PostgreSQL's generic plan, which cannot see how narrow a time
+        // window or how rare a status is (measured at ten million events: a
+        // week's window of one partner, type and status took 539 ms with the
+        // generic plan, 23 ms planned for its values).
+        let mut q = sqlx::query(AssertSqlSafe(sql)).persistent(false);
         for (_, arg) in set {
             q = match arg {
                 Arg::Text(s) => q.bind(s),
@@ -180,24 +185,47 @@ impl EventStore for SqlStore {
     }
 
     async fn take_stranded(&self, sweep: &Sweep<'_>) -> StoreResult<Vec<Requeue>> {
-        let waiting = "((status = 'received' AND queued_at < {t}) \
-             OR (status = 'retrying' AND next_attempt_at < {t} AND queued_at < {t}))";
-        let mut sql = format!(
-            "SELECT id, tipo, pipeline_version FROM events \
-             WHERE (status = 'received' AND queued_at = 0) \
-                OR (status = 'retrying' AND queued_at = 0 AND next_attempt_at <= $1) \
-                OR (status = 'processing' AND lease_until < $1) \
-                OR {}",
-            waiting.replace("{t}", "$2")
-        );
-        if !sweep.idle_types.is_empty() {
-            sql += &format!(
-                " OR (tipo IN ({}) AND {})",
-                placeholders(5, sweep.idle_types.len()),
-                waiting.replace("{t}", "$3")
-            );
-        }
-        sql += " ORDER BY id LIMIT $4";
+        // One branch per unfinished status, each the front of the
+        // (status, id) index: the sweep reads the unfinished events only,
+        // however many finished ones the history holds (one query with ORs
+        // let PostgreSQL walk the primary key through every finished event).
+        let idle = |cond: &str| {
+            if sweep.idle_types.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " OR (tipo IN ({}) AND {})",
+                    placeholders(5, sweep.idle_types.len()),
+                    cond.replace("{t}", "$3")
+                )
+            }
+        };
+        let received = "queued_at < {t}";
+        let retrying = "next_attempt_at < {t} AND queued_at < {t}";
+        let branches = [
+            format!(
+                "status = 'received' AND (queued_at = 0 OR {}{})",
+                received.replace("{t}", "$2"),
+                idle(received)
+            ),
+            format!(
+                "status = 'retrying' AND ((queued_at = 0 AND next_attempt_at <= $1) OR ({}){})",
+                retrying.replace("{t}", "$2"),
+                idle(retrying)
+            ),
+            "status = 'processing' AND lease_until < $1".to_owned(),
+        ];
+        let parts: Vec<String> = branches
+            .iter()
+            .enumerate()
+            .map(|(i, cond)| {
+                format!(
+                    "SELECT * FROM (SELECT id, tipo, pipeline_version FROM events \
+                     WHERE {cond} ORDER BY id LIMIT $4) s{i}"
+                )
+            })
+            .collect();
+        let sql = format!("{} ORDER BY id LIMIT $4", parts.join(" UNION ALL "));
         let mut q = sqlx::query(AssertSqlSafe(sql))
             .bind(ms(sweep.now))
             .bind(ms(sweep.very_stale_before))

@@ -152,7 +152,7 @@ impl MaintenanceStore for SqlStore {
                 }
             }
         }
-        deltas.apply(&mut tx, Writer::Other).await?;
+        deltas.apply(&mut tx, Writer::Purge).await?;
         tx.commit().await?;
         Ok(out)
     }

@@ -329,7 +329,7 @@ pub(super) async fn drop_due(pool: &AnyPool, expiry: &Expiry) -> StoreResult<Opt
         let _ = write!(moves, "INSERT INTO {table} SELECT * FROM purge_keep_{table}; ");
     }
     sqlx::raw_sql(AssertSqlSafe(moves)).execute(&mut *tx).await?;
-    deltas.apply(&mut tx, Writer::Other).await?;
+    deltas.apply(&mut tx, Writer::Purge).await?;
     tx.commit().await?;
     Ok(Some(Purged {
         processed,
