@@ -105,6 +105,8 @@ curl -sf "http://127.0.0.1:$port/health" >/dev/null || { echo "server did not st
 echo "== read (load average $(cut -d' ' -f1-3 /proc/loadavg))"
 # shellcheck disable=SC2086
 "$bin/examples/bigstore" read --url "http://127.0.0.1:$port" --admin-key "$admin" ${READ_ARGS:-} | tee "$dir/read.txt"
+echo "== sweeper passes during the reads (sweep_duration_seconds):"
+curl -sf "http://127.0.0.1:$port/metrics" | grep '^sweep_duration_seconds' | tee "$dir/sweep.txt" || true
 kill "$server" && wait "$server" 2>/dev/null || true
 
 echo "== sizes"

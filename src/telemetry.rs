@@ -1,6 +1,8 @@
 //! Logs (one JSON object per line, or pretty for people) and Prometheus metrics.
 
-use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -53,6 +55,7 @@ pub struct Metrics {
     pub oldest_pending: GaugeVec,
     pub events_by_status: IntGaugeVec,
     pub events_purged: IntCounterVec,
+    pub sweep_duration: Histogram,
 }
 
 impl Metrics {
@@ -154,6 +157,17 @@ impl Metrics {
         registry
             .register(Box::new(oldest_pending.clone()))
             .unwrap_or_else(|e| panic!("queue_oldest_pending_seconds: {e}"));
+        let sweep_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "sweep_duration_seconds",
+                "Time of one sweeper pass (queue depths, stranded events, status counts).",
+            )
+            .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0]),
+        )
+        .unwrap_or_else(|e| panic!("sweep_duration_seconds: {e}"));
+        registry
+            .register(Box::new(sweep_duration.clone()))
+            .unwrap_or_else(|e| panic!("sweep_duration_seconds: {e}"));
         Self {
             registry,
             events_received,
@@ -171,6 +185,7 @@ impl Metrics {
             oldest_pending,
             events_by_status,
             events_purged,
+            sweep_duration,
         }
     }
 

@@ -369,6 +369,7 @@ pub async fn sweeper(s: Sweeper, mut shutdown: watch::Receiver<bool>) {
 /// One pass: queue depths, stranded events (in chunks), status counts.
 async fn sweep_once(s: &Sweeper) {
     const BATCH: u32 = 500;
+    let _timer = s.metrics.sweep_duration.start_timer();
     let mut idle_types = Vec::new();
     for p in s.pipelines.current().pipelines() {
         match s.queue.depth(&queue_name(&p.event_type)).await {

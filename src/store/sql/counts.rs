@@ -249,7 +249,8 @@ pub(super) async fn read(
     let (window, args) = if windowed {
         (window_sql(1), 2 * WIDTHS.len())
     } else {
-        (format!("width = {TOTAL}"), 0)
+        // The bucket too, so the primary key (bucket first) finds them.
+        (format!("bucket = 0 AND width = {TOTAL}"), 0)
     };
     let mut sql = format!(
         "SELECT tipo, {} FROM event_counts WHERE ({window})",
@@ -342,7 +343,7 @@ pub(super) async fn status_totals(conn: &mut AnyConnection) -> StoreResult<BTree
         .map(|s| format!("CAST(SUM({0}) AS BIGINT) AS {0}", s.as_str()))
         .collect();
     let sql = format!(
-        "SELECT {} FROM event_counts WHERE width = {TOTAL}",
+        "SELECT {} FROM event_counts WHERE bucket = 0 AND width = {TOTAL}",
         sums.join(", ")
     );
     let row = sqlx::query(AssertSqlSafe(sql)).fetch_one(&mut *conn).await?;

@@ -185,33 +185,32 @@ impl EventStore for SqlStore {
     }
 
     async fn take_stranded(&self, sweep: &Sweep<'_>) -> StoreResult<Vec<Requeue>> {
-        // One branch per unfinished status, each the front of the
-        // (status, id) index: the sweep reads the unfinished events only,
-        // however many finished ones the history holds (one query with ORs
-        // let PostgreSQL walk the primary key through every finished event).
+        // One branch per unfinished status. `received` and `retrying` read
+        // their own partial index on `queued_at` (only the events not queued
+        // since the bound), `processing` the (status, id) index: the sweep
+        // reads the stranded events only, however many finished or freshly
+        // queued ones the store holds. Every condition implies
+        // `queued_at < bound`, so each branch is one range of its index.
         let idle = |cond: &str| {
             if sweep.idle_types.is_empty() {
                 String::new()
             } else {
                 format!(
-                    " OR (tipo IN ({}) AND {})",
-                    placeholders(5, sweep.idle_types.len()),
-                    cond.replace("{t}", "$3")
+                    " OR (tipo IN ({}) AND {cond})",
+                    placeholders(5, sweep.idle_types.len())
                 )
             }
         };
-        let received = "queued_at < {t}";
-        let retrying = "next_attempt_at < {t} AND queued_at < {t}";
+        let bound = if sweep.idle_types.is_empty() { "$2" } else { "$3" };
         let branches = [
             format!(
-                "status = 'received' AND (queued_at = 0 OR {}{})",
-                received.replace("{t}", "$2"),
-                idle(received)
+                "status = 'received' AND queued_at < {bound} AND (queued_at < $2{})",
+                idle("1 = 1")
             ),
             format!(
-                "status = 'retrying' AND ((queued_at = 0 AND next_attempt_at <= $1) OR ({}){})",
-                retrying.replace("{t}", "$2"),
-                idle(retrying)
+                "status = 'retrying' AND queued_at < {bound} AND ((queued_at = 0 AND next_attempt_at <= $1) \
+                 OR (next_attempt_at < $2 AND queued_at < $2){})",
+                idle("next_attempt_at < $3")
             ),
             "status = 'processing' AND lease_until < $1".to_owned(),
         ];
