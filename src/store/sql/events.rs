@@ -225,7 +225,13 @@ impl EventStore for SqlStore {
             })
             .collect();
         let sql = format!("{} ORDER BY id LIMIT $4", parts.join(" UNION ALL "));
+        // Planned for its bounds each time, like the lists: the generic plan
+        // cannot see that `queued_at < bound` is narrow and walks the
+        // (status, id) index instead (measured: 600 ms a pass with 200,000
+        // unfinished events and every queue empty, 35 ms planned for its
+        // values).
         let mut q = sqlx::query(AssertSqlSafe(sql))
+            .persistent(false)
             .bind(ms(sweep.now))
             .bind(ms(sweep.very_stale_before))
             .bind(ms(sweep.stale_before))
