@@ -124,9 +124,11 @@ sample() { # $1: load, drain or end
     rss=$(awk '/VmRSS/ {print $2}' "/proc/$server/status" 2>/dev/null || echo 0)
     case $mode in
         pg)
+            # A partitioned table's own size is 0: sum over its partitions.
+            tree_size() { echo "(SELECT COALESCE(SUM(pg_total_relation_size(relid)), 0) FROM pg_partition_tree('$1'))"; }
             IFS='|' read -r size ev at de ik ec stored < <(psql "$db_url" -qAtc "
-                SELECT pg_database_size('bench'), pg_total_relation_size('events'),
-                       pg_total_relation_size('attempts'), pg_total_relation_size('deliveries'),
+                SELECT pg_database_size('bench'), $(tree_size events),
+                       $(tree_size attempts), $(tree_size deliveries),
                        pg_total_relation_size('idempotency_keys'), pg_total_relation_size('event_counts'),
                        (SELECT count(*) FROM events)" || echo "0|0|0|0|0|0|?")
             rmem=$(redis-cli -u "$redis" INFO memory 2>/dev/null | tr -d '\r' | awk -F: '/^used_memory:/ {print $2}')

@@ -76,7 +76,11 @@ async fn connect_queue(config: &Config) -> anyhow::Result<Arc<dyn Queue>> {
         .create_if_missing(true)
         .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
         .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
-        .busy_timeout(Duration::from_secs(10));
+        .busy_timeout(Duration::from_secs(10))
+        .pragma(
+            "journal_size_limit",
+            crate::store::sql::WAL_SIZE_LIMIT_BYTES.to_string(),
+        );
     if let Some(dir) = opts.get_filename().parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }

@@ -54,6 +54,14 @@ impl SqlStore {
                         sqlx::query("PRAGMA synchronous = NORMAL")
                             .execute(&mut *conn)
                             .await?;
+                        // A checkpoint that resets the WAL truncates it to
+                        // this size: without it the file keeps the size of
+                        // its largest burst (seen growing in the soak).
+                        sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}"
+                        )))
+                        .execute(&mut *conn)
+                        .await?;
                     }
                     Ok(())
                 })
@@ -70,6 +78,10 @@ impl SqlStore {
         })
     }
 }
+
+/// The size (bytes) a reset WAL is truncated to, on every SQLite
+/// connection of the event store and of the embedded queue.
+pub(crate) const WAL_SIZE_LIMIT_BYTES: i64 = 16 << 20;
 
 /// Creates the file (and its directory) and switches it to WAL once: WAL is
 /// a property of the file, so the pooled connections need not set it. A new

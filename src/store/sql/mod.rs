@@ -12,6 +12,7 @@
 
 mod codec;
 mod connect;
+pub(crate) use connect::WAL_SIZE_LIMIT_BYTES;
 mod counts;
 mod events;
 mod maintenance;

@@ -30,6 +30,11 @@ use super::counts::{Deltas, Writer, bucket_sql};
 use crate::store::{Expiry, Purged, Status, StoreError, StoreResult};
 
 /// The tables partitioned by event id, with their id column.
+/// The three parents locked at once, in the data path's order (a finish
+/// writes `deliveries`, then `events`, then `attempts`), so DDL never
+/// deadlocks with it.
+const LOCK_PARENTS: &str = "LOCK TABLE deliveries, events, attempts IN ACCESS EXCLUSIVE MODE";
+
 const TABLES: [(&str, &str); 3] = [
     ("events", "id"),
     ("attempts", "event_id"),
@@ -134,6 +139,10 @@ pub(super) async fn extend(pool: &AnyPool, from: i64, to: i64, period: i64, max:
     }
     let mut tx = pool.begin().await?;
     sqlx::raw_sql(LOCK_TIMEOUT).execute(&mut *tx).await?;
+    // `CREATE TABLE … PARTITION OF` locks its parent ACCESS EXCLUSIVE; taken
+    // one table after another, those locks deadlocked with a finish holding
+    // `deliveries` and waiting for `events` (seen in the soak).
+    sqlx::raw_sql(LOCK_PARENTS).execute(&mut *tx).await?;
     for &(lo, hi) in &ranges {
         let mut ddl = String::new();
         for (table, _) in TABLES {
@@ -281,9 +290,7 @@ pub(super) async fn drop_due(pool: &AnyPool, expiry: &Expiry) -> StoreResult<Opt
     // The parents first, in the data path's order: no row of the partition
     // changes until it is gone, and no finish can hold one of them while
     // waiting for another.
-    sqlx::raw_sql("LOCK TABLE deliveries, events, attempts IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *tx)
-        .await?;
+    sqlx::raw_sql(LOCK_PARENTS).execute(&mut *tx).await?;
     let dead_lettered = subtract(
         &mut tx,
         groups.replace("{status}", Status::DeadLettered.as_str()),
