@@ -34,7 +34,9 @@
 # to the database URL, e.g. `?sslmode=disable`), BENCH_DIR (default
 # /tmp/orchestrator-bench), PORT (default 3900), SINK_PORT (default 3901),
 # BENCH_PIPELINES (default: the shipped pipelines/), SERVER_ENV (extra
-# `VAR=value` words for the server).
+# `VAR=value` words for the server), BENCH_BIN (a directory holding
+# `orchestrator` and `examples/{loadgen,webhook_receiver}` built before: no
+# build, so two builds can be compared round by round in one session).
 
 # bench_start's arguments are extra server environment, not this script's.
 # shellcheck disable=SC2119

@@ -17,7 +17,7 @@ bench_init() {
         *) echo "mode must be pg or sqlite" >&2; exit 2 ;;
     esac
     root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-    bin=${CARGO_TARGET_DIR:-$root/target}/release
+    bin=${BENCH_BIN:-${CARGO_TARGET_DIR:-$root/target}/release}
     dir=${BENCH_DIR:-/tmp/orchestrator-bench}
     port=${PORT:-3900}
     sink_port=${SINK_PORT:-3901}
@@ -25,7 +25,11 @@ bench_init() {
     redis=${REDIS_URL:-redis://127.0.0.1:6379}
     url=http://127.0.0.1:$port
 
-    (cd "$root" && cargo build --release --quiet --bin orchestrator --example loadgen --example webhook_receiver)
+    # BENCH_BIN: binaries built before (orchestrator, examples/loadgen,
+    # examples/webhook_receiver), to compare two builds in one session.
+    if [ -z "${BENCH_BIN:-}" ]; then
+        (cd "$root" && cargo build --release --quiet --bin orchestrator --example loadgen --example webhook_receiver)
+    fi
 
     rm -rf "$dir" && mkdir -p "$dir"
     pids=()

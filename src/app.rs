@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use engine::gate::DestinationGate;
 use engine::{LoadOptions, ScriptHost, ScriptLimits};
 use plugins::BuiltinFactory;
 use secrecy::ExposeSecret;
@@ -95,14 +96,18 @@ async fn connect_queue(config: &Config) -> anyhow::Result<Arc<dyn Queue>> {
     Ok(Arc::new(q))
 }
 
-/// Loads pipelines with the built-in plugins.
-pub fn load_pipelines(config: &Config) -> Result<Pipelines, engine::LoadErrors> {
+/// Loads pipelines with the built-in plugins; their webhook calls go
+/// through `gate`.
+pub fn load_pipelines(
+    config: &Config,
+    gate: Arc<dyn DestinationGate>,
+) -> Result<Pipelines, engine::LoadErrors> {
     let limits = ScriptLimits {
         max_operations: config.script_max_operations,
         max_wall_time: config.script_max_wall_time,
         ..ScriptLimits::default()
     };
-    let factory = BuiltinFactory::new(BuiltinFactory::default_http_client());
+    let factory = BuiltinFactory::new(BuiltinFactory::default_http_client(), gate);
     Pipelines::load(
         LoadOptions {
             pipelines_dir: config.pipelines_dir.clone(),
@@ -190,8 +195,9 @@ impl App {
         {
             warn!(error = %e, "cannot create the event partitions ahead; events go to the default partition");
         }
+        let gate = crate::destinations::connect_gate(&config).await?;
         let pipelines = Arc::new(
-            load_pipelines(&config)
+            load_pipelines(&config, gate.clone())
                 .map_err(|errors| anyhow::anyhow!("the pipeline set is invalid:\n{errors}"))?,
         );
         info!(
@@ -251,6 +257,17 @@ impl App {
                 },
                 shutdown_rx.clone(),
             )));
+            background.push(tokio::spawn(crate::destinations::waker(
+                crate::destinations::Waker {
+                    store: store.clone(),
+                    dispatch: dispatch.clone(),
+                    pipelines: pipelines.clone(),
+                    gate: gate.clone(),
+                    metrics: metrics.clone(),
+                    interval: config.sweep_interval.min(Duration::from_millis(500)),
+                },
+                shutdown_rx.clone(),
+            )));
             // Every worker process runs the loop; the store's lease lets one
             // at a time purge.
             background.push(tokio::spawn(crate::retention::purge_loop(
@@ -281,6 +298,7 @@ impl App {
             pipelines,
             reloader,
             metrics,
+            gate,
             partner_limits: Arc::default(),
         };
         Ok(App {

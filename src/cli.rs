@@ -1,6 +1,7 @@
 //! The `orchestrator` command line.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -331,7 +332,8 @@ fn with_dirs(config: &Config, dir: Option<PathBuf>, schemas: Option<PathBuf>) ->
 
 /// Loads the set as the server would, printing every error on failure.
 fn load_or_report(cfg: &Config) -> Option<crate::pipelines::Pipelines> {
-    match crate::app::load_pipelines(cfg) {
+    // Lint and pipeline tests make no calls: a gate of their own.
+    match crate::app::load_pipelines(cfg, Arc::new(engine::gate::LocalGate::default())) {
         Ok(p) => Some(p),
         Err(errors) => {
             for e in &errors.0 {

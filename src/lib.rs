@@ -9,6 +9,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod credentials;
+pub mod destinations;
 pub mod dispatch;
 pub mod partners;
 pub mod pipelines;

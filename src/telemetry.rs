@@ -56,6 +56,10 @@ pub struct Metrics {
     pub events_by_status: IntGaugeVec,
     pub events_purged: IntCounterVec,
     pub sweep_duration: Histogram,
+    pub destination_state: IntGaugeVec,
+    pub destination_calls: IntCounterVec,
+    pub destination_call_duration: HistogramVec,
+    pub events_waiting: IntGaugeVec,
 }
 
 impl Metrics {
@@ -125,6 +129,17 @@ impl Metrics {
         let buckets = vec![
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ];
+        let destination_calls = counter(
+            "destination_calls_total",
+            "Webhook calls made, by outcome (delivered, failed, rejected).",
+            &["tipo", "destination", "outcome"],
+        );
+        let destination_call_duration = histogram(
+            "destination_call_duration_seconds",
+            "Time of one webhook call.",
+            &["tipo", "destination"],
+            buckets.clone(),
+        );
         let processing_duration = histogram(
             "processing_duration_seconds",
             "Time to run a pipeline once.",
@@ -146,6 +161,16 @@ impl Metrics {
         };
         let queue_depth = gauge("queue_depth", "Pending tasks per pipeline queue.", &["tipo"]);
         let events_by_status = gauge("events_by_status", "Stored events per status.", &["status"]);
+        let destination_state = gauge(
+            "destination_state",
+            "Circuit of each webhook destination: 0 closed, 1 half-open, 2 open.",
+            &["tipo", "destination"],
+        );
+        let events_waiting = gauge(
+            "events_waiting",
+            "Events waiting on a destination (open circuit, throttling).",
+            &["tipo", "destination"],
+        );
         let oldest_pending = GaugeVec::new(
             Opts::new(
                 "queue_oldest_pending_seconds",
@@ -186,6 +211,10 @@ impl Metrics {
             events_by_status,
             events_purged,
             sweep_duration,
+            destination_state,
+            destination_calls,
+            destination_call_duration,
+            events_waiting,
         }
     }
 

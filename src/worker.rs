@@ -18,7 +18,7 @@ use tracing::{debug, error, info, warn};
 use crate::dispatch::{Dispatcher, Pending, Pushed, queue_name};
 use crate::pipelines::{OnInstall, Pipelines};
 use crate::queue::{Queue, QueueTask, TaskHandler};
-use crate::store::{AttemptFinish, LastError, Status, Store, Sweep};
+use crate::store::{AttemptFinish, FinishWait, LastError, Status, Store, Sweep};
 use crate::telemetry::Metrics;
 
 pub struct Processor {
@@ -133,6 +133,16 @@ impl Processor {
                 .deliveries
                 .with_label_values(&[&tipo, &d.destination, d.outcome.as_str()])
                 .inc();
+            if d.called {
+                self.metrics
+                    .destination_calls
+                    .with_label_values(&[&tipo, &d.destination, d.outcome.as_str()])
+                    .inc();
+                self.metrics
+                    .destination_call_duration
+                    .with_label_values(&[&tipo, &d.destination])
+                    .observe(d.duration_ms / 1000.0);
+            }
         }
 
         let mut finish = match execution.error {
@@ -143,8 +153,10 @@ impl Processor {
                 trace: execution.trace,
                 deliveries: Vec::new(),
                 result: None,
+                wait: None,
             },
             Some(err) => {
+                let err = past_max_wait(&pipeline, event.waiting_since, err);
                 let stage = execution
                     .trace
                     .iter()
@@ -175,6 +187,11 @@ impl Processor {
                       requestId = event.request_id.as_deref().unwrap_or_default(),
                       processingTime = processing_ms as u64, attempt, "event processed");
             }
+            Status::Retrying if finish.wait.is_some() => {
+                debug!(eventId = %event_id, eventType = %tipo, partnerId = %event.partner_id,
+                      attempt, error = finish.last_error.as_ref().map(|e| e.message.as_str()).unwrap_or(""),
+                      "event waiting on a destination");
+            }
             Status::Retrying => {
                 warn!(eventId = %event_id, eventType = %tipo, partnerId = %event.partner_id,
                       requestId = event.request_id.as_deref().unwrap_or_default(),
@@ -204,14 +221,27 @@ impl Processor {
         stage: Option<String>,
         trace: Vec<engine::StageTrace>,
     ) -> AttemptFinish {
-        self.metrics
-            .events_failed
-            .with_label_values(&[tipo, &err.category])
-            .inc();
-        let (status, next_attempt_at) = match retry.decide(&err, attempt) {
+        let decision = retry.decide(&err, attempt);
+        if !matches!(decision, RetryDecision::Wait { .. }) {
+            // A wait is not a failure: nothing was called.
+            self.metrics
+                .events_failed
+                .with_label_values(&[tipo, &err.category])
+                .inc();
+        }
+        let mut wait = None;
+        let (status, next_attempt_at) = match decision {
             RetryDecision::Retry { delay } => {
                 self.metrics.events_retried.with_label_values(&[tipo]).inc();
                 let at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                (Status::Retrying, Some(at))
+            }
+            RetryDecision::Wait { until_ms, park } => {
+                wait = err.wait.as_ref().map(|w| FinishWait {
+                    destination: w.destination.clone(),
+                    park,
+                });
+                let at = chrono::DateTime::from_timestamp_millis(until_ms).unwrap_or_else(Utc::now);
                 (Status::Retrying, Some(at))
             }
             RetryDecision::DeadLetter => {
@@ -225,12 +255,13 @@ impl Processor {
             last_error: Some(LastError {
                 category: err.category,
                 message: err.message,
-                transient: err.class == engine::ErrorClass::Transient,
+                transient: err.class != engine::ErrorClass::Permanent,
                 stage,
             }),
             trace,
             deliveries: Vec::new(),
             result: None,
+            wait,
         }
     }
 
@@ -261,7 +292,8 @@ impl Processor {
             warn!(eventId = %event_id, attempt, "outcome not recorded: the claim was lost (lease expired?)");
             return Ok(());
         }
-        if finish.status == Status::Retrying {
+        // A parked event has no task: the destination waker wakes it.
+        if finish.status == Status::Retrying && !finish.wait.as_ref().is_some_and(|w| w.park) {
             let delay = finish
                 .next_attempt_at
                 .map(|t| (t - Utc::now()).to_std().unwrap_or_default())
@@ -275,6 +307,42 @@ impl Processor {
         }
         Ok(())
     }
+}
+
+/// A wait that has lasted longer than its destination's `max_wait` ends the
+/// event: dead-lettered as `destination_unavailable`.
+fn past_max_wait(
+    pipeline: &engine::Pipeline,
+    waiting_since: Option<chrono::DateTime<Utc>>,
+    err: StageError,
+) -> StageError {
+    let Some(w) = err.wait.as_ref().filter(|_| err.is_waiting()) else {
+        return err;
+    };
+    let Some(max_wait) = pipeline
+        .destinations
+        .get(&w.destination)
+        .and_then(|d| d.limits())
+        .map(|l| l.max_wait)
+    else {
+        return err;
+    };
+    let waited = waiting_since.map_or(Duration::ZERO, |t| (Utc::now() - t).to_std().unwrap_or_default());
+    if waited < max_wait {
+        return err;
+    }
+    let mut e = StageError::permanent(
+        "destination_unavailable",
+        format!(
+            "waited {} for {} (max_wait {}): {}",
+            humantime::format_duration(Duration::from_secs(waited.as_secs())),
+            w.destination,
+            humantime::format_duration(max_wait),
+            err.message
+        ),
+    );
+    e.wait = None;
+    e
 }
 
 /// Starts one worker per pipeline queue and keeps that true across reloads.

@@ -260,7 +260,7 @@ fn outcome_name(error: Option<&StageError>, retry: &RetryPolicy) -> &'static str
         None => "processed",
         Some(e) if e.category == "rejected" => "rejected",
         Some(e) => match retry.decide(e, 1) {
-            RetryDecision::Retry { .. } => "retrying",
+            RetryDecision::Retry { .. } | RetryDecision::Wait { .. } => "retrying",
             RetryDecision::DeadLetter => "dead_lettered",
         },
     }

@@ -7,6 +7,7 @@
 //! the [`EventContext`]; the service stores it with the attempt's outcome.
 
 pub mod fixtures;
+pub mod gate;
 pub mod json;
 pub mod loader;
 pub mod model;
@@ -20,12 +21,14 @@ pub use loader::{
     LoadError, LoadErrors, LoadOptions, SourceFiles, StageBuildContext, StageFactory, load_from, load_set,
     load_stored,
 };
-pub use model::{DestinationConfig, PipelineSpec, RetryPolicy, StageConfig};
+pub use model::{
+    CircuitBreaker, DeliveryLimits, DestinationConfig, PipelineSpec, Rate, RetryPolicy, StageConfig,
+};
 pub use pipeline::{Execution, Pipeline, PipelineSet, Violation, normalize_tipo, validate_with};
 pub use retry::RetryDecision;
 pub use script::{CompiledScript, ScriptHost, ScriptLimits};
 pub use stage::{
-    DeliveryOutcome, DeliveryReport, ErrorClass, Event, EventContext, Stage, StageError, StageOutcome,
-    StageTrace,
+    DeliveryOutcome, DeliveryReport, DeliveryWait, ErrorClass, Event, EventContext, Stage, StageError,
+    StageOutcome, StageTrace, Wait,
 };
 pub use tables::Tables;

@@ -234,6 +234,20 @@ pub enum DestinationConfig {
         /// log instead of failing the load (keeps the default install self-contained).
         #[serde(default)]
         fallback: Option<Fallback>,
+        /// Calls per second or minute (`200/s`, `600/m`), across every worker
+        /// process; none by default.
+        #[serde(default)]
+        rate_limit: Option<Rate>,
+        /// Concurrent calls, across every worker process.
+        #[serde(default = "default_max_in_flight")]
+        max_in_flight: u32,
+        /// When consecutive transient failures stop the calls for a while.
+        #[serde(default)]
+        circuit_breaker: CircuitBreaker,
+        /// How long an event may wait on this destination (open circuit,
+        /// throttling) before it dead-letters.
+        #[serde(default = "default_max_wait", with = "duration_str")]
+        max_wait: Duration,
     },
     /// Writes the event to the service log.
     Log {
@@ -250,6 +264,174 @@ pub enum Fallback {
 
 fn default_webhook_timeout() -> Duration {
     Duration::from_secs(5)
+}
+
+fn default_max_in_flight() -> u32 {
+    64
+}
+
+fn default_max_wait() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+/// A call rate: `200/s` or `600/m` (`per_second` 200 and 10).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    /// Calls allowed per `per`.
+    pub calls: u32,
+    pub per: Duration,
+}
+
+impl Rate {
+    /// The time one call takes of the budget: `per / calls`.
+    pub fn interval(&self) -> Duration {
+        self.per / self.calls.max(1)
+    }
+
+    pub fn per_second(&self) -> f64 {
+        f64::from(self.calls) / self.per.as_secs_f64()
+    }
+}
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad =
+            || format!("invalid rate {s:?}: expected calls per second or minute, like `200/s` or `600/m`");
+        let (calls, unit) = s.trim().split_once('/').ok_or_else(bad)?;
+        let calls: u32 = calls.trim().parse().map_err(|_| bad())?;
+        let per = match unit.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            _ => return Err(bad()),
+        };
+        if calls == 0 {
+            return Err(format!("invalid rate {s:?}: must allow at least one call"));
+        }
+        Ok(Rate { calls, per })
+    }
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let unit = if self.per == Duration::from_secs(60) {
+            "m"
+        } else {
+            "s"
+        };
+        write!(f, "{}/{unit}", self.calls)
+    }
+}
+
+impl Serialize for Rate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        raw.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// When a destination's circuit opens, and for how long.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreaker {
+    /// Consecutive transient failures (timeouts, connection errors, 408,
+    /// 429, 5xx) that open the circuit.
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
+    /// How long it stays open before one probe; doubles while probes fail.
+    #[serde(default = "default_open_for", with = "duration_str")]
+    pub open_for: Duration,
+    /// The longest it stays open.
+    #[serde(default = "default_max_open", with = "duration_str")]
+    pub max_open: Duration,
+}
+
+fn default_failure_threshold() -> u32 {
+    5
+}
+fn default_open_for() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_open() -> Duration {
+    Duration::from_secs(600)
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        Self {
+            failure_threshold: default_failure_threshold(),
+            open_for: default_open_for(),
+            max_open: default_max_open(),
+        }
+    }
+}
+
+/// What a webhook destination's calls are held to (see [`crate::gate`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeliveryLimits {
+    pub rate_limit: Option<Rate>,
+    pub max_in_flight: u32,
+    pub circuit_breaker: CircuitBreaker,
+    pub max_wait: Duration,
+    /// The call's timeout: how long a slot or a probe is held at most.
+    pub timeout: Duration,
+}
+
+impl DeliveryLimits {
+    /// Checks a destination's limits make sense; the message names the key.
+    pub fn check(&self) -> Result<(), String> {
+        let cb = &self.circuit_breaker;
+        if self.max_in_flight == 0 {
+            return Err("max_in_flight must be at least 1".into());
+        }
+        if cb.failure_threshold == 0 {
+            return Err("circuit_breaker.failure_threshold must be at least 1".into());
+        }
+        if cb.open_for.is_zero() {
+            return Err("circuit_breaker.open_for must be longer than zero".into());
+        }
+        if cb.max_open < cb.open_for {
+            return Err(format!(
+                "circuit_breaker.max_open ({}) is shorter than open_for ({})",
+                humantime::format_duration(cb.max_open),
+                humantime::format_duration(cb.open_for)
+            ));
+        }
+        if self.max_wait.is_zero() {
+            return Err("max_wait must be longer than zero".into());
+        }
+        Ok(())
+    }
+}
+
+impl DestinationConfig {
+    /// A webhook's delivery limits; `None` for destinations that make no calls.
+    pub fn limits(&self) -> Option<DeliveryLimits> {
+        match self {
+            DestinationConfig::Webhook {
+                timeout,
+                rate_limit,
+                max_in_flight,
+                circuit_breaker,
+                max_wait,
+                ..
+            } => Some(DeliveryLimits {
+                rate_limit: *rate_limit,
+                max_in_flight: *max_in_flight,
+                circuit_breaker: *circuit_breaker,
+                max_wait: *max_wait,
+                timeout: *timeout,
+            }),
+            DestinationConfig::Log { .. } => None,
+        }
+    }
 }
 
 /// Parses `"500ms"`, `"1s"`, `"5m"`, `"1h 30m"`.
@@ -289,6 +471,54 @@ mod tests {
         )
         .expect_err("unknown plugin must fail");
         assert!(err.to_string().contains("enrich"), "{err}");
+    }
+
+    #[test]
+    fn rates_parse_per_second_and_minute() {
+        let r: Rate = "200/s".parse().expect("rate");
+        assert_eq!((r.calls, r.per), (200, Duration::from_secs(1)));
+        assert_eq!(r.interval(), Duration::from_millis(5));
+        let r: Rate = " 600 / m ".parse().expect("rate");
+        assert_eq!(r.per_second(), 10.0);
+        assert_eq!(r.to_string(), "600/m");
+        for bad in ["200", "0/s", "-1/s", "10/h", "ten/s", "/s"] {
+            assert!(bad.parse::<Rate>().is_err(), "{bad} must fail");
+        }
+    }
+
+    #[test]
+    fn webhook_limits_have_defaults_and_deny_unknown_keys() {
+        let d: DestinationConfig = serde_yaml::from_str("type: webhook\nurl: http://x\n").expect("parses");
+        let l = d.limits().expect("a webhook has limits");
+        assert_eq!(l.rate_limit, None);
+        assert_eq!(l.max_in_flight, 64);
+        assert_eq!(l.circuit_breaker, CircuitBreaker::default());
+        assert_eq!(l.max_wait, Duration::from_secs(86_400));
+        let d: DestinationConfig = serde_yaml::from_str(
+            "type: webhook\nurl: http://x\nrate_limit: 50/s\ncircuit_breaker:\n  open_for: 5s\n",
+        )
+        .expect("parses");
+        let l = d.limits().expect("limits");
+        assert_eq!(l.rate_limit.map(|r| r.calls), Some(50));
+        assert_eq!(l.circuit_breaker.open_for, Duration::from_secs(5));
+        assert_eq!(l.circuit_breaker.failure_threshold, 5);
+        let err = serde_yaml::from_str::<DestinationConfig>(
+            "type: webhook\nurl: http://x\ncircuit_breaker:\n  threshold: 3\n",
+        )
+        .expect_err("unknown key");
+        assert!(err.to_string().contains("threshold"), "{err}");
+        let err =
+            serde_yaml::from_str::<DestinationConfig>("type: webhook\nurl: http://x\nrate_limit: fast\n")
+                .expect_err("bad rate");
+        assert!(err.to_string().contains("invalid rate"), "{err}");
+        let bad = DeliveryLimits {
+            circuit_breaker: CircuitBreaker {
+                max_open: Duration::from_secs(1),
+                ..CircuitBreaker::default()
+            },
+            ..l
+        };
+        assert!(bad.check().expect_err("max_open < open_for").contains("max_open"));
     }
 
     #[test]

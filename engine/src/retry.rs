@@ -15,6 +15,12 @@ use crate::stage::StageError;
 pub enum RetryDecision {
     /// Run the event again after `delay`.
     Retry { delay: Duration },
+    /// Nothing failed: the event waits for a destination (until the
+    /// epoch-millisecond `until_ms`, or until woken when `park`), and the
+    /// attempt does not count against the retry budget. The service
+    /// dead-letters it once it has waited longer than the destination's
+    /// `max_wait`.
+    Wait { until_ms: i64, park: bool },
     /// Give up: the failure is permanent or the attempts are used up.
     DeadLetter,
 }
@@ -29,10 +35,23 @@ impl RetryPolicy {
     /// The decision after `error` ended an attempt. `attempt`: 1-based
     /// attempts made since the last manual retry, including the one that just
     /// failed.
+    ///
+    /// A `Retry-After` the error carries delays the retry at least that long,
+    /// capped by `max_delay`.
     pub fn decide(&self, error: &StageError, attempt: u32) -> RetryDecision {
+        if let Some(w) = error.wait.as_ref().filter(|_| error.is_waiting()) {
+            return RetryDecision::Wait {
+                until_ms: w.until_ms,
+                park: w.park,
+            };
+        }
         if error.is_transient() && attempt < self.max_attempts() {
+            let asked = error
+                .retry_after_ms
+                .map(|ms| Duration::from_millis(ms).min(self.max_delay))
+                .unwrap_or_default();
             RetryDecision::Retry {
-                delay: self.delay_for(attempt),
+                delay: self.delay_for(attempt).max(asked),
             }
         } else {
             RetryDecision::DeadLetter
@@ -116,6 +135,60 @@ mod tests {
         let p = RetryPolicy::default();
         let e = StageError::permanent("validation", "/valor: required");
         assert_eq!(p.decide(&e, 1), RetryDecision::DeadLetter);
+    }
+
+    #[test]
+    fn retry_after_delays_the_retry_up_to_max_delay() {
+        let p = RetryPolicy {
+            max_delay: Duration::from_secs(30),
+            ..RetryPolicy::default()
+        };
+        let mut e = transient();
+        e.retry_after_ms = Some(3_000);
+        assert_eq!(
+            p.decide(&e, 1),
+            RetryDecision::Retry {
+                delay: Duration::from_secs(3)
+            }
+        );
+        // The backoff wins when it is longer.
+        assert_eq!(
+            p.decide(&e, 3),
+            RetryDecision::Retry {
+                delay: Duration::from_secs(16)
+            }
+        );
+        e.retry_after_ms = Some(3_600_000);
+        assert_eq!(
+            p.decide(&e, 1),
+            RetryDecision::Retry {
+                delay: Duration::from_secs(30)
+            }
+        );
+    }
+
+    #[test]
+    fn a_wait_is_not_a_failure_even_past_the_budget() {
+        let p = RetryPolicy {
+            max_retries: 0,
+            ..RetryPolicy::default()
+        };
+        let e = StageError::waiting(
+            "destination_unavailable",
+            "erp: circuit open",
+            crate::stage::Wait {
+                destination: "erp".into(),
+                until_ms: 42,
+                park: true,
+            },
+        );
+        assert_eq!(
+            p.decide(&e, 7),
+            RetryDecision::Wait {
+                until_ms: 42,
+                park: true
+            }
+        );
     }
 
     #[test]

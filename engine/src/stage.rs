@@ -63,6 +63,9 @@ pub enum ErrorClass {
     Transient,
     /// Dead-letter now: retrying cannot help.
     Permanent,
+    /// Nothing failed: a destination cannot be called yet (open circuit,
+    /// throttling). The event waits without using up its retry budget.
+    Waiting,
 }
 
 /// A stage failure, classed for the retry decision.
@@ -74,27 +77,61 @@ pub struct StageError {
     /// `script_budget`, `route`, `delivery`, `persist`, `internal`.
     pub category: String,
     pub message: String,
+    /// A transient failure's `Retry-After`: the next attempt comes no sooner
+    /// (capped by the retry policy's `max_delay`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+    /// What a [`ErrorClass::Waiting`] event waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<Wait>,
+}
+
+/// What a waiting event waits for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Wait {
+    /// The destination it waits on (the first one, when several hold it).
+    pub destination: String,
+    /// When it may try again, epoch milliseconds.
+    pub until_ms: i64,
+    /// Waits for a circuit to close: the service parks it and wakes it,
+    /// oldest first, when the circuit closes or its probe is due.
+    pub park: bool,
 }
 
 impl StageError {
     pub fn transient(category: &str, message: impl Into<String>) -> Self {
-        Self {
-            class: ErrorClass::Transient,
-            category: category.to_owned(),
-            message: message.into(),
-        }
+        Self::new(ErrorClass::Transient, category, message)
     }
 
     pub fn permanent(category: &str, message: impl Into<String>) -> Self {
+        Self::new(ErrorClass::Permanent, category, message)
+    }
+
+    /// The event waits on `wait.destination`; `category` is the
+    /// [`crate::gate::WaitReason`]'s.
+    pub fn waiting(category: &str, message: impl Into<String>, wait: Wait) -> Self {
         Self {
-            class: ErrorClass::Permanent,
+            wait: Some(wait),
+            ..Self::new(ErrorClass::Waiting, category, message)
+        }
+    }
+
+    fn new(class: ErrorClass, category: &str, message: impl Into<String>) -> Self {
+        Self {
+            class,
             category: category.to_owned(),
             message: message.into(),
+            retry_after_ms: None,
+            wait: None,
         }
     }
 
     pub fn is_transient(&self) -> bool {
         self.class == ErrorClass::Transient
+    }
+
+    pub fn is_waiting(&self) -> bool {
+        self.class == ErrorClass::Waiting
     }
 }
 
@@ -114,6 +151,9 @@ pub enum DeliveryOutcome {
     Skipped,
     /// Not called: a dry run.
     Simulated,
+    /// Not called yet: the destination's circuit is open or it is
+    /// throttled; the event waits for it.
+    Waiting,
 }
 
 impl DeliveryOutcome {
@@ -125,6 +165,7 @@ impl DeliveryOutcome {
             Self::Rejected => "rejected",
             Self::Skipped => "skipped",
             Self::Simulated => "simulated",
+            Self::Waiting => "waiting",
         }
     }
 }
@@ -139,6 +180,39 @@ pub struct DeliveryReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub duration_ms: f64,
+    /// A wait (`waiting`, or a failed probe): until when, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<DeliveryWait>,
+    /// A failed call's `Retry-After`, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+    /// Whether a call was made (for the destination metrics).
+    #[serde(skip)]
+    pub called: bool,
+}
+
+impl DeliveryReport {
+    /// A destination that was not called.
+    pub fn not_called(destination: &str, outcome: DeliveryOutcome, error: Option<String>) -> Self {
+        Self {
+            destination: destination.to_owned(),
+            outcome,
+            status_code: None,
+            error,
+            duration_ms: 0.0,
+            wait: None,
+            retry_after_ms: None,
+            called: false,
+        }
+    }
+}
+
+/// Why and until when a delivery waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryWait {
+    pub reason: crate::gate::WaitReason,
+    /// Epoch milliseconds.
+    pub until_ms: i64,
 }
 
 /// The state one event carries through the stages of one attempt.
@@ -264,20 +338,30 @@ mod tests {
             DeliveryOutcome::Rejected,
             DeliveryOutcome::Skipped,
             DeliveryOutcome::Simulated,
+            DeliveryOutcome::Waiting,
         ];
         let names: Vec<&str> = all.iter().map(|o| o.as_str()).collect();
-        assert_eq!(names, ["delivered", "failed", "rejected", "skipped", "simulated"]);
+        assert_eq!(
+            names,
+            [
+                "delivered",
+                "failed",
+                "rejected",
+                "skipped",
+                "simulated",
+                "waiting"
+            ]
+        );
         for o in all {
             let json = serde_json::to_string(&o).expect("serialises");
             assert_eq!(json, format!("\"{}\"", o.as_str()));
             assert_eq!(serde_json::from_str::<DeliveryOutcome>(&json).expect("parses"), o);
         }
         let report = DeliveryReport {
-            destination: "erp".into(),
-            outcome: DeliveryOutcome::Delivered,
             status_code: Some(204),
-            error: None,
             duration_ms: 1.5,
+            called: true,
+            ..DeliveryReport::not_called("erp", DeliveryOutcome::Delivered, None)
         };
         assert_eq!(
             serde_json::to_string(&report).expect("serialises"),

@@ -131,7 +131,10 @@ fn load_bench_set() -> PipelineSet {
 /// environment variables (webhooks with `fallback: log` become `log`).
 fn load(pipelines_dir: &Path) -> PipelineSet {
     let scripts = Arc::new(ScriptHost::default());
-    let factory = BuiltinFactory::new(BuiltinFactory::default_http_client());
+    let factory = BuiltinFactory::new(
+        BuiltinFactory::default_http_client(),
+        Arc::new(engine::gate::LocalGate::default()),
+    );
     let opts = LoadOptions {
         pipelines_dir: pipelines_dir.to_path_buf(),
         schemas_dir: workspace_root().join("schemas"),

@@ -12,23 +12,27 @@ mod webhook;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use engine::gate::DestinationGate;
 use engine::{
     CompiledScript, Event, EventContext, ScriptHost, Stage, StageBuildContext, StageConfig, StageError,
     StageFactory, script::ScriptError,
 };
 use serde_json::{Value, json};
 
-pub use deliver::DeliverStage;
-pub use webhook::{WebhookOutcome, sign_payload};
+pub use deliver::{DeliverStage, INLINE_WAIT};
+pub use webhook::{WebhookOutcome, parse_retry_after, sign_payload};
 
 /// Builds the built-in stages.
 pub struct BuiltinFactory {
     http: reqwest::Client,
+    gate: Arc<dyn DestinationGate>,
 }
 
 impl BuiltinFactory {
-    pub fn new(http: reqwest::Client) -> Self {
-        Self { http }
+    /// `gate` holds the destinations' state: shared by every worker process
+    /// in production, this process's own when embedded.
+    pub fn new(http: reqwest::Client, gate: Arc<dyn DestinationGate>) -> Self {
+        Self { http, gate }
     }
 
     /// An HTTP client fit for webhooks: no redirects, no proxies from the
@@ -60,7 +64,12 @@ impl StageFactory for BuiltinFactory {
                 kind: RouteKind::Script(StageScript::new(cx).ok_or("route stage without a script")?),
                 destinations: cx.destinations.keys().cloned().collect(),
             }),
-            StageConfig::Deliver { .. } => Arc::new(DeliverStage::new(self.http.clone(), cx.destinations)),
+            StageConfig::Deliver { .. } => Arc::new(DeliverStage::new(
+                self.http.clone(),
+                self.gate.clone(),
+                cx.event_type,
+                cx.destinations,
+            )),
             StageConfig::Persist { .. } => Arc::new(PersistStage),
         })
     }

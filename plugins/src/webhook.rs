@@ -16,6 +16,8 @@ pub enum WebhookOutcome {
     Transient {
         status: Option<u16>,
         error: String,
+        /// `Retry-After` of a `429` or `503`.
+        retry_after: Option<Duration>,
     },
     /// Retrying cannot help: other 4xx, 3xx, bad configuration.
     Permanent {
@@ -73,9 +75,24 @@ pub(crate) async fn call(http: &reqwest::Client, c: WebhookCall<'_>) -> WebhookO
     match req.body(c.body).send().await {
         Ok(resp) => {
             let status = resp.status().as_u16();
+            let retry_after = match status {
+                429 | 503 => resp
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| parse_retry_after(v, std::time::SystemTime::now())),
+                _ => None,
+            };
             // Drain a little of the body so the connection can be reused.
             let _ = tokio::time::timeout(Duration::from_millis(200), resp.bytes()).await;
-            classify(status)
+            match classify(status) {
+                WebhookOutcome::Transient { status, error, .. } => WebhookOutcome::Transient {
+                    status,
+                    error,
+                    retry_after,
+                },
+                other => other,
+            }
         }
         Err(e) if e.is_builder() => WebhookOutcome::Permanent {
             status: None,
@@ -92,6 +109,7 @@ pub(crate) async fn call(http: &reqwest::Client, c: WebhookCall<'_>) -> WebhookO
             WebhookOutcome::Transient {
                 status: None,
                 error: format!("{what}: {}", root_cause(&e)),
+                retry_after: None,
             }
         }
     }
@@ -111,6 +129,7 @@ pub(crate) fn classify(status: u16) -> WebhookOutcome {
         408 | 429 | 500..=599 => WebhookOutcome::Transient {
             status: Some(status),
             error: format!("destination answered HTTP {status}"),
+            retry_after: None,
         },
         _ => WebhookOutcome::Permanent {
             status: Some(status),
@@ -119,9 +138,37 @@ pub(crate) fn classify(status: u16) -> WebhookOutcome {
     }
 }
 
+/// A `Retry-After` value (RFC 9110): delay-seconds or an HTTP date; how
+/// long from `now`. A date in the past is no wait; garbage is ignored.
+pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2026 07:28:00 GMT").expect("date");
+        assert_eq!(parse_retry_after("3", now), Some(Duration::from_secs(3)));
+        assert_eq!(parse_retry_after(" 120 ", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2026 07:28:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2026 07:27:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
+    }
 
     #[test]
     fn classification() {

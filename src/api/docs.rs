@@ -5,7 +5,7 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityRequirement, Securi
 use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
-use super::{admin, auth, dry_run, error, events, ops, retention};
+use super::{admin, auth, destinations, dry_run, error, events, ops, retention};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -36,6 +36,8 @@ use super::{admin, auth, dry_run, error, events, ops, retention};
         admin::redrive,
         retention::get_retention,
         retention::purge_now,
+        destinations::list_destinations,
+        destinations::reset_destination,
     ),
     components(schemas(error::Problem, error::FieldError)),
     modifiers(&Security),

@@ -97,7 +97,7 @@ pub async fn dry_run(
     let outcome = match &execution.error {
         None => "processed",
         Some(e) => match pipeline.retry.decide(e, 1) {
-            RetryDecision::Retry { .. } => "retrying",
+            RetryDecision::Retry { .. } | RetryDecision::Wait { .. } => "retrying",
             RetryDecision::DeadLetter => "dead_lettered",
         },
     };

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod auth;
 pub mod body;
+pub mod destinations;
 pub mod docs;
 pub mod dry_run;
 pub mod error;
@@ -38,6 +39,8 @@ pub struct AppState {
     /// Every reload goes through it (see [`crate::pipelines::Reloader`]).
     pub reloader: Arc<Reloader>,
     pub metrics: Arc<Metrics>,
+    /// The webhook destinations' state (see [`crate::destinations`]).
+    pub gate: Arc<dyn engine::gate::DestinationGate>,
     pub partner_limits: Arc<limits::PartnerLimits>,
     pub login_limits: Arc<limits::LoginLimits>,
 }
@@ -68,6 +71,11 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/partners/{id}/keys", post(admin::create_key))
         .route("/admin/dead-letters/redrive", post(admin::redrive))
         .route("/admin/retention", get(retention::get_retention))
+        .route("/admin/destinations", get(destinations::list_destinations))
+        .route(
+            "/admin/destinations/{tipo}/{name}/reset",
+            post(destinations::reset_destination),
+        )
         .route("/admin/retention/purge", post(retention::purge_now))
         .route(
             "/admin/partners/{id}/keys/{key_id}",

@@ -126,6 +126,10 @@ pub struct EventRecord {
     pub idempotency_key: Option<String>,
     /// `X-Request-Id` of the request that created it.
     pub request_id: Option<String>,
+    /// The destination it waits on (open circuit, throttling), if it does.
+    pub waiting_on: Option<String>,
+    /// When it began waiting (for the destination's `max_wait`).
+    pub waiting_since: Option<DateTime<Utc>>,
 }
 
 /// An event to insert.
@@ -166,6 +170,29 @@ pub struct AttemptFinish {
     pub deliveries: Vec<DeliveryReport>,
     /// The processed form `persist` produced (`{dados, meta, routes}`).
     pub result: Option<Value>,
+    /// The attempt ended waiting for a destination: it does not count
+    /// against the retry budget (`attempt_base` moves with `attempts`).
+    pub wait: Option<FinishWait>,
+}
+
+/// What a waiting event waits on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinishWait {
+    pub destination: String,
+    /// Parked: no queue task; woken when the destination's circuit closes
+    /// or its probe is due ([`EventStore::unpark`]).
+    pub park: bool,
+}
+
+/// Events waiting on one destination.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Waiting {
+    pub tipo: String,
+    pub destination: String,
+    /// Every waiting event, parked or with a task.
+    pub events: i64,
+    pub parked: i64,
+    pub oldest_since: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -319,6 +346,21 @@ pub trait EventStore: Send + Sync {
     async fn release_leases(&self) -> StoreResult<u64>;
     /// Number of events per status, from the counters.
     async fn status_counts(&self) -> StoreResult<std::collections::BTreeMap<String, i64>>;
+    /// Events waiting on each destination (from an index of the waiting
+    /// ones only).
+    async fn waiting(&self) -> StoreResult<Vec<Waiting>>;
+    /// Wakes up to `limit` of the events parked on a destination, oldest
+    /// first (all of them with `since_before`: only those that began
+    /// waiting before it): marks them queued and due now, and returns them
+    /// for their tasks.
+    async fn unpark(
+        &self,
+        tipo: &str,
+        destination: &str,
+        limit: u32,
+        since_before: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<Requeue>>;
     /// When the oldest event still waiting or running was received, per type.
     async fn oldest_pending(&self) -> StoreResult<std::collections::BTreeMap<String, DateTime<Utc>>>;
 }

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::helpers::*;
 
-const KEY: &str = "eo_cluster_test_partner_key_7d1e";
+pub(crate) const KEY: &str = "eo_cluster_test_partner_key_7d1e";
 
 /// A pipeline delivering every `CARGA` event to `rx`'s `/sink`.
 fn sink_pipeline(rx: &Receiver, concurrency: usize) -> PipelineDir {
@@ -25,15 +25,15 @@ fn sink_pipeline(rx: &Receiver, concurrency: usize) -> PipelineDir {
     dir
 }
 
-struct Cluster {
+pub(crate) struct Cluster {
     vars: Vec<(String, String)>,
     iso: Isolation,
     log: tempfile::TempDir,
-    http: reqwest::Client,
+    pub(crate) http: reqwest::Client,
 }
 
 impl Cluster {
-    async fn new(backend: &Backend, dir: &PipelineDir) -> Option<Cluster> {
+    pub(crate) async fn new(backend: &Backend, dir: &PipelineDir) -> Option<Cluster> {
         let Backend::Production {
             database_url,
             redis_url,
@@ -67,7 +67,7 @@ impl Cluster {
     }
 
     /// Starts a process with `role` on a fresh port; returns it and its port.
-    async fn start(&self, role: &str) -> (Child, u16) {
+    pub(crate) async fn start(&self, role: &str) -> (Child, u16) {
         let port = free_port();
         let mut vars = self.vars.clone();
         vars.push(("LISTEN_ADDR".into(), format!("127.0.0.1:{port}")));
@@ -98,7 +98,7 @@ impl Cluster {
             .await
     }
 
-    async fn stats(&self, port: u16) -> Value {
+    pub(crate) async fn stats(&self, port: u16) -> Value {
         admin_stats(&self.http, port).await
     }
 
@@ -117,7 +117,7 @@ impl Cluster {
         }
     }
 
-    async fn finish(self, children: Vec<Child>) {
+    pub(crate) async fn finish(self, children: Vec<Child>) {
         for mut c in children {
             let _ = c.kill();
             let _ = c.wait();

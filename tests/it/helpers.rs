@@ -480,14 +480,20 @@ pub struct Received {
     pub path: String,
     pub headers: HeaderMap,
     pub body: Value,
+    /// When it arrived.
+    pub at: std::time::Instant,
+    /// The status it was answered with (200 for `Hang`).
+    pub status: u16,
 }
 
 /// What the receiver answers, per path.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Behaviour {
     Status(u16),
     /// Sleep, then 200.
     Hang(Duration),
+    /// This status with this `Retry-After` header value.
+    RetryAfter(u16, String),
 }
 
 #[derive(Default)]
@@ -547,23 +553,36 @@ async fn receive(
     uri: axum::http::Uri,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> StatusCode {
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
     let path = uri.path().to_owned();
     let behaviour = {
         let mut s = state.lock().expect("lock");
+        let behaviour = s.behaviour.get(&path).cloned().unwrap_or(Behaviour::Status(200));
+        let status = match &behaviour {
+            Behaviour::Status(code) | Behaviour::RetryAfter(code, _) => *code,
+            Behaviour::Hang(_) => 200,
+        };
         s.received.push(Received {
             path: path.clone(),
             headers,
             body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+            at: std::time::Instant::now(),
+            status,
         });
-        s.behaviour.get(&path).copied().unwrap_or(Behaviour::Status(200))
+        behaviour
     };
     match behaviour {
-        Behaviour::Status(code) => StatusCode::from_u16(code).expect("status"),
+        Behaviour::Status(code) => StatusCode::from_u16(code).expect("status").into_response(),
         Behaviour::Hang(d) => {
             tokio::time::sleep(d).await;
-            StatusCode::OK
+            StatusCode::OK.into_response()
         }
+        Behaviour::RetryAfter(code, value) => (
+            StatusCode::from_u16(code).expect("status"),
+            [(axum::http::header::RETRY_AFTER, value)],
+        )
+            .into_response(),
     }
 }
 
@@ -768,6 +787,7 @@ pub fn finish(status: orchestrator::store::Status) -> orchestrator::store::Attem
         trace: Vec::new(),
         deliveries: Vec::new(),
         result: None,
+        wait: None,
     }
 }
 

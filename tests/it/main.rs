@@ -46,6 +46,7 @@ macro_rules! production_only {
     };
 }
 
+mod destinations;
 mod dispatch;
 mod fixtures;
 mod helpers;

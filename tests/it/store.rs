@@ -185,17 +185,20 @@ async fn concurrent_writes_each_get_their_own_outcome(backend: Backend) {
                     deliveries: if processed {
                         ["a", "b"]
                             .map(|d| engine::DeliveryReport {
-                                destination: d.into(),
-                                outcome: engine::DeliveryOutcome::Delivered,
                                 status_code: Some(200),
-                                error: None,
                                 duration_ms: 1.0,
+                                ..engine::DeliveryReport::not_called(
+                                    d,
+                                    engine::DeliveryOutcome::Delivered,
+                                    None,
+                                )
                             })
                             .to_vec()
                     } else {
                         Vec::new()
                     },
                     result: processed.then(|| json!({"dados": {"id": id}, "meta": {"m": 1}, "routes": []})),
+                    wait: None,
                 };
                 let stale = store.finish_attempt(&id, 2, &finish).await.expect("finish");
                 let recorded = store.finish_attempt(&id, 1, &finish).await.expect("finish");

@@ -41,6 +41,7 @@ async fn stranded_events_are_found_and_waiting_ones_left_alone(backend: Backend)
         trace: Vec::new(),
         deliveries: Vec::new(),
         result: None,
+        wait: None,
     };
     assert!(
         store

@@ -458,7 +458,14 @@ fn expand_destination(
             secret,
             headers,
             fallback,
+            rate_limit,
+            max_in_flight,
+            circuit_breaker,
+            max_wait,
         } => {
+            if let Some(limits) = dest.limits() {
+                limits.check()?;
+            }
             let url = match expand_env(url, env) {
                 Ok(u) if !u.trim().is_empty() => u,
                 Ok(_) | Err(_) if *fallback == Some(Fallback::Log) => {
@@ -481,6 +488,10 @@ fn expand_destination(
                 secret: secret.filter(|s| !s.is_empty()),
                 headers,
                 fallback: *fallback,
+                rate_limit: *rate_limit,
+                max_in_flight: *max_in_flight,
+                circuit_breaker: *circuit_breaker,
+                max_wait: *max_wait,
             })
         }
         DestinationConfig::Log { level } => Ok(DestinationConfig::Log { level: level.clone() }),

@@ -431,3 +431,51 @@ fn oversized_tables_are_refused_in_memory_too() {
         )]
     );
 }
+
+#[test]
+fn delivery_limits_are_checked_with_file_and_line() {
+    let pipeline = |erp: &str| {
+        format!(
+            "event_type: LIMITE\nschema: any.schema.json\nstages:\n  - plugin: deliver\n\
+             destinations:\n  erp:\n    type: webhook\n    url: http://127.0.0.1:9/x\n{erp}"
+        )
+    };
+    // Every error names the file and the destination's line (serde reads a
+    // tagged destination as a whole, so that is where its errors point).
+    let cases = [
+        ("    rate_limit: 10/h\n", 6, "invalid rate \"10/h\""),
+        (
+            "    circuit_breaker:\n      treshold: 3\n",
+            6,
+            "unknown field `treshold`",
+        ),
+        ("    max_in_flight: 0\n", 6, "max_in_flight must be at least 1"),
+        (
+            "    circuit_breaker:\n      open_for: 1m\n      max_open: 10s\n",
+            6,
+            "max_open (10s) is shorter than open_for (1m)",
+        ),
+    ];
+    for (erp, line, message) in cases {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        write(root, "schemas/any.schema.json", "{}");
+        write(root, "pipelines/limite.yaml", &pipeline(erp));
+        let errors = load_dir(root).expect_err(erp);
+        let e = &errors.0[0];
+        assert_eq!(e.line, Some(line), "{erp}: {e}");
+        assert!(e.message.contains(message), "{erp}: {e}");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "schemas/any.schema.json", "{}");
+    write(
+        dir.path(),
+        "pipelines/limite.yaml",
+        &pipeline("    rate_limit: 200/s\n    max_in_flight: 32\n    max_wait: 1h\n"),
+    );
+    let set = load_dir(dir.path()).expect("loads");
+    let limits = set.get("LIMITE").expect("LIMITE").destinations["erp"]
+        .limits()
+        .expect("a webhook");
+    assert_eq!((limits.max_in_flight, limits.max_wait.as_secs()), (32, 3600));
+}

@@ -83,6 +83,14 @@ pub struct StatusOut {
     pub max_attempts: Option<u32>,
     pub next_attempt_at: Option<DateTime<Utc>>,
     pub last_error: Option<ErrorOut>,
+    /// The destination the event waits on (its circuit is open, or it is
+    /// throttled): `last_error.category` says which (`destination_unavailable`
+    /// or `throttled`), `next_attempt_at` when it may go. Attempts that
+    /// waited are counted in `attempts` but not against `max_attempts`.
+    pub waiting_on: Option<String>,
+    /// When it began waiting; after the destination's `max_wait` it
+    /// dead-letters.
+    pub waiting_since: Option<DateTime<Utc>>,
     #[schema(value_type = Vec<Object>)]
     pub trace: Vec<engine::StageTrace>,
 }
@@ -108,6 +116,8 @@ pub async fn get_status(
         max_attempts,
         next_attempt_at: ev.next_attempt_at,
         last_error: ev.last_error.map(ErrorOut::from),
+        waiting_on: ev.waiting_on,
+        waiting_since: ev.waiting_since,
         trace: ev.last_trace,
     }))
 }

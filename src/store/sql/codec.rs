@@ -13,12 +13,12 @@ use serde_json::Value;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use crate::store::{EventRecord, LastError, Partner, Status, StoreError, StoreResult};
+use crate::store::{EventRecord, LastError, Partner, Requeue, Status, StoreError, StoreResult};
 
 /// The columns [`event_from_row`] reads, for `SELECT` and `RETURNING`.
 pub(super) const EVENT_COLUMNS: &str = "id, partner_id, tipo, dados, meta, pipeline_version, status, attempts, attempt_base, received_at, \
      updated_at, next_attempt_at, processed_at, processing_ms, last_error, last_trace, result, idempotency_key, \
-     request_id";
+     request_id, waiting_on, waiting_since";
 
 pub(super) fn ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
@@ -78,6 +78,18 @@ pub(super) fn event_from_row(row: &AnyRow) -> StoreResult<EventRecord> {
         result: result.map(|s| parse_json(&s)).transpose()?,
         idempotency_key: row.try_get("idempotency_key")?,
         request_id: row.try_get("request_id")?,
+        waiting_on: row.try_get("waiting_on")?,
+        waiting_since: opt_ms("waiting_since")?,
+    })
+}
+
+/// An event to queue again, from a row with `id, tipo, pipeline_version`.
+pub(super) fn requeue_from_row(r: &AnyRow) -> StoreResult<Requeue> {
+    Ok(Requeue {
+        id: r.try_get("id")?,
+        tipo: r.try_get("tipo")?,
+        pipeline_version: r.try_get("pipeline_version")?,
+        run_at: None,
     })
 }
 

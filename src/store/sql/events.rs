@@ -9,13 +9,13 @@ use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, Row};
 
 use super::SqlStore;
-use super::codec::{EVENT_COLUMNS, event_from_row, from_ms, id_floor, ms};
+use super::codec::{EVENT_COLUMNS, event_from_row, from_ms, id_floor, ms, requeue_from_row};
 use super::counts::{self, Deltas, Writer};
 use super::statement::placeholders;
 use super::writes::insert_in_key_order;
 use crate::store::{
     AttemptFinish, DeliveryRow, EventRecord, EventStore, InsertOutcome, ListFilter, NewEvent, Requeue,
-    RetryOutcome, Stats, StatsQuery, Status, StoreResult, Sweep,
+    RetryOutcome, Stats, StatsQuery, Status, StoreResult, Sweep, Waiting,
 };
 
 /// A bound value of a statement built from optional filters.
@@ -185,7 +185,8 @@ impl EventStore for SqlStore {
     }
 
     async fn take_stranded(&self, sweep: &Sweep<'_>) -> StoreResult<Vec<Requeue>> {
-        // One branch per unfinished status. `received` and `retrying` read
+        // One branch per unfinished status (parked events, queued_at -1,
+        // are not stranded: the destination waker wakes them). `received` and `retrying` read
         // their own partial index on `queued_at` (only the events not queued
         // since the bound), `processing` the (status, id) index: the sweep
         // reads the stranded events only, however many finished or freshly
@@ -208,7 +209,8 @@ impl EventStore for SqlStore {
                 idle("1 = 1")
             ),
             format!(
-                "status = 'retrying' AND queued_at < {bound} AND ((queued_at = 0 AND next_attempt_at <= $1) \
+                "status = 'retrying' AND queued_at >= 0 AND queued_at < {bound} \
+                 AND ((queued_at = 0 AND next_attempt_at <= $1) \
                  OR (next_attempt_at < $2 AND queued_at < $2){})",
                 idle("next_attempt_at < $3")
             ),
@@ -242,14 +244,7 @@ impl EventStore for SqlStore {
         let rows = q.fetch_all(&self.pool).await?;
         let out = rows
             .iter()
-            .map(|r| {
-                Ok(Requeue {
-                    id: r.try_get("id")?,
-                    tipo: r.try_get("tipo")?,
-                    pipeline_version: r.try_get("pipeline_version")?,
-                    run_at: None,
-                })
-            })
+            .map(requeue_from_row)
             .collect::<StoreResult<Vec<_>>>()?;
         if !out.is_empty() {
             let sql = format!(
@@ -290,6 +285,69 @@ impl EventStore for SqlStore {
     async fn status_counts(&self) -> StoreResult<BTreeMap<String, i64>> {
         let mut conn = self.pool.acquire().await?;
         counts::status_totals(&mut conn).await
+    }
+
+    async fn waiting(&self) -> StoreResult<Vec<Waiting>> {
+        let rows = sqlx::query(
+            "SELECT tipo, waiting_on, COUNT(*) AS events, COUNT(CASE WHEN queued_at = -1 THEN 1 END) AS parked, \
+             MIN(waiting_since) AS oldest FROM events WHERE waiting_on IS NOT NULL GROUP BY tipo, waiting_on",
+        )
+        .persistent(false)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Waiting {
+                    tipo: r.try_get("tipo")?,
+                    destination: r.try_get("waiting_on")?,
+                    events: r.try_get("events")?,
+                    parked: r.try_get("parked")?,
+                    oldest_since: r.try_get::<Option<i64>, _>("oldest")?.map(from_ms),
+                })
+            })
+            .collect()
+    }
+
+    async fn unpark(
+        &self,
+        tipo: &str,
+        destination: &str,
+        limit: u32,
+        since_before: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<Requeue>> {
+        // The outer `queued_at = -1` is checked again on the locked row
+        // (PostgreSQL), so two processes waking the same destination wake
+        // each event once.
+        let since = if since_before.is_some() {
+            " AND waiting_since < $5"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "UPDATE events SET queued_at = $1, next_attempt_at = $1 \
+             WHERE waiting_on IS NOT NULL AND queued_at = -1 AND id IN (SELECT id FROM events \
+               WHERE waiting_on IS NOT NULL AND tipo = $2 AND waiting_on = $3 AND queued_at = -1{since} \
+               ORDER BY id LIMIT $4) \
+             RETURNING id, tipo, pipeline_version"
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql))
+            .persistent(false)
+            .bind(ms(now))
+            .bind(tipo)
+            .bind(destination)
+            .bind(i64::from(limit));
+        if let Some(before) = since_before {
+            q = q.bind(ms(before));
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        let mut out = rows
+            .iter()
+            .map(requeue_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        // Oldest first (ids sort by time), as they go to the queue.
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
     }
 
     async fn oldest_pending(&self) -> StoreResult<BTreeMap<String, DateTime<Utc>>> {

@@ -360,6 +360,9 @@ struct FinishRow {
     result: Option<String>,
     meta: Option<String>,
     deliveries: Vec<(String, Option<i64>)>,
+    /// The destination it waits on; `park` 1 when parked.
+    waiting_on: Option<String>,
+    park: i64,
 }
 
 impl FinishRow {
@@ -387,6 +390,8 @@ impl FinishRow {
                 .iter()
                 .map(|d| (d.destination.clone(), d.status_code.map(i64::from)))
                 .collect(),
+            waiting_on: f.wait.as_ref().map(|w| w.destination.clone()),
+            park: i64::from(f.wait.as_ref().is_some_and(|w| w.park)),
         })
     }
 }
@@ -424,11 +429,23 @@ async fn finish_batch(pool: &AnyPool, items: &[FinishRow]) -> StoreResult<Vec<bo
     let mut deltas = Deltas::default();
     for chunk in items.chunks(ROWS_PER_STATEMENT) {
         let mut sql = format!(
-            "WITH v (eid, att, st, nxt, err, trc, prc, res, mta) AS (VALUES {})",
-            values("(#1, #2, #3, #4, #5, #6, #7, #8, #9)", 9, 2, chunk.len())
+            "WITH v (eid, att, st, nxt, err, trc, prc, res, mta, wto, wpk) AS (VALUES {})",
+            values(
+                "(#1, #2, #3, #4, #5, #6, #7, #8, #9, #10, #11)",
+                11,
+                2,
+                chunk.len()
+            )
         );
+        // A wait (v.wto set) keeps the budget where it was (attempt_base
+        // follows attempts) and starts the wait's clock once; a parked one
+        // has no task (queued_at -1) until it is woken.
         sql += " UPDATE events SET status = v.st, next_attempt_at = v.nxt, lease_until = NULL, \
-                last_error = v.err, last_trace = v.trc, updated_at = $1, queued_at = $1, \
+                last_error = v.err, last_trace = v.trc, updated_at = $1, \
+                queued_at = CASE WHEN v.wpk = 1 THEN -1 ELSE $1 END, \
+                attempt_base = CASE WHEN v.wto IS NULL THEN attempt_base ELSE attempt_base + 1 END, \
+                waiting_on = v.wto, \
+                waiting_since = CASE WHEN v.wto IS NULL THEN NULL ELSE COALESCE(waiting_since, $1) END, \
                 processed_at = CASE WHEN v.prc = 1 THEN $1 ELSE processed_at END, \
                 processing_ms = CASE WHEN v.prc = 1 THEN $1 - received_at ELSE processing_ms END, \
                 result = COALESCE(v.res, result), meta = COALESCE(v.mta, meta) \
@@ -445,7 +462,9 @@ async fn finish_batch(pool: &AnyPool, items: &[FinishRow]) -> StoreResult<Vec<bo
                 .bind(&f.trace)
                 .bind(f.processed)
                 .bind(&f.result)
-                .bind(&f.meta);
+                .bind(&f.meta)
+                .bind(&f.waiting_on)
+                .bind(f.park);
         }
         for row in q.fetch_all(&mut *tx).await? {
             let status: String = row.try_get("status")?;
