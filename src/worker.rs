@@ -61,7 +61,8 @@ impl Processor {
                 max_retries: 2,
                 ..engine::RetryPolicy::default()
             };
-            let finish = self.decide(&tipo, attempt, &policy, err, None, Vec::new());
+            let cycle_attempt = attempt.saturating_sub(event.attempt_base);
+            let finish = self.decide(&tipo, cycle_attempt, &policy, err, None, Vec::new());
             return self.finish(event_id, &tipo, version, attempt, finish).await;
         };
         // Attempts since the last manual retry count against the policy.
@@ -156,13 +157,26 @@ impl Processor {
                 wait: None,
             },
             Some(err) => {
-                let err = past_max_wait(&pipeline, event.waiting_since, err);
+                let max_wait = err
+                    .wait
+                    .as_ref()
+                    .and_then(|w| self.max_wait(&pipeline, &w.destination));
+                let err = past_max_wait(max_wait, event.waiting_since, err);
                 let stage = execution
                     .trace
                     .iter()
                     .find(|t| t.outcome == StageOutcome::Failed)
                     .map(|t| t.stage.clone());
-                self.decide(&tipo, cycle_attempt, &pipeline.retry, err, stage, execution.trace)
+                let mut finish =
+                    self.decide(&tipo, cycle_attempt, &pipeline.retry, err, stage, execution.trace);
+                // A wait comes back by its deadline at the latest, to
+                // dead-letter on time (Retry-After may ask for longer).
+                if let (Some(_), Some(max), Some(at)) = (&finish.wait, max_wait, finish.next_attempt_at) {
+                    let since = event.waiting_since.unwrap_or(now);
+                    let deadline = since + chrono::Duration::from_std(max).unwrap_or_default();
+                    finish.next_attempt_at = Some(at.min(deadline));
+                }
+                finish
             }
         };
         // Stored with the outcome, in one transaction.
@@ -208,6 +222,24 @@ impl Processor {
             }
         }
         self.finish(event_id, &tipo, version, attempt, finish).await
+    }
+
+    /// How long an event may wait on `destination`: the shorter of its
+    /// version's `max_wait` and the serving set's, which is what the waker
+    /// goes by (so the two agree after a reload).
+    fn max_wait(&self, pipeline: &engine::Pipeline, destination: &str) -> Option<Duration> {
+        let of = |p: &engine::Pipeline| {
+            p.destinations
+                .get(destination)
+                .and_then(|d| d.limits())
+                .map(|l| l.max_wait)
+        };
+        let current = self.pipelines.current();
+        let serving = current.get(&pipeline.event_type).and_then(|p| of(p));
+        match (of(pipeline), serving) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The outcome of a failed attempt, by the pipeline's retry policy;
@@ -312,19 +344,11 @@ impl Processor {
 /// A wait that has lasted longer than its destination's `max_wait` ends the
 /// event: dead-lettered as `destination_unavailable`.
 fn past_max_wait(
-    pipeline: &engine::Pipeline,
+    max_wait: Option<Duration>,
     waiting_since: Option<chrono::DateTime<Utc>>,
     err: StageError,
 ) -> StageError {
-    let Some(w) = err.wait.as_ref().filter(|_| err.is_waiting()) else {
-        return err;
-    };
-    let Some(max_wait) = pipeline
-        .destinations
-        .get(&w.destination)
-        .and_then(|d| d.limits())
-        .map(|l| l.max_wait)
-    else {
+    let (Some(w), Some(max_wait)) = (err.wait.as_ref().filter(|_| err.is_waiting()), max_wait) else {
         return err;
     };
     let waited = waiting_since.map_or(Duration::ZERO, |t| (Utc::now() - t).to_std().unwrap_or_default());

@@ -88,8 +88,8 @@ pub enum CallResult {
     /// The destination answered and refused the event for good (other
     /// 4xx): it is up, so this closes a probe like a success.
     Refused,
-    /// Timeout, connection error, 408, 429, 5xx; with `Retry-After`, capped
-    /// by the caller.
+    /// Timeout, connection error, 408, 429, 5xx; with `Retry-After` (the
+    /// destination is throttled for that long, at most `max_open`).
     Failed { retry_after_ms: Option<i64> },
 }
 
@@ -241,6 +241,9 @@ pub struct DestState {
     /// How long the circuit was last opened for (doubles on failed probes).
     open_for: i64,
     probe_until: i64,
+    /// The probe's slot: only its release decides the half-open circuit
+    /// (a lost probe answering late changes nothing).
+    probe_slot: String,
     throttled_until: i64,
     /// The rate limit's next free start time.
     tat: i64,
@@ -273,6 +276,7 @@ impl DestState {
                 // The probe: one call, whatever the throttling says.
                 self.state = CircuitState::HalfOpen;
                 self.probe_until = now + lease;
+                self.probe_slot = slot.clone();
                 probe = true;
             }
             CircuitState::Closed => {}
@@ -333,7 +337,7 @@ impl DestState {
             b.2 += u64::from(failed);
         }
         let cb = &limits.circuit_breaker;
-        let probing = permit.probe && self.state == CircuitState::HalfOpen;
+        let probing = permit.probe && self.state == CircuitState::HalfOpen && self.probe_slot == permit.slot;
         match result {
             CallResult::Succeeded | CallResult::Refused => {
                 self.failures = 0;
@@ -345,7 +349,8 @@ impl DestState {
             }
             CallResult::Failed { retry_after_ms } => {
                 if let Some(ra) = retry_after_ms {
-                    self.throttled_until = self.throttled_until.max(now + ra);
+                    let until = now.saturating_add(ra.clamp(0, ms(cb.max_open)));
+                    self.throttled_until = self.throttled_until.max(until);
                 }
                 if probing {
                     self.open_for = (self.open_for.max(ms(cb.open_for)) * 2).min(ms(cb.max_open));
@@ -390,12 +395,16 @@ impl DestState {
         }
     }
 
+    /// Closes the circuit and forgets failures and throttling; the slots,
+    /// the counters and the rate schedule stay (calls reserved before the
+    /// reset still count against the rate).
     pub fn reset(&mut self) {
         let slots = std::mem::take(&mut self.slots);
         let minutes = std::mem::take(&mut self.minutes);
         *self = DestState {
             slots,
             minutes,
+            tat: self.tat,
             ..DestState::default()
         };
     }
@@ -588,9 +597,26 @@ pub mod conformance {
         // The lost probe's late answer changes nothing.
         let t = g.release(k, &l, &lost, FAILED, opened + 33_040).await.expect("r");
         assert_eq!(t, None);
+        // Nor does it while a newer probe is out (that late failure was
+        // the first of three again).
+        for i in 0..2 {
+            let p = go(g, k, &l, opened + 34_000 + i).await;
+            g.release(k, &l, &p, FAILED, opened + 34_000 + i)
+                .await
+                .expect("r");
+        }
+        let old = go(g, k, &l, opened + 39_002).await;
+        let new = go(g, k, &l, opened + 42_002).await;
+        assert!(old.probe && new.probe);
+        let t = g.release(k, &l, &old, FAILED, opened + 42_010).await.expect("r");
+        assert_eq!(t, None, "a lost probe's late failure");
+        let t = g
+            .release(k, &l, &new, CallResult::Succeeded, opened + 42_020)
+            .await;
+        assert_eq!(t.expect("r"), Some(Transition::Closed));
 
         // Retry-After throttles everyone for that long.
-        let now = opened + 40_000;
+        let now = opened + 50_000;
         let p = go(g, k, &l, now).await;
         let failed = CallResult::Failed {
             retry_after_ms: Some(3_000),
@@ -604,6 +630,17 @@ pub mod conformance {
         g.release(k, &l, &p, CallResult::Succeeded, now + 3_000)
             .await
             .expect("r");
+        // A Retry-After of a year throttles for max_open at most.
+        let now = now + 4_000;
+        let p = go(g, k, &l, now).await;
+        let year = CallResult::Failed {
+            retry_after_ms: Some(365 * 86_400_000),
+        };
+        g.release(k, &l, &p, year, now).await.expect("r");
+        assert_eq!(waits(g, k, &l, now).await, (now + 15_000, WaitReason::Throttled));
+        let now = now + 15_000;
+        let p = go(g, k, &l, now).await;
+        g.release(k, &l, &p, CallResult::Succeeded, now).await.expect("r");
 
         // The rate: reservations one interval apart; none further than asked.
         let rated = DeliveryLimits {
@@ -621,6 +658,12 @@ pub mod conformance {
             starts.push(p.start_at_ms - now);
         }
         assert_eq!(starts, [0, 250, 500, 750, 1_000]);
+        assert_eq!(
+            waits(g, k, &rated, now).await,
+            (now + 1_250, WaitReason::Throttled)
+        );
+        // A reset keeps the rate's schedule.
+        g.reset(k).await.expect("reset");
         assert_eq!(
             waits(g, k, &rated, now).await,
             (now + 1_250, WaitReason::Throttled)

@@ -151,7 +151,7 @@ impl DeliverStage {
                     WebhookOutcome::Delivered(_) => CallResult::Succeeded,
                     WebhookOutcome::Permanent { .. } => CallResult::Refused,
                     WebhookOutcome::Transient { retry_after, .. } => CallResult::Failed {
-                        retry_after_ms: retry_after.map(|d| d.as_millis() as i64),
+                        retry_after_ms: retry_after.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
                     },
                 };
                 let mut report = webhook_report(name, outcome);
@@ -385,7 +385,7 @@ fn webhook_report(name: &str, outcome: WebhookOutcome) -> DeliveryReport {
     };
     DeliveryReport {
         status_code,
-        retry_after_ms: retry_after.map(|d| d.as_millis() as u64),
+        retry_after_ms: retry_after.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         ..DeliveryReport::not_called(name, outcome, error)
     }
 }

@@ -1,7 +1,8 @@
 -- One destination's gate (engine::gate::DestState, the same transitions).
 -- KEYS[1] state hash: st (closed|open|half_open), f (consecutive failures),
 --         ou (open until), of (last open duration), pu (probe until),
---         tu (throttled until), tat (the rate limit's next free start)
+--         ps (the probe's slot), tu (throttled until, Retry-After at most
+--         max_open), tat (the rate limit's next free start)
 -- KEYS[2] in-flight slots: sorted set, slot -> expiry (epoch ms)
 -- KEYS[3..] per-minute counters (calls, failures): release writes the
 --         current minute's, status reads the last five
@@ -30,7 +31,7 @@ if op == 'admit' then
   local probe = 0
   if state ~= 'closed' then
     -- The probe: one call, whatever the throttling says.
-    redis.call('HSET', KEYS[1], 'st', 'half_open', 'pu', now + lease)
+    redis.call('HSET', KEYS[1], 'st', 'half_open', 'pu', now + lease, 'ps', slot)
     probe = 1
   end
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
@@ -60,7 +61,9 @@ elseif op == 'release' then
   redis.call('HINCRBY', KEYS[3], 'calls', 1)
   if failed then redis.call('HINCRBY', KEYS[3], 'failures', 1) end
   redis.call('PEXPIRE', KEYS[3], 360000)
+  -- Only the current probe's release decides a half-open circuit.
   local probing = ARGV[4] == '1' and state == 'half_open'
+    and redis.call('HGET', KEYS[1], 'ps') == ARGV[3]
   if not failed then
     redis.call('HSET', KEYS[1], 'f', 0)
     if probing then
@@ -69,9 +72,11 @@ elseif op == 'release' then
     end
     return {}
   end
-  local ra = tonumber(ARGV[6])
-  if ra >= 0 then redis.call('HSET', KEYS[1], 'tu', math.max(num('tu'), now + ra)) end
   local open_for, max_open = tonumber(ARGV[8]), tonumber(ARGV[9])
+  local ra = tonumber(ARGV[6])
+  if ra >= 0 then
+    redis.call('HSET', KEYS[1], 'tu', math.max(num('tu'), now + math.min(ra, max_open)))
+  end
   if probing then
     local of = math.min(math.max(num('of'), open_for) * 2, max_open)
     redis.call('HSET', KEYS[1], 'st', 'open', 'of', of, 'ou', now + of)
@@ -94,7 +99,8 @@ elseif op == 'status' then
   local in_flight = redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf')
   return {state, num('f'), num('ou'), num('pu'), num('tu'), in_flight, calls, failures}
 elseif op == 'reset' then
-  redis.call('HDEL', KEYS[1], 'st', 'f', 'ou', 'of', 'pu', 'tu', 'tat')
+  -- The rate's schedule (tat) stays: calls reserved before still count.
+  redis.call('HDEL', KEYS[1], 'st', 'f', 'ou', 'of', 'pu', 'ps', 'tu')
   return {}
 end
 return redis.error_reply('unknown gate operation ' .. tostring(op))

@@ -131,25 +131,36 @@ pub async fn wake_once(w: &Waker) {
         }
     }
     for x in waiting.iter().filter(|x| x.parked > 0) {
+        let key = GateKey {
+            tipo: &x.tipo,
+            destination: &x.destination,
+        };
         let limits = set
             .get(&x.tipo)
             .and_then(|p| p.destinations.get(&x.destination))
             .and_then(|d| d.limits());
-        let Some(limits) = limits else {
-            // The destination is gone (a reload): their attempts decide.
-            wake(w, x, WAKE_BATCH, None).await;
-            continue;
-        };
-        let expired = Utc::now() - chrono::Duration::from_std(limits.max_wait).unwrap_or_default();
-        if x.oldest_since.is_some_and(|t| t < expired) {
-            wake(w, x, WAKE_BATCH, Some(expired)).await;
+        if let Some(limits) = &limits {
+            let expired = Utc::now() - chrono::Duration::from_std(limits.max_wait).unwrap_or_default();
+            if x.oldest_since.is_some_and(|t| t < expired) {
+                // Their attempt dead-letters them (it goes by the shorter
+                // max_wait of the event's version and this one).
+                wake(w, x, WAKE_BATCH, Some(expired)).await;
+            }
         }
-        let Some(st) = states.get(&(x.tipo.clone(), x.destination.clone())) else {
-            continue;
+        let st = match states.remove(&(x.tipo.clone(), x.destination.clone())) {
+            Some(st) => st,
+            // A destination the serving set no longer has (a reload): the
+            // events' own version still calls it, through the same gate.
+            None => match w.gate.status(key, now).await {
+                Ok(st) => st,
+                Err(_) => continue,
+            },
         };
         let due = |t: Option<i64>| t.is_none_or(|t| t <= now);
         let n = match st.state {
-            CircuitState::Closed if due(st.throttled_until_ms) => per_tick(&limits, w.interval),
+            CircuitState::Closed if due(st.throttled_until_ms) => {
+                limits.as_ref().map_or(WAKE_BATCH, |l| per_tick(l, w.interval))
+            }
             CircuitState::Open if due(st.open_until_ms) => 1,
             CircuitState::HalfOpen if due(st.probe_until_ms) => 1,
             _ => 0,

@@ -482,6 +482,8 @@ pub struct Received {
     pub body: Value,
     /// When it arrived.
     pub at: std::time::Instant,
+    /// The same, by the wall clock (to compare with HTTP dates).
+    pub wall: std::time::SystemTime,
     /// The status it was answered with (200 for `Hang`).
     pub status: u16,
 }
@@ -568,6 +570,7 @@ async fn receive(
             headers,
             body: serde_json::from_slice(&body).unwrap_or(Value::Null),
             at: std::time::Instant::now(),
+            wall: std::time::SystemTime::now(),
             status,
         });
         behaviour

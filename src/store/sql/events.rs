@@ -326,8 +326,9 @@ impl EventStore for SqlStore {
         };
         let sql = format!(
             "UPDATE events SET queued_at = $1, next_attempt_at = $1 \
-             WHERE waiting_on IS NOT NULL AND queued_at = -1 AND id IN (SELECT id FROM events \
-               WHERE waiting_on IS NOT NULL AND tipo = $2 AND waiting_on = $3 AND queued_at = -1{since} \
+             WHERE waiting_on IS NOT NULL AND queued_at = -1 AND status = 'retrying' AND id IN (SELECT id FROM events \
+               WHERE waiting_on IS NOT NULL AND tipo = $2 AND waiting_on = $3 AND queued_at = -1 \
+               AND status = 'retrying'{since} \
                ORDER BY id LIMIT $4) \
              RETURNING id, tipo, pipeline_version"
         );
