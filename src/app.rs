@@ -216,6 +216,7 @@ impl App {
             .register(Box::new(sql.batch_size_metric()))
             .context("store_write_batch_size")?;
         metrics.reloads.with_label_values(&["startup", "ok"]).inc();
+        metrics.init_types(&pipelines.current());
         let demo_key = if config.create_demo_partner {
             ensure_demo_partner(store.as_ref()).await?
         } else {

@@ -256,6 +256,7 @@ impl Reloader {
         match &result {
             Ok(set) => {
                 self.metrics.reloads.with_label_values(&[trigger, "ok"]).inc();
+                self.metrics.init_types(set);
                 if let Some(hook) = &self.on_install {
                     hook.installed(&self.pipelines);
                 }

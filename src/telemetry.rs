@@ -60,6 +60,7 @@ pub struct Metrics {
     pub destination_calls: IntCounterVec,
     pub destination_call_duration: HistogramVec,
     pub events_waiting: IntGaugeVec,
+    pub component_up: IntGaugeVec,
 }
 
 impl Metrics {
@@ -166,6 +167,11 @@ impl Metrics {
             "Circuit of each webhook destination: 0 closed, 1 half-open, 2 open.",
             &["tipo", "destination"],
         );
+        let component_up = gauge(
+            "component_up",
+            "Whether the store and the queue answered a ping when /metrics was read (1) or not (0).",
+            &["component"],
+        );
         let events_waiting = gauge(
             "events_waiting",
             "Events waiting on a destination (open circuit, throttling).",
@@ -215,6 +221,46 @@ impl Metrics {
             destination_calls,
             destination_call_duration,
             events_waiting,
+            component_up,
+        }
+    }
+
+    /// Creates every series labelled by the type (and its stages and
+    /// destinations) of each loaded pipeline, at zero, so dashboards and
+    /// alerts see them before the first event (Prometheus' advice for known
+    /// label sets). Called at start and after every reload; series of types
+    /// a reload removed stay, with their last values.
+    pub fn init_types(&self, set: &engine::PipelineSet) {
+        use engine::DeliveryOutcome as D;
+        for p in set.pipelines() {
+            let tipo = p.event_type.as_str();
+            self.events_received.with_label_values(&[tipo]);
+            self.events_processed.with_label_values(&[tipo]);
+            self.events_dead_lettered.with_label_values(&[tipo]);
+            self.events_retried.with_label_values(&[tipo]);
+            for category in engine::ERROR_CATEGORIES {
+                self.events_failed.with_label_values(&[tipo, category]);
+            }
+            self.processing_duration.with_label_values(&[tipo]);
+            for (stage, _) in p.stage_names() {
+                self.stage_duration.with_label_values(&[tipo, stage]);
+            }
+            self.queue_depth.with_label_values(&[tipo]);
+            self.oldest_pending.with_label_values(&[tipo]);
+            for (name, d) in &p.destinations {
+                for o in [D::Delivered, D::Failed, D::Rejected, D::Skipped, D::Waiting] {
+                    self.deliveries.with_label_values(&[tipo, name, o.as_str()]);
+                }
+                if d.limits().is_some() {
+                    for o in [D::Delivered, D::Failed, D::Rejected] {
+                        self.destination_calls
+                            .with_label_values(&[tipo, name, o.as_str()]);
+                    }
+                    self.destination_call_duration.with_label_values(&[tipo, name]);
+                    self.destination_state.with_label_values(&[tipo, name]);
+                    self.events_waiting.with_label_values(&[tipo, name]);
+                }
+            }
         }
     }
 

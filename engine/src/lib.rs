@@ -28,7 +28,7 @@ pub use pipeline::{Execution, Pipeline, PipelineSet, Violation, normalize_tipo, 
 pub use retry::RetryDecision;
 pub use script::{CompiledScript, ScriptHost, ScriptLimits};
 pub use stage::{
-    DeliveryOutcome, DeliveryReport, DeliveryWait, ErrorClass, Event, EventContext, Stage, StageError,
-    StageOutcome, StageTrace, Wait,
+    DeliveryOutcome, DeliveryReport, DeliveryWait, ERROR_CATEGORIES, ErrorClass, Event, EventContext, Stage,
+    StageError, StageOutcome, StageTrace, Wait,
 };
 pub use tables::Tables;

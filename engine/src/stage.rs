@@ -68,13 +68,34 @@ pub enum ErrorClass {
     Waiting,
 }
 
+/// Every category a failed attempt can have: the stages' (`validation`
+/// … `internal`) and the service's own (`timeout`: the pipeline overran its
+/// budget; `pipeline_missing`; `attempts_exhausted`: attempts started and
+/// never finished; `destination_unavailable`: waited past `max_wait`).
+/// Dashboards and alerts can rely on this list: the service's metrics have
+/// a series for each from the start.
+pub const ERROR_CATEGORIES: &[&str] = &[
+    "validation",
+    "rejected",
+    "script",
+    "script_budget",
+    "route",
+    "delivery",
+    "persist",
+    "internal",
+    "timeout",
+    "pipeline_missing",
+    "attempts_exhausted",
+    "destination_unavailable",
+];
+
 /// A stage failure, classed for the retry decision.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
 #[error("{category}: {message}")]
 pub struct StageError {
     pub class: ErrorClass,
-    /// Stable machine category: `validation`, `rejected`, `script`,
-    /// `script_budget`, `route`, `delivery`, `persist`, `internal`.
+    /// Stable machine category, one of [`ERROR_CATEGORIES`] (or
+    /// `throttled` for a wait, which is not a failure).
     pub category: String,
     pub message: String,
     /// A transient failure's `Retry-After`: the next attempt comes no sooner

@@ -28,15 +28,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
         Ok(()) => (true, json!({"status": "ok"})),
         Err(e) => (false, json!({"status": "failing", "error": e})),
     };
-    let timeout = std::time::Duration::from_secs(2);
-    let store = tokio::time::timeout(timeout, state.store.ping())
-        .await
-        .map_err(|_| "timed out".to_owned())
-        .and_then(|r| r.map_err(|e| e.to_string()));
-    let queue = tokio::time::timeout(timeout, state.queue.ping())
-        .await
-        .map_err(|_| "timed out".to_owned())
-        .and_then(|r| r.map_err(|e| e.to_string()));
+    let (store, queue) = ping_components(&state).await;
     let (store_ok, store_json) = check(store);
     let (queue_ok, queue_json) = check(queue);
     let ok = store_ok && queue_ok;
@@ -56,9 +48,32 @@ pub async fn health(State(state): State<AppState>) -> Response {
     (code, Json(body)).into_response()
 }
 
+/// Pings the store and the queue, 2 s each: what `/health` reports and
+/// `component_up` exports.
+async fn ping_components(state: &AppState) -> (Result<(), String>, Result<(), String>) {
+    let timeout = std::time::Duration::from_secs(2);
+    let store = tokio::time::timeout(timeout, state.store.ping())
+        .await
+        .map_err(|_| "timed out".to_owned())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    let queue = tokio::time::timeout(timeout, state.queue.ping())
+        .await
+        .map_err(|_| "timed out".to_owned())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    (store, queue)
+}
+
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", body = String)))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
+    let (store, queue) = ping_components(&state).await;
+    for (component, up) in [("store", store.is_ok()), ("queue", queue.is_ok())] {
+        state
+            .metrics
+            .component_up
+            .with_label_values(&[component])
+            .set(i64::from(up));
+    }
     let oldest = state.store.oldest_pending().await.unwrap_or_default();
     let now = chrono::Utc::now();
     for p in state.pipelines.current().pipelines() {

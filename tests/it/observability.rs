@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::helpers::*;
 
@@ -23,12 +23,220 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-fn promtool() -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
+/// Runs promtool (with `stdin`, in `dir`); `None` after a printed skip when
+/// it is not installed, a panic then under `ORCH_REQUIRE_SERVICES=1`
+/// (`.ci/run` installs it).
+fn promtool(
+    args: &[&str],
+    stdin: Option<&str>,
+    dir: Option<&std::path::Path>,
+) -> Option<std::process::Output> {
+    use std::io::Write;
+    let tool = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|p| p.join("promtool"))
             .find(|p| p.is_file())
-    })
+    });
+    let Some(tool) = tool else {
+        if std::env::var("ORCH_REQUIRE_SERVICES").as_deref() == Ok("1") {
+            panic!("promtool is required (ORCH_REQUIRE_SERVICES=1); .ci/run installs it");
+        }
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped: promtool not installed; `promtool {}` not run",
+            args.join(" ")
+        );
+        return None;
+    };
+    let mut cmd = std::process::Command::new(tool);
+    cmd.args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if let Some(dir) = dir {
+        cmd.current_dir(dir);
+    }
+    let mut child = cmd.spawn().expect("run promtool");
+    let mut input = child.stdin.take().expect("stdin");
+    input
+        .write_all(stdin.unwrap_or_default().as_bytes())
+        .expect("write");
+    drop(input);
+    Some(child.wait_with_output().expect("promtool"))
+}
+
+/// The metric names a PromQL expression reads (histogram series by their
+/// family's name).
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut word = String::new();
+    let mut skip = false;
+    for c in expr.chars().chain(std::iter::once(' ')) {
+        if c.is_ascii_alphanumeric() || c == '_' {
+            word.push(c);
+            continue;
+        }
+        // `$__rate_interval`, label values in quotes, functions.
+        let quoted = skip;
+        if c == '"' {
+            skip = !skip;
+        }
+        if !quoted
+            && word.contains('_')
+            && !word.starts_with('_')
+            && !["histogram_quantile", "label_values"].contains(&word.as_str())
+            && c != '='
+            && c != '~'
+        {
+            let base = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| word.strip_suffix(s))
+                .unwrap_or(&word);
+            names.push(base.to_owned());
+        }
+        word.clear();
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The shipped pipelines and `AVISO`, delivering to `rx`'s `/crm` webhook.
+fn shipped_and_a_webhook(rx: &Receiver) -> PipelineDir {
+    let dir = PipelineDir::shipped();
+    dir.any_schema().write(
+        "pipelines/aviso.yaml",
+        &format!(
+            "event_type: AVISO\nschema: any.schema.json\nstages:\n  - plugin: deliver\n\
+             destinations:\n  crm:\n    type: webhook\n    url: {}\n",
+            rx.url("/crm")
+        ),
+    );
+    dir
+}
+
+/// Every series labelled by a loaded type exists from the start, at zero,
+/// and a reload adds the new type's; the store and the queue are up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn series_exist_from_the_start_for_every_loaded_type() {
+    let rx = Receiver::start().await;
+    let app = spawn_app(shipped_and_a_webhook(&rx)).await;
+    let text = app.metrics_text().await;
+    let types = ["VENDA", "DEVOLUÇÃO", "ATUALIZAÇÃO_ESTOQUE", "AVISO"];
+    for tipo in types {
+        for category in engine::ERROR_CATEGORIES {
+            let line = format!("events_failed_total{{category=\"{category}\",tipo=\"{tipo}\"}} 0");
+            assert!(text.contains(&line), "missing {line}");
+        }
+        for name in [
+            "events_received_total",
+            "events_processed_total",
+            "events_dead_lettered_total",
+            "events_retried_total",
+        ] {
+            let line = format!("{name}{{tipo=\"{tipo}\"}} 0");
+            assert!(text.contains(&line), "missing {line}");
+        }
+        let line = format!("processing_duration_seconds_count{{tipo=\"{tipo}\"}} 0");
+        assert!(text.contains(&line), "missing {line}");
+    }
+    for line in [
+        r#"deliveries_total{destination="crm",outcome="failed",tipo="AVISO"} 0"#,
+        r#"destination_calls_total{destination="crm",outcome="delivered",tipo="AVISO"} 0"#,
+        r#"destination_call_duration_seconds_count{destination="crm",tipo="AVISO"} 0"#,
+        r#"destination_state{destination="crm",tipo="AVISO"} 0"#,
+        r#"events_waiting{destination="crm",tipo="AVISO"} 0"#,
+        r#"stage_duration_seconds_count{stage="deliver",tipo="AVISO"} 0"#,
+        r#"component_up{component="queue"} 1"#,
+        r#"component_up{component="store"} 1"#,
+    ] {
+        assert!(text.contains(line), "missing {line}");
+    }
+    assert!(!text.contains(r#"tipo="NOVO""#));
+    app.pipelines.write(
+        "pipelines/novo.yaml",
+        "event_type: NOVO\nschema: any.schema.json\nstages:\n  - plugin: persist\n",
+    );
+    app.app.as_ref().expect("running").reload().expect("reload");
+    let text = app.metrics_text().await;
+    assert!(
+        text.contains(r#"events_failed_total{category="validation",tipo="NOVO"} 0"#),
+        "a reload initialises the new type"
+    );
+    app.stop().await;
+}
+
+/// The shipped alert rules pass promtool's checks and their unit tests, and
+/// they and the Grafana dashboard read only metrics the service exports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alert_rules_and_dashboard_read_real_metrics() {
+    let deploy = repo_root().join("deploy");
+    let rules = deploy.join("prometheus");
+    for args in [
+        &["check", "rules", "alerts.yml"][..],
+        &["test", "rules", "alerts.test.yml"],
+    ] {
+        if let Some(out) = promtool(args, None, Some(&rules)) {
+            assert!(
+                out.status.success(),
+                "promtool {args:?} failed:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let rx = Receiver::start().await;
+    let app = spawn_app(shipped_and_a_webhook(&rx)).await;
+    // The sweeper's gauges (events_by_status) come with its first pass.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = app.metrics_text().await;
+        if text.contains("# TYPE events_by_status gauge") {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "events_by_status never exported"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut exprs = Vec::new();
+    let alerts: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(rules.join("alerts.yml")).expect("rules"))
+            .expect("yaml");
+    for group in alerts["groups"].as_sequence().expect("groups") {
+        for rule in group["rules"].as_sequence().expect("rules") {
+            exprs.push(rule["expr"].as_str().expect("expr").to_owned());
+        }
+    }
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy.join("grafana/event-orchestrator.json")).expect("dashboard"),
+    )
+    .expect("json");
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            exprs.push(target["expr"].as_str().expect("expr").to_owned());
+        }
+    }
+    assert!(exprs.len() > 10);
+    assert_eq!(
+        metric_names(
+            r#"histogram_quantile(0.9, sum by (le) (rate(nope_seconds_bucket{tipo=~"$tipo"}[$__rate_interval])))"#
+        ),
+        ["nope_seconds"],
+        "the check itself"
+    );
+    for expr in &exprs {
+        let names = metric_names(expr);
+        assert!(!names.is_empty(), "no metric in {expr}");
+        for name in names {
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{expr} reads {name}, which /metrics does not export"
+            );
+        }
+    }
+    app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,40 +358,13 @@ async fn metrics_move_with_traffic_and_pass_promtool() {
         assert!(after.contains(&format!("# HELP {brief} ")), "{brief} missing");
     }
 
-    match promtool() {
-        Some(tool) => {
-            use std::io::Write;
-            let mut child = std::process::Command::new(tool)
-                .args(["check", "metrics"])
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("run promtool");
-            child
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(after.as_bytes())
-                .expect("write");
-            let out = child.wait_with_output().expect("promtool");
-            assert!(
-                out.status.success(),
-                "promtool check metrics failed:\n{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        None if std::env::var("ORCH_REQUIRE_SERVICES").as_deref() == Ok("1") => {
-            panic!("promtool is required (ORCH_REQUIRE_SERVICES=1); .ci/run installs it")
-        }
-        None => {
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr(),
-                "skipped: promtool not installed; `promtool check metrics` not run (the metric checks above ran)"
-            );
-        }
+    if let Some(out) = promtool(&["check", "metrics"], Some(&after), None) {
+        assert!(
+            out.status.success(),
+            "promtool check metrics failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     app.stop().await;
 }
