@@ -34,18 +34,9 @@ pub(crate) struct Cluster {
 
 impl Cluster {
     pub(crate) async fn new(backend: &Backend, dir: &PipelineDir) -> Option<Cluster> {
-        let Backend::Production {
-            database_url,
-            redis_url,
-        } = backend
-        else {
-            return None;
-        };
-        let (iso, url) = Isolation::create(database_url, redis_url).await;
+        let (iso, production) = Isolation::for_backend(backend).await?;
         let mut vars = node_env(dir);
-        vars.push(("DATABASE_URL".into(), url));
-        vars.push(("REDIS_URL".into(), redis_url.clone()));
-        vars.push(("REDIS_PREFIX".into(), iso.prefix.clone()));
+        vars.extend(production);
         vars.push(("SWEEP_INTERVAL".into(), "1s".into()));
         let log = tempfile::tempdir().expect("tempdir");
         let c = Cluster {

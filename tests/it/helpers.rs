@@ -213,6 +213,25 @@ impl Isolation {
         (iso, url)
     }
 
+    /// For a production backend: a fresh database and Redis prefix, and
+    /// the `DATABASE_URL`, `REDIS_URL` and `REDIS_PREFIX` that use them.
+    pub async fn for_backend(backend: &Backend) -> Option<(Isolation, Vec<(String, String)>)> {
+        let Backend::Production {
+            database_url,
+            redis_url,
+        } = backend
+        else {
+            return None;
+        };
+        let (iso, url) = Isolation::create(database_url, redis_url).await;
+        let vars = vec![
+            ("DATABASE_URL".to_owned(), url),
+            ("REDIS_URL".to_owned(), redis_url.clone()),
+            ("REDIS_PREFIX".to_owned(), iso.prefix.clone()),
+        ];
+        Some((iso, vars))
+    }
+
     pub async fn remove(&self) {
         if let Ok(pool) = sqlx::postgres::PgPoolOptions::new()
             .max_connections(1)
@@ -267,15 +286,8 @@ pub async fn spawn_app_with(
     let data = tempfile::tempdir().expect("tempdir");
     let mut values = base_config(data.path(), &pipelines);
     let mut isolation = None;
-    if let Backend::Production {
-        database_url,
-        redis_url,
-    } = &backend
-    {
-        let (iso, url) = Isolation::create(database_url, redis_url).await;
-        values.insert("DATABASE_URL".into(), url);
-        values.insert("REDIS_URL".into(), redis_url.clone());
-        values.insert("REDIS_PREFIX".into(), iso.prefix.clone());
+    if let Some((iso, vars)) = Isolation::for_backend(&backend).await {
+        values.extend(vars);
         isolation = Some(iso);
     }
     tweak(&mut values);
