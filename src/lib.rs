@@ -12,6 +12,7 @@ pub mod credentials;
 pub mod destinations;
 pub mod dispatch;
 pub mod partners;
+pub mod periodic;
 pub mod pipelines;
 pub mod queue;
 pub mod retention;

@@ -443,19 +443,10 @@ pub struct Sweeper {
 /// retries. A task that is merely waiting in a long queue is not lost, so
 /// waiting events are only queued again when their queue is empty (or after
 /// ten times `requeue_after`): a backlog never multiplies itself.
-pub async fn sweeper(s: Sweeper, mut shutdown: watch::Receiver<bool>) {
+pub async fn sweeper(s: Sweeper, shutdown: watch::Receiver<bool>) {
     // The first pass runs at once: what a crash left stranded is queued, and
     // the gauges exist, from the start.
-    loop {
-        if *shutdown.borrow() {
-            return;
-        }
-        sweep_once(&s).await;
-        tokio::select! {
-            _ = tokio::time::sleep(s.interval) => {}
-            _ = shutdown.changed() => {}
-        }
-    }
+    crate::periodic::every(s.interval, shutdown, || sweep_once(&s)).await;
 }
 
 /// One pass: queue depths, stranded events (in chunks), status counts.

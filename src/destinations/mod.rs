@@ -69,17 +69,8 @@ pub struct Waker {
 const WAKE_BATCH: u32 = 500;
 
 /// Runs until shutdown, one pass per `interval`.
-pub async fn waker(w: Waker, mut shutdown: watch::Receiver<bool>) {
-    loop {
-        if *shutdown.borrow() {
-            return;
-        }
-        wake_once(&w).await;
-        tokio::select! {
-            _ = tokio::time::sleep(w.interval) => {}
-            _ = shutdown.changed() => {}
-        }
-    }
+pub async fn waker(w: Waker, shutdown: watch::Receiver<bool>) {
+    crate::periodic::every(w.interval, shutdown, || wake_once(&w)).await;
 }
 
 fn now_ms() -> i64 {
