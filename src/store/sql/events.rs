@@ -292,7 +292,6 @@ impl EventStore for SqlStore {
             "SELECT tipo, waiting_on, COUNT(*) AS events, COUNT(CASE WHEN queued_at = -1 THEN 1 END) AS parked, \
              MIN(waiting_since) AS oldest FROM events WHERE waiting_on IS NOT NULL GROUP BY tipo, waiting_on",
         )
-        .persistent(false)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
