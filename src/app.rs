@@ -57,19 +57,24 @@ pub struct App {
 pub async fn connect_store(config: &Config) -> anyhow::Result<Arc<SqlStore>> {
     let store = SqlStore::connect(config.database_url.expose_secret(), 16)
         .await
-        .context("cannot open the database (DATABASE_URL)")?;
+        .map_err(|e| {
+            let hint = if e.to_string().contains("ertificate") {
+                " (TLS: sslmode=verify-full checks the server's certificate against sslrootcert in DATABASE_URL)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("cannot open the database (DATABASE_URL): {e}{hint}")
+        })?;
     Ok(Arc::new(store))
 }
 
 async fn connect_queue(config: &Config) -> anyhow::Result<Arc<dyn Queue>> {
     if let Some(url) = &config.redis_url {
-        let q = RedisQueue::connect(
-            url.expose_secret(),
-            &config.redis_prefix,
-            config.queue_poll_interval,
-        )
-        .await
-        .context("cannot connect to Redis (REDIS_URL)")?;
+        let client = crate::redis_conn::client(url.expose_secret(), &config.redis_tls)
+            .context("cannot connect to Redis (REDIS_URL)")?;
+        let q = RedisQueue::connect(&client, &config.redis_prefix, config.queue_poll_interval)
+            .await
+            .context("cannot connect to Redis (REDIS_URL)")?;
         return Ok(Arc::new(q));
     }
     let opts = sqlx::sqlite::SqliteConnectOptions::from_str(&config.queue_database_url)

@@ -28,6 +28,8 @@ pub struct Config {
     pub redis_url: Option<SecretString>,
     /// Namespace of every Redis key (several deployments can share one Redis).
     pub redis_prefix: String,
+    /// Certificates for a `rediss://` `REDIS_URL`.
+    pub redis_tls: RedisTls,
     /// SQLite queue file (embedded mode).
     pub queue_database_url: String,
     pub data_dir: PathBuf,
@@ -79,6 +81,23 @@ pub struct Config {
     pub migrate_on_start: bool,
 }
 
+/// The files a `rediss://` connection uses beyond the system's trust store:
+/// a private CA (`REDIS_CA_FILE`, PEM, trusted instead of the system's
+/// roots) and a client certificate and key for servers that ask for one
+/// (`REDIS_CLIENT_CERT_FILE`, `REDIS_CLIENT_KEY_FILE`, PEM, both or none).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedisTls {
+    pub ca_file: Option<PathBuf>,
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+}
+
+impl RedisTls {
+    pub fn is_set(&self) -> bool {
+        self.ca_file.is_some() || self.client_cert_file.is_some() || self.client_key_file.is_some()
+    }
+}
+
 /// How long terminal events are kept, counted from when they reached their
 /// status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +128,9 @@ pub const KEYS: &[&str] = &[
     "DATABASE_URL",
     "REDIS_URL",
     "REDIS_PREFIX",
+    "REDIS_CA_FILE",
+    "REDIS_CLIENT_CERT_FILE",
+    "REDIS_CLIENT_KEY_FILE",
     "QUEUE_DATABASE_URL",
     "DATA_DIR",
     "PIPELINES_DIR",
@@ -232,6 +254,11 @@ impl Config {
             database_url: SecretString::from(database_url),
             redis_url: get("REDIS_URL").map(|s| SecretString::from(s.to_owned())),
             redis_prefix: get("REDIS_PREFIX").unwrap_or("orchestrator").to_owned(),
+            redis_tls: RedisTls {
+                ca_file: get("REDIS_CA_FILE").map(PathBuf::from),
+                client_cert_file: get("REDIS_CLIENT_CERT_FILE").map(PathBuf::from),
+                client_key_file: get("REDIS_CLIENT_KEY_FILE").map(PathBuf::from),
+            },
             queue_database_url,
             data_dir,
             pipelines_dir: PathBuf::from(get("PIPELINES_DIR").unwrap_or("./pipelines")),
@@ -300,10 +327,34 @@ impl Config {
                 return Err(ConfigError(format!("{k} must be at least 1s")));
             }
         }
+        cfg.check_redis_tls()?;
         if cfg.max_header_bytes < 1024 {
             return Err(ConfigError("MAX_HEADER_BYTES must be at least 1024".into()));
         }
         Ok(cfg)
+    }
+
+    /// The certificate files only mean something for a `rediss://` URL,
+    /// and a client certificate needs its key.
+    fn check_redis_tls(&self) -> Result<(), ConfigError> {
+        use secrecy::ExposeSecret;
+        let tls = &self.redis_tls;
+        if tls.client_cert_file.is_some() != tls.client_key_file.is_some() {
+            return Err(ConfigError(
+                "REDIS_CLIENT_CERT_FILE and REDIS_CLIENT_KEY_FILE go together: set both or neither".into(),
+            ));
+        }
+        let rediss = self
+            .redis_url
+            .as_ref()
+            .is_some_and(|u| u.expose_secret().starts_with("rediss://"));
+        if tls.is_set() && !rediss {
+            return Err(ConfigError(
+                "REDIS_CA_FILE, REDIS_CLIENT_CERT_FILE and REDIS_CLIENT_KEY_FILE need a rediss:// REDIS_URL"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     pub fn is_embedded(&self) -> bool {

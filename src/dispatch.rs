@@ -25,7 +25,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use tracing::{info, warn};
+use engine::trace::TraceContext;
+use tracing::{Instrument, info, warn};
 
 use crate::queue::{Queue, QueueError, QueueTask};
 use crate::store::{EventRecord, InsertOutcome, NewEvent, Requeue, RetryOutcome, Store, StoreError};
@@ -113,10 +114,11 @@ impl Dispatcher {
     /// and logged here, whatever becomes of the request.
     pub async fn accept(self: &Arc<Self>, new: NewEvent) -> Result<InsertOutcome, StoreError> {
         let me = self.clone();
+        let (store_span, queue_span) = accept_spans(new.trace.as_ref());
         run_detached(async move {
-            let outcome = me.store.insert_event(new).await?;
+            let outcome = me.store.insert_event(new).instrument(store_span).await?;
             if let InsertOutcome::Created(ev) = &outcome {
-                me.queue_now(&[ev.into()]).await;
+                me.queue_now(&[ev.into()]).instrument(queue_span).await;
                 me.accepted(ev);
             }
             Ok(outcome)
@@ -134,8 +136,10 @@ impl Dispatcher {
             return Ok(Vec::new());
         }
         let me = self.clone();
+        // One request, one trace: the batch's spans are the request's.
+        let (store_span, queue_span) = accept_spans(news[0].trace.as_ref());
         run_detached(async move {
-            let outcomes = me.store.insert_events(news).await?;
+            let outcomes = me.store.insert_events(news).instrument(store_span).await?;
             let created: Vec<Pending<'_>> = outcomes
                 .iter()
                 .filter_map(|o| match o {
@@ -143,7 +147,7 @@ impl Dispatcher {
                     _ => None,
                 })
                 .collect();
-            me.queue_now(&created).await;
+            me.queue_now(&created).instrument(queue_span).await;
             for o in &outcomes {
                 if let InsertOutcome::Created(ev) = o {
                     me.accepted(ev);
@@ -302,10 +306,27 @@ impl Dispatcher {
 
 /// Runs `work` in a task of its own and waits for it: dropping the waiting
 /// future does not stop the work.
+/// The spans of accepting events, children of the request's: the store
+/// write and the queue push.
+fn accept_spans(trace: Option<&TraceContext>) -> (tracing::Span, tracing::Span) {
+    let trace_id = trace.map(TraceContext::trace_id_hex);
+    let store = tracing::info_span!(
+        "store.insert",
+        otel.kind = "client",
+        traceId = trace_id.as_deref()
+    );
+    let queue = tracing::info_span!(
+        "queue.push",
+        otel.kind = "producer",
+        traceId = trace_id.as_deref()
+    );
+    (store, queue)
+}
+
 async fn run_detached<T: Send + 'static>(
     work: impl Future<Output = Result<T, StoreError>> + Send + 'static,
 ) -> Result<T, StoreError> {
-    tokio::spawn(work)
+    tokio::spawn(work.in_current_span())
         .await
         .unwrap_or_else(|e| Err(StoreError::Database(format!("accepting the event failed: {e}"))))
 }

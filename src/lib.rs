@@ -15,6 +15,7 @@ pub mod partners;
 pub mod periodic;
 pub mod pipelines;
 pub mod queue;
+pub mod redis_conn;
 pub mod retention;
 pub mod store;
 pub mod telemetry;

@@ -17,12 +17,20 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    orchestrator::telemetry::init_logging(config.log_format);
-    match run(cli, config).await {
-        Ok(code) => std::process::exit(code),
+    let telemetry = match orchestrator::telemetry::init(config.log_format) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    let code = match run(cli, config).await {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::exit(1);
+            1
         }
-    }
+    };
+    telemetry.shutdown().await;
+    std::process::exit(code);
 }

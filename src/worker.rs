@@ -9,16 +9,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
+use engine::trace::TraceContext;
 use engine::{DeliveryOutcome, Event, EventContext, RetryDecision, StageError, StageOutcome};
 use serde_json::Value;
 use tokio::sync::watch;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use crate::dispatch::{Dispatcher, Pending, Pushed, queue_name};
 use crate::pipelines::{OnInstall, Pipelines};
 use crate::queue::{Queue, QueueTask, TaskHandler};
-use crate::store::{AttemptFinish, FinishWait, LastError, Status, Store, Sweep};
+use crate::store::{AttemptFinish, EventRecord, FinishWait, LastError, Status, Store, Sweep};
 use crate::telemetry::Metrics;
 
 pub struct Processor {
@@ -51,6 +52,30 @@ impl Processor {
             debug!(eventId = %event_id, "task skipped: event not claimable");
             return Ok(());
         };
+        // The attempt's span continues the event's trace (the request's).
+        let span = tracing::info_span!(
+            "attempt",
+            otel.name = %format!("process {}", event.tipo),
+            otel.kind = "consumer",
+            eventId = %event_id,
+            eventType = %event.tipo,
+            attempt = event.attempts,
+            traceId = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let trace = crate::telemetry::otel::continue_trace(&span, event.trace.as_ref());
+        self.attempt(event, trace, version, now).instrument(span).await
+    }
+
+    /// One attempt of a claimed event, in its span.
+    async fn attempt(
+        &self,
+        event: EventRecord,
+        trace: TraceContext,
+        version: &str,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<()> {
+        let event_id = event.id.as_str();
         let attempt = event.attempts;
         let tipo = event.tipo.clone();
         let Some(pipeline) = self.pipelines.resolve(self.store.as_ref(), &tipo, version).await else {
@@ -101,6 +126,7 @@ impl Processor {
         ));
         cx.already_delivered = already;
         cx.attempt = attempt;
+        cx.trace = Some(trace);
 
         let started = std::time::Instant::now();
         // Stages bound themselves (script budgets, destination timeouts); this
@@ -194,6 +220,9 @@ impl Processor {
             finish.result = Some(Value::Object(result));
         }
         let processing_ms = elapsed.as_millis();
+        if finish.status != Status::Processed && finish.wait.is_none() {
+            tracing::Span::current().record("otel.status_code", "ERROR");
+        }
         match finish.status {
             Status::Processed => {
                 self.metrics.events_processed.with_label_values(&[&tipo]).inc();

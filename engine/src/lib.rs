@@ -16,6 +16,7 @@ pub mod retry;
 pub mod script;
 pub mod stage;
 pub mod tables;
+pub mod trace;
 
 pub use loader::{
     LoadError, LoadErrors, LoadOptions, SourceFiles, StageBuildContext, StageFactory, load_from, load_set,

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 use serde_json::Value;
+use tracing::Instrument;
 use unicode_normalization::UnicodeNormalization;
 
 use crate::model::{DestinationConfig, RetryPolicy};
@@ -97,9 +98,27 @@ impl Pipeline {
                 });
                 continue;
             }
+            // One span per stage, named after it (a child of the attempt's
+            // when the service traces).
+            let span = tracing::info_span!(
+                "stage",
+                otel.name = %stage.name,
+                stage = %stage.name,
+                plugin = stage.plugin,
+                traceId = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+                otel.status_message = tracing::field::Empty,
+            );
+            if let Some(trace) = &cx.trace {
+                span.record("traceId", trace.trace_id_hex());
+            }
             let started = Instant::now();
-            let result = stage.stage.run(cx).await;
+            let result = stage.stage.run(cx).instrument(span.clone()).await;
             let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+            if let Err(e) = &result {
+                span.record("otel.status_code", "ERROR");
+                span.record("otel.status_message", e.to_string());
+            }
             match result {
                 Ok(output) => trace.push(StageTrace {
                     stage: stage.name.clone(),

@@ -256,6 +256,8 @@ pub struct EventContext {
     pub attempt: u32,
     /// No side effects: deliveries are shown, not sent; nothing is persisted.
     pub dry_run: bool,
+    /// The event's W3C trace context, which outgoing calls continue.
+    pub trace: Option<crate::trace::TraceContext>,
 }
 
 impl EventContext {
@@ -268,6 +270,7 @@ impl EventContext {
             persist: false,
             attempt: 1,
             dry_run: false,
+            trace: None,
         }
     }
 }

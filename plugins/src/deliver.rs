@@ -7,11 +7,13 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use engine::gate::{Admission, CallResult, DestinationGate, GateKey, Permit, Transition, WaitReason};
+use engine::trace::TraceContext;
 use engine::{
     DeliveryLimits, DeliveryOutcome, DeliveryReport, DeliveryWait, DestinationConfig, EventContext, Stage,
     StageError, Wait,
 };
 use serde_json::{Value, json};
+use tracing::Instrument;
 
 use crate::webhook::{self, WebhookCall, WebhookOutcome};
 
@@ -100,6 +102,28 @@ impl DeliverStage {
         cx: &EventContext,
         body: &bytes::Bytes,
     ) -> DeliveryReport {
+        let report = self.deliver_to(name, target, cx, body).await;
+        let span = tracing::Span::current();
+        span.record("outcome", report.outcome.as_str());
+        if let Some(code) = report.status_code {
+            span.record("http.response.status_code", code);
+        }
+        if matches!(
+            report.outcome,
+            DeliveryOutcome::Failed | DeliveryOutcome::Rejected
+        ) {
+            span.record("otel.status_code", "ERROR");
+        }
+        report
+    }
+
+    async fn deliver_to(
+        &self,
+        name: &str,
+        target: &Target,
+        cx: &EventContext,
+        body: &bytes::Bytes,
+    ) -> DeliveryReport {
         match target {
             Target::Log if cx.dry_run => DeliveryReport::not_called(name, DeliveryOutcome::Simulated, None),
             Target::Log => {
@@ -142,6 +166,7 @@ impl DeliverStage {
                         secret: secret.as_deref(),
                         headers,
                         event_id: &cx.event.id,
+                        trace: cx.trace.as_ref().map(TraceContext::for_call),
                         body: body.clone(),
                     },
                 )
@@ -305,7 +330,22 @@ impl Stage for DeliverStage {
                     format!("unknown destination {name:?}"),
                 ));
             };
-            pending.push(self.deliver_one(name, target, cx, &body));
+            // One client span per destination; the webhook's `traceparent`
+            // names it.
+            let span = tracing::info_span!(
+                "delivery",
+                otel.name = %format!("deliver {name}"),
+                otel.kind = "client",
+                destination = %name,
+                outcome = tracing::field::Empty,
+                http.response.status_code = tracing::field::Empty,
+                traceId = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            );
+            if let Some(trace) = &cx.trace {
+                span.record("traceId", trace.trace_id_hex());
+            }
+            pending.push(self.deliver_one(name, target, cx, &body).instrument(span));
         }
         let done = futures::future::join_all(pending).await;
         for r in &done {

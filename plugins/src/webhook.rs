@@ -53,6 +53,8 @@ pub(crate) struct WebhookCall<'a> {
     pub secret: Option<&'a str>,
     pub headers: &'a [(String, String)],
     pub event_id: &'a str,
+    /// W3C trace context the call carries (`traceparent`, `tracestate`).
+    pub trace: Option<engine::trace::TraceContext>,
     pub body: bytes::Bytes,
 }
 
@@ -64,6 +66,12 @@ pub(crate) async fn call(http: &reqwest::Client, c: WebhookCall<'_>) -> WebhookO
         .header("idempotency-key", c.event_id);
     for (k, v) in c.headers {
         req = req.header(k.as_str(), v.as_str());
+    }
+    if let Some(trace) = &c.trace {
+        req = req.header("traceparent", trace.traceparent());
+        if let Some(state) = &trace.state {
+            req = req.header("tracestate", state.as_str());
+        }
     }
     if let Some(secret) = c.secret {
         let ts = chrono::Utc::now().timestamp();

@@ -20,6 +20,8 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::{get, post};
+use engine::trace::TraceContext;
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
@@ -87,6 +89,7 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(state.clone(), track))
         .layer(limits::ip_layer(&state.config, state.metrics.clone()))
         .layer(axum::middleware::from_fn_with_state(state.clone(), header_limit))
+        .layer(axum::middleware::from_fn(request_span))
         .layer(axum::middleware::from_fn(request_id_layer))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -122,6 +125,66 @@ async fn request_id_layer(mut req: Request, next: Next) -> Response {
         resp.headers_mut().insert(REQUEST_ID, v);
     }
     resp
+}
+
+/// Each request's span (`request`; an OpenTelemetry server span named
+/// after the route): it continues the caller's `traceparent` and
+/// `tracestate`, and its context goes with the events the request creates
+/// (see [`Origin`]).
+async fn request_span(mut req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+        requestId = tracing::field::Empty,
+        traceId = tracing::field::Empty,
+    );
+    if let Some(id) = request_id(req.headers()) {
+        span.record("requestId", id);
+    }
+    let headers = req.headers();
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let incoming = header("traceparent").and_then(|tp| TraceContext::parse(tp, header("tracestate")));
+    let trace = crate::telemetry::otel::continue_trace(&span, incoming.as_ref());
+    req.extensions_mut().insert(RequestTrace(trace));
+    let resp = next.run(req).instrument(span.clone()).await;
+    span.record("http.response.status_code", resp.status().as_u16());
+    resp
+}
+
+/// The request span's trace context, for the events the request creates.
+#[derive(Clone)]
+struct RequestTrace(TraceContext);
+
+/// Where a request's events come from: its `X-Request-Id` and its trace
+/// context, both stored with each event it creates.
+#[derive(Clone, Default)]
+pub struct Origin {
+    pub request_id: Option<String>,
+    pub trace: Option<TraceContext>,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Origin {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Origin {
+            request_id: request_id(&parts.headers),
+            trace: parts.extensions.get::<RequestTrace>().map(|t| t.0.clone()),
+        })
+    }
 }
 
 const REQUEST_ID: axum::http::HeaderName = axum::http::HeaderName::from_static("x-request-id");

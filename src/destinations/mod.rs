@@ -46,7 +46,11 @@ use crate::telemetry::Metrics;
 pub async fn connect_gate(config: &Config) -> anyhow::Result<Arc<dyn DestinationGate>> {
     match &config.redis_url {
         Some(url) => {
-            let gate = redis::RedisGate::connect(url.expose_secret(), &config.redis_prefix)
+            let gate = async {
+                let client = crate::redis_conn::client(url.expose_secret(), &config.redis_tls)?;
+                redis::RedisGate::connect(&client, &config.redis_prefix).await
+            };
+            let gate = gate
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot connect to Redis for the destination state: {e}"))?;
             Ok(Arc::new(gate))

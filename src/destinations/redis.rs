@@ -21,7 +21,7 @@ use engine::gate::{
     Transition, WaitReason, interval_ms,
 };
 use redis::Value;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 
 const GATE: &str = include_str!("gate.lua");
 
@@ -64,18 +64,16 @@ fn items(v: Value) -> Vec<Value> {
 }
 
 impl RedisGate {
-    pub async fn connect(url: &str, prefix: &str) -> anyhow::Result<Self> {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_max_delay(Duration::from_secs(2));
-        let conn = tokio::time::timeout(
-            Duration::from_secs(7),
-            client.get_connection_manager_with_config(config),
-        )
-        .await
-        .map_err(|_| anyhow::anyhow!("timed out connecting to Redis"))??;
+    pub async fn connect(
+        client: &redis::Client,
+        prefix: &str,
+    ) -> Result<Self, crate::redis_conn::ConnectError> {
+        let timeouts = crate::redis_conn::Timeouts {
+            connect: Duration::from_secs(5),
+            response: Duration::from_secs(2),
+            max_retry_delay: Duration::from_secs(2),
+        };
+        let conn = crate::redis_conn::manager(client, timeouts).await?;
         Ok(Self {
             conn,
             prefix: prefix.trim_end_matches(':').to_owned(),

@@ -10,6 +10,7 @@ pub mod stats;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use engine::trace::TraceContext;
 use engine::{DeliveryReport, StageTrace};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -130,6 +131,8 @@ pub struct EventRecord {
     pub waiting_on: Option<String>,
     /// When it began waiting (for the destination's `max_wait`).
     pub waiting_since: Option<DateTime<Utc>>,
+    /// The trace its attempts and deliveries continue.
+    pub trace: Option<TraceContext>,
 }
 
 /// An event to insert.
@@ -145,6 +148,8 @@ pub struct NewEvent {
     /// Hash of the request body, to tell a replay from a conflicting reuse of a key.
     pub request_hash: String,
     pub request_id: Option<String>,
+    /// The request's trace context (W3C), which the event continues.
+    pub trace: Option<TraceContext>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

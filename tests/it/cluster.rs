@@ -224,49 +224,12 @@ async fn backlog_of_30k_drains_with_one_worker(backend: Backend) {
     cluster.finish(vec![api]).await;
 }
 
-/// A private Redis on its own port, so the shared one is never stopped.
-struct PrivateRedis {
-    child: Child,
-}
-
-impl PrivateRedis {
-    fn start(port: u16) -> Option<PrivateRedis> {
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn();
-        match child {
-            Ok(child) => Some(PrivateRedis { child }),
-            Err(e) => {
-                if std::env::var("ORCH_REQUIRE_SERVICES").as_deref() == Ok("1") {
-                    panic!("redis-server is required: {e}");
-                }
-                println!("skipped: no redis-server binary ({e})");
-                None
-            }
-        }
-    }
-
-    fn stop(&mut self) {
-        kill(&mut self.child);
-    }
-}
-
 async fn redis_outage_during_ingest(backend: Backend) {
     let Backend::Production { database_url, .. } = &backend else {
         return;
     };
     let port = free_port();
-    let Some(mut redis) = PrivateRedis::start(port) else {
+    let Some(mut redis) = PrivateRedis::start(port, &[]) else {
         return;
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -274,6 +237,7 @@ async fn redis_outage_during_ingest(backend: Backend) {
     let private = Backend::Production {
         database_url: database_url.clone(),
         redis_url,
+        env: Vec::new(),
     };
     let rx = Receiver::start().await;
     let dir = sink_pipeline(&rx, 8);
@@ -326,7 +290,7 @@ async fn redis_outage_during_ingest(backend: Backend) {
     assert_eq!(body["components"]["queue"]["status"], "failing", "{body}");
     assert_eq!(body["components"]["store"]["status"], "ok", "{body}");
 
-    let Some(mut redis) = PrivateRedis::start(port) else {
+    let Some(mut redis) = PrivateRedis::start(port, &[]) else {
         return;
     };
     println!("during a 10 s Redis outage: {statuses:?}");
@@ -351,6 +315,7 @@ async fn migrate_is_idempotent(backend: Backend) {
     if let Backend::Production {
         database_url,
         redis_url,
+        ..
     } = &backend
     {
         let (i, url) = Isolation::create(database_url, redis_url).await;

@@ -543,11 +543,11 @@ async fn the_redis_gate_conforms(backend: Backend) {
         return;
     };
     let prefix = format!("orch-test-gate-{}", ulid::Ulid::new());
-    let gate = orchestrator::destinations::redis::RedisGate::connect(&redis_url, &prefix)
+    let client = redis::Client::open(redis_url.as_str()).expect("client");
+    let gate = orchestrator::destinations::redis::RedisGate::connect(&client, &prefix)
         .await
         .expect("connect");
     engine::gate::conformance::run(&gate, "VENDA").await;
-    let client = redis::Client::open(redis_url.as_str()).expect("client");
     let mut conn = client.get_multiplexed_async_connection().await.expect("conn");
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{prefix}:*"))

@@ -116,7 +116,13 @@ pub fn base_config(data: &Path, pipelines: &PipelineDir) -> HashMap<String, Stri
 #[derive(Debug, Clone)]
 pub enum Backend {
     Embedded,
-    Production { database_url: String, redis_url: String },
+    /// `env`: further variables a server on it needs (the TLS tests'
+    /// certificate files).
+    Production {
+        database_url: String,
+        redis_url: String,
+        env: Vec<(String, String)>,
+    },
 }
 
 const SKIP: &str = "skipped: PostgreSQL/Redis not reachable; production-path test not run \
@@ -162,6 +168,7 @@ impl Backend {
             (Ok(()), Ok(())) => Some(Backend::Production {
                 database_url,
                 redis_url,
+                env: Vec::new(),
             }),
             (a, b) => {
                 let why = format!("PostgreSQL: {:?}, Redis: {:?}", a.err(), b.err());
@@ -202,8 +209,12 @@ impl Isolation {
             .await
             .expect("create test database");
         pool.close().await;
-        let (base, _) = database_url.rsplit_once('/').expect("database url has a path");
-        let url = format!("{base}/{name}");
+        let (path, query) = database_url.split_once('?').unwrap_or((database_url, ""));
+        let (base, _) = path.rsplit_once('/').expect("database url has a path");
+        let url = match query {
+            "" => format!("{base}/{name}"),
+            q => format!("{base}/{name}?{q}"),
+        };
         let iso = Isolation {
             admin_url: database_url.to_owned(),
             database: name.clone(),
@@ -219,16 +230,18 @@ impl Isolation {
         let Backend::Production {
             database_url,
             redis_url,
+            env,
         } = backend
         else {
             return None;
         };
         let (iso, url) = Isolation::create(database_url, redis_url).await;
-        let vars = vec![
+        let mut vars = vec![
             ("DATABASE_URL".to_owned(), url),
             ("REDIS_URL".to_owned(), redis_url.clone()),
             ("REDIS_PREFIX".to_owned(), iso.prefix.clone()),
         ];
+        vars.extend(env.iter().cloned());
         Some((iso, vars))
     }
 
@@ -632,11 +645,18 @@ pub fn node_env(dir: &PipelineDir) -> Vec<(String, String)> {
 
 /// `orchestrator <command> DIR --schemas DIR`: exit code and everything printed.
 pub fn run_on_dir(command: &str, dir: &PipelineDir) -> (i32, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"))
-        .arg(command)
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"));
+    c.arg(command)
         .arg(dir.pipelines())
         .arg("--schemas")
-        .arg(dir.schemas())
+        .arg(dir.schemas());
+    run_to_end(c)
+}
+
+/// Runs a command of the binary to its end with warnings only, in the
+/// pretty layout: its exit code and everything it printed.
+pub fn run_to_end(mut command: std::process::Command) -> (i32, String) {
+    let out = command
         .env("LOG_FORMAT", "pretty")
         .env("RUST_LOG", "warn")
         .output()
@@ -647,6 +667,14 @@ pub fn run_on_dir(command: &str, dir: &PipelineDir) -> (i32, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.code().unwrap_or(-1), text)
+}
+
+/// `orchestrator partner create ID --key KEY` with these variables.
+pub fn create_partner(vars: &[(String, String)], id: &str, key: &str) {
+    let mut c = orchestrator_command(vars);
+    c.args(["partner", "create", id, "--key", key]);
+    let (code, text) = run_to_end(c);
+    assert_eq!(code, 0, "partner create {id}: {text}");
 }
 
 /// The real binary with exactly these environment variables (and PATH).
@@ -715,6 +743,7 @@ pub async fn test_database(backend: &Backend) -> (String, Option<Isolation>, tem
         Backend::Production {
             database_url,
             redis_url,
+            ..
         } => {
             let (iso, url) = Isolation::create(database_url, redis_url).await;
             (url, Some(iso))
@@ -754,6 +783,7 @@ pub fn new_event(id: &str) -> orchestrator::store::NewEvent {
         idempotency_key: None,
         request_hash: "h".into(),
         request_id: None,
+        trace: None,
     }
 }
 
@@ -838,5 +868,53 @@ pub fn at(
         received_at,
         idempotency_key: key.map(str::to_owned),
         ..new_event(id)
+    }
+}
+
+/// A private `redis-server` on its own port (so the shared one is never
+/// stopped), with `extra` arguments (TLS); killed when dropped. `None`
+/// (test skipped) without the binary, a panic when `ORCH_REQUIRE_SERVICES=1`.
+pub struct PrivateRedis {
+    child: std::process::Child,
+}
+
+impl PrivateRedis {
+    pub fn start(port: u16, extra: &[&str]) -> Option<PrivateRedis> {
+        let port = port.to_string();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .spawn();
+        match child {
+            Ok(child) => Some(PrivateRedis { child }),
+            Err(e) => {
+                if std::env::var("ORCH_REQUIRE_SERVICES").as_deref() == Ok("1") {
+                    panic!("redis-server is required: {e}");
+                }
+                println!("skipped: no redis-server binary ({e})");
+                None
+            }
+        }
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

@@ -44,7 +44,7 @@ destinations:
     dir
 }
 
-async fn seed_events_are_processed_end_to_end(backend: Backend) {
+pub(crate) async fn seed_events_are_processed_end_to_end(backend: Backend) {
     let app = spawn_app_on(backend, PipelineDir::shipped()).await;
     let cases = [
         (
@@ -138,7 +138,7 @@ async fn seed_events_are_processed_end_to_end(backend: Backend) {
     app.stop().await;
 }
 
-async fn transient_failures_retry_then_dead_letter_then_manual_retry(backend: Backend) {
+pub(crate) async fn transient_failures_retry_then_dead_letter_then_manual_retry(backend: Backend) {
     let rx = Receiver::start().await;
     rx.set("/b", Behaviour::Status(503));
     let app = spawn_app_on(backend, two_webhooks(&rx, 2)).await;
@@ -409,7 +409,7 @@ async fn dry_run_runs_every_stage_without_side_effects(backend: Backend) {
 
 /// `POST /admin/dead-letters/redrive`: filters, dry run, limit; redriven
 /// events get a fresh budget and finish once the cause is gone.
-async fn dead_letters_are_redriven_by_filter(backend: Backend) {
+pub(crate) async fn dead_letters_are_redriven_by_filter(backend: Backend) {
     let rx = Receiver::start().await;
     rx.set("/b", Behaviour::Status(400));
     let dir = two_webhooks(&rx, 0);

@@ -64,3 +64,5 @@ mod security;
 mod store;
 mod sweep;
 mod tables;
+mod tls;
+mod traces;

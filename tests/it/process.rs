@@ -24,25 +24,8 @@ fn env(data: &Path, dir: &PipelineDir, port: u16) -> Vec<(String, String)> {
     vars
 }
 
-fn command(data: &Path, dir: &PipelineDir, port: u16) -> Command {
-    orchestrator_command(&env(data, dir, port))
-}
-
 fn start(data: &Path, dir: &PipelineDir, port: u16, log: &Path) -> Child {
     spawn_orchestrator(&env(data, dir, port), &["serve"], log)
-}
-
-/// `partner create acme` with the test's key.
-fn create_acme(mut command: Command) {
-    let created = command
-        .args(["partner", "create", "acme", "--key", PARTNER_KEY])
-        .output()
-        .expect("partner create");
-    assert!(
-        created.status.success(),
-        "{}",
-        String::from_utf8_lossy(&created.stderr)
-    );
 }
 
 /// Posts `n` `LENTO` events as the `acme` partner; their ids.
@@ -88,7 +71,7 @@ async fn sigkill_with_a_backlog_loses_nothing_and_logs_no_secret() {
     );
     let data = tempfile::tempdir().expect("tempdir");
     let log = data.path().join("server.log");
-    create_acme(command(data.path(), &dir, 0));
+    create_partner(&env(data.path(), &dir, 0), "acme", PARTNER_KEY);
 
     let port = free_port();
     let mut server = start(data.path(), &dir, port, &log);
@@ -155,7 +138,7 @@ async fn sigterm_under_load_finishes_in_flight_work_and_exits_cleanly(backend: B
         isolation = Some(iso);
     }
     vars.push(("PROCESSING_LEASE".into(), "20s".into()));
-    create_acme(orchestrator_command(&vars));
+    create_partner(&vars, "acme", PARTNER_KEY);
     let with_port = |port: u16| {
         let mut v = vars.clone();
         v.retain(|(k, _)| k != "LISTEN_ADDR");

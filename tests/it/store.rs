@@ -14,6 +14,10 @@ fn numbered_event(i: usize, key: Option<&str>, hash: &str) -> NewEvent {
         idempotency_key: key.map(str::to_owned),
         request_hash: hash.into(),
         request_id: Some(format!("req-{i}")),
+        trace: engine::trace::TraceContext::parse(
+            &format!("00-4bf92f3577b34da6a3ce929d0e0e{i:04}-00f067aa0ba902b7-01"),
+            Some("vendor=opaque"),
+        ),
         ..new_event(&format!("01EV{i:05}"))
     }
 }
@@ -55,6 +59,12 @@ async fn batch_insert_resolves_every_key_in_order(backend: Backend) {
     if let InsertOutcome::Created(ev) = &outcomes[3] {
         assert_eq!(ev.dados, json!({"i": 3}));
         assert_eq!(ev.request_id.as_deref(), Some("req-3"));
+        let trace = ev.trace.as_ref().expect("the trace context is stored");
+        assert_eq!(
+            trace.traceparent(),
+            "00-4bf92f3577b34da6a3ce929d0e0e0003-00f067aa0ba902b7-01"
+        );
+        assert_eq!(trace.state.as_deref(), Some("vendor=opaque"));
     }
 
     // A second batch meets the first one's keys.

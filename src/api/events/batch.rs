@@ -12,10 +12,10 @@ use serde_json::Value;
 use super::envelope::{checked_idempotency_key, envelope};
 use super::ingest::{prepare, settle};
 use super::{Accepted, accepted, sender};
-use crate::api::AppState;
 use crate::api::auth::Caller;
 use crate::api::body::parse_json_body;
 use crate::api::error::{ApiError, FieldError};
+use crate::api::{AppState, Origin};
 use crate::store::{EventRecord, NewEvent};
 
 /// Most events in one `POST /events/batch`.
@@ -71,10 +71,15 @@ pub struct BatchOut {
 /// and queued in bulk. The answer is `200` with a result per item.
 #[utoipa::path(post, path = "/events/batch", tag = "events",
     request_body = BatchIn,
+    params(
+        ("traceparent" = Option<String>, Header, description = "W3C trace context, continued by every event of the batch"),
+        ("tracestate" = Option<String>, Header, description = "W3C trace state, passed on with traceparent"),
+    ),
     responses((status = 200, description = "One result per item", body = BatchOut)))]
 pub async fn create_batch(
     State(state): State<AppState>,
     caller: Caller,
+    origin: Origin,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<BatchOut>, ApiError> {
@@ -102,7 +107,6 @@ pub async fn create_batch(
             message: format!("must hold 1 to {MAX_BATCH} events, not {}", items.len()),
         }]));
     }
-    let request_id = crate::api::request_id(&headers);
     // Each item checked on its own; the valid ones stored together.
     // `None` marks a valid item, whose outcome the store decides below.
     let mut outcomes: Vec<Option<Result<(StatusCode, EventRecord), ApiError>>> =
@@ -110,7 +114,7 @@ pub async fn create_batch(
     let mut valid = Vec::new();
     for (index, item) in items.into_iter().enumerate() {
         let prepared = batch_item(item)
-            .and_then(|(tipo, dados, idem)| prepare(&state, &partner, tipo, dados, idem, request_id.clone()));
+            .and_then(|(tipo, dados, idem)| prepare(&state, &partner, tipo, dados, idem, &origin));
         match prepared {
             Ok(new) => {
                 valid.push((index, new));

@@ -12,10 +12,10 @@ use serde_json::Value;
 
 use super::envelope::{envelope, idempotency_key, request_hash};
 use super::{Accepted, accepted, sender};
-use crate::api::AppState;
 use crate::api::auth::Caller;
 use crate::api::body::parse_json_body;
 use crate::api::error::{ApiError, FieldError};
+use crate::api::{AppState, Origin};
 use crate::store::{EventRecord, InsertOutcome, NewEvent, Partner};
 
 /// Body of `POST /events` (the served document lists one schema per loaded type).
@@ -33,7 +33,11 @@ pub struct EventIn {
 /// Accept an event: validate, store, queue, then answer.
 #[utoipa::path(post, path = "/events", tag = "events",
     request_body = EventIn,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Replays return the original event")),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Replays return the original event"),
+        ("traceparent" = Option<String>, Header, description = "W3C trace context: the event's attempts and webhook calls continue this trace"),
+        ("tracestate" = Option<String>, Header, description = "W3C trace state, passed on with traceparent"),
+    ),
     responses(
         (status = 202, description = "Stored and queued", body = Accepted),
         (status = 200, description = "Idempotent replay", body = Accepted),
@@ -49,6 +53,7 @@ pub struct EventIn {
 pub async fn create_event(
     State(state): State<AppState>,
     caller: Caller,
+    origin: Origin,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -56,14 +61,7 @@ pub async fn create_event(
     let value = parse_json_body(&headers, body, &state.config, None).await?;
     let (tipo, dados) = envelope(value)?;
     let idem = idempotency_key(&headers)?;
-    let new = prepare(
-        &state,
-        &partner,
-        tipo,
-        dados,
-        idem,
-        crate::api::request_id(&headers),
-    )?;
+    let new = prepare(&state, &partner, tipo, dados, idem, &origin)?;
     let idem = new.idempotency_key.clone();
     let (status, ev) = settle(state.dispatch.accept(new).await?, idem)?;
     let mut resp = (status, Json(accepted(&ev))).into_response();
@@ -81,7 +79,7 @@ pub(super) fn prepare(
     tipo: String,
     dados: Value,
     idem: Option<String>,
-    request_id: Option<String>,
+    origin: &Origin,
 ) -> Result<NewEvent, ApiError> {
     let set = state.pipelines.current();
     let Some(pipeline) = set.get(&tipo).cloned() else {
@@ -116,7 +114,8 @@ pub(super) fn prepare(
         pipeline_version: pipeline.version.clone(),
         received_at,
         idempotency_key: idem,
-        request_id,
+        request_id: origin.request_id.clone(),
+        trace: origin.trace.clone(),
     })
 }
 

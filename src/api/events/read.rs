@@ -31,6 +31,9 @@ pub struct EventOut {
     pub idempotency_key: Option<String>,
     /// `X-Request-Id` of the request that created the event.
     pub request_id: Option<String>,
+    /// The W3C trace id its request, attempts and webhook calls belong to
+    /// (the partner's `traceparent`, or one the service started).
+    pub trace_id: Option<String>,
     /// As received.
     pub dados: Value,
     pub meta: Value,
@@ -65,6 +68,7 @@ pub async fn get_event(
         processed_at: ev.processed_at,
         idempotency_key: ev.idempotency_key,
         request_id: ev.request_id,
+        trace_id: ev.trace.as_ref().map(|t| t.trace_id_hex()),
         dados: ev.dados,
         meta: ev.meta,
         result: ev.result,

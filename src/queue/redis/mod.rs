@@ -41,7 +41,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use apalis::prelude::{BackendExt, IntervalStrategy, PollWith};
 use apalis_core::backend::ext::with_codec::WithCodec;
 use apalis_redis::RedisStorage;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use redis::{Client, RedisError};
 use tracing::{info, warn};
 
@@ -89,19 +89,18 @@ struct Inner {
 
 impl RedisQueue {
     /// `prefix` namespaces every key (tests use a random prefix so they can run in parallel on one Redis).
-    pub async fn connect(url: &str, prefix: &str, poll: Duration) -> Result<Self, QueueError> {
-        let client = Client::open(url).map_err(|e| QueueError::Other(format!("invalid Redis URL: {e}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_max_delay(Duration::from_secs(2));
-        let conn = tokio::time::timeout(
-            RESPONSE_TIMEOUT + CONNECT_TIMEOUT,
-            client.get_connection_manager_with_config(config),
-        )
-        .await
-        .map_err(|_| QueueError::Unavailable("timed out connecting to Redis".to_owned()))?
-        .map_err(redis_err)?;
+    pub async fn connect(client: &Client, prefix: &str, poll: Duration) -> Result<Self, QueueError> {
+        let timeouts = crate::redis_conn::Timeouts {
+            connect: CONNECT_TIMEOUT,
+            response: RESPONSE_TIMEOUT,
+            max_retry_delay: Duration::from_secs(2),
+        };
+        let conn = crate::redis_conn::manager(client, timeouts)
+            .await
+            .map_err(|e| match e {
+                crate::redis_conn::ConnectError::Refused(e) => redis_err(e),
+                other => QueueError::Unavailable(other.to_string()),
+            })?;
         let q = Self {
             inner: Arc::new(Inner {
                 conn,

@@ -32,7 +32,8 @@ const SKIP: &str = "skipped: Redis not reachable (set ORCH_REQUIRE_SERVICES=1 to
 async fn redis_queue() -> Option<(RedisQueue, Cleanup)> {
     let url = std::env::var("ORCH_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
     let prefix = format!("orch-test-{}", ulid::Ulid::new());
-    match RedisQueue::connect(&url, &prefix, Duration::from_millis(50)).await {
+    let client = redis::Client::open(url.as_str()).expect("Redis URL");
+    match RedisQueue::connect(&client, &prefix, Duration::from_millis(50)).await {
         Ok(q) => {
             let cleanup = Cleanup(q.inner.clone());
             Some((q, cleanup))

@@ -8,6 +8,7 @@ use std::fmt::Display;
 
 use chrono::{DateTime, TimeZone, Utc};
 use engine::StageTrace;
+use engine::trace::TraceContext;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sqlx::Row;
@@ -18,7 +19,7 @@ use crate::store::{EventRecord, LastError, Partner, Requeue, Status, StoreError,
 /// The columns [`event_from_row`] reads, for `SELECT` and `RETURNING`.
 pub(super) const EVENT_COLUMNS: &str = "id, partner_id, tipo, dados, meta, pipeline_version, status, attempts, attempt_base, received_at, \
      updated_at, next_attempt_at, processed_at, processing_ms, last_error, last_trace, result, idempotency_key, \
-     request_id, waiting_on, waiting_since";
+     request_id, waiting_on, waiting_since, traceparent, tracestate";
 
 pub(super) fn ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
@@ -80,7 +81,16 @@ pub(super) fn event_from_row(row: &AnyRow) -> StoreResult<EventRecord> {
         request_id: row.try_get("request_id")?,
         waiting_on: row.try_get("waiting_on")?,
         waiting_since: opt_ms("waiting_since")?,
+        trace: trace_from_row(row)?,
     })
+}
+
+/// The stored trace context; one that no longer parses is dropped (the
+/// next attempt starts a new trace) rather than failing the event.
+fn trace_from_row(row: &AnyRow) -> StoreResult<Option<TraceContext>> {
+    let parent: Option<String> = row.try_get("traceparent")?;
+    let state: Option<String> = row.try_get("tracestate")?;
+    Ok(parent.and_then(|p| TraceContext::parse(&p, state.as_deref())))
 }
 
 /// An event to queue again, from a row with `id, tipo, pipeline_version`.

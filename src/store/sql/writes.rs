@@ -8,6 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use engine::trace::TraceContext;
 use futures::future::BoxFuture;
 use sqlx::{AnyPool, AssertSqlSafe, Row};
 
@@ -146,11 +147,11 @@ async fn insert_rows(
     }
     let sql = format!(
         "INSERT INTO events (id, partner_id, tipo, dados, meta, pipeline_version, status, attempts, \
-         received_at, updated_at, queued_at, idempotency_key, request_id) VALUES {} \
+         received_at, updated_at, queued_at, idempotency_key, request_id, traceparent, tracestate) VALUES {} \
          RETURNING {EVENT_COLUMNS}",
         values(
-            "(#1, #2, #3, #4, '{}', #5, 'received', 0, #6, #6, #6, #7, #8)",
-            8,
+            "(#1, #2, #3, #4, '{}', #5, 'received', 0, #6, #6, #6, #7, #8, #9, #10)",
+            10,
             1,
             rows.len()
         )
@@ -165,7 +166,9 @@ async fn insert_rows(
             .bind(&new.pipeline_version)
             .bind(ms(new.received_at))
             .bind(&new.idempotency_key)
-            .bind(&new.request_id);
+            .bind(&new.request_id)
+            .bind(new.trace.as_ref().map(TraceContext::traceparent))
+            .bind(new.trace.as_ref().and_then(|t| t.state.clone()));
     }
     let mut created = HashMap::with_capacity(rows.len());
     for row in q.fetch_all(&mut *conn).await? {

@@ -1,41 +1,8 @@
-//! Logs (one JSON object per line, or pretty for people) and Prometheus metrics.
+//! Prometheus metrics: every series the service exports, registered once.
 
 use prometheus::{
     GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
-use tracing_subscriber::EnvFilter;
-
-use crate::config::LogFormat;
-
-/// The filter when `RUST_LOG` is unset.
-pub const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn,apalis=warn,apalis_core=warn,hyper=warn";
-
-/// Installs the global subscriber on stdout; `RUST_LOG` filters (default
-/// [`DEFAULT_LOG_FILTER`]).
-pub fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
-    init_logging_with(format, filter, std::io::stdout);
-}
-
-/// Installs the global subscriber with this filter and writer (the tests
-/// capture the production JSON layout this way). A second call does nothing.
-pub fn init_logging_with<W>(format: LogFormat, filter: EnvFilter, writer: W)
-where
-    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
-{
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
-    let _ = match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .try_init(),
-        LogFormat::Pretty => builder.pretty().try_init(),
-    };
-}
 
 /// Every metric the service exports.
 pub struct Metrics {
