@@ -380,3 +380,45 @@ fn trusted_proxies(v: Option<&str>) -> Result<Vec<ipnet::IpNet>, ConfigError> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_map(
+            &pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn redis_certificates_need_rediss_and_come_in_pairs() {
+        let ok = config(&[
+            ("REDIS_URL", "rediss://redis.internal:6380"),
+            ("REDIS_CA_FILE", "ca.pem"),
+            ("REDIS_CLIENT_CERT_FILE", "client.pem"),
+            ("REDIS_CLIENT_KEY_FILE", "client.key"),
+        ])
+        .expect("a complete rediss configuration");
+        assert_eq!(
+            ok.redis_tls.ca_file.as_deref(),
+            Some(std::path::Path::new("ca.pem"))
+        );
+        let plain = config(&[
+            ("REDIS_URL", "redis://127.0.0.1:6379"),
+            ("REDIS_CA_FILE", "ca.pem"),
+        ]);
+        assert!(plain.is_err_and(|e| e.0.contains("rediss://")));
+        let embedded = config(&[("REDIS_CA_FILE", "ca.pem")]);
+        assert!(embedded.is_err_and(|e| e.0.contains("rediss://")));
+        let half = config(&[
+            ("REDIS_URL", "rediss://redis.internal:6380"),
+            ("REDIS_CLIENT_KEY_FILE", "client.key"),
+        ]);
+        assert!(half.is_err_and(|e| e.0.contains("REDIS_CLIENT_CERT_FILE and REDIS_CLIENT_KEY_FILE")));
+        assert!(config(&[("REDIS_URL", "rediss://redis.internal:6380")]).is_ok());
+    }
+}

@@ -172,7 +172,10 @@ impl Dispatcher {
             let outcome = me.store.manual_retry(&id).await?;
             if let RetryOutcome::Requeued(ev) = &outcome {
                 me.queue_now(&[ev.into()]).await;
-                info!(eventId = %ev.id, eventType = %ev.tipo, "manual retry queued");
+                // The event's trace, not the retry request's.
+                info!(eventId = %ev.id, eventType = %ev.tipo,
+                      traceId = ev.trace.as_ref().map(TraceContext::trace_id_hex).as_deref(),
+                      "manual retry queued");
             }
             Ok(outcome)
         })
@@ -304,8 +307,6 @@ impl Dispatcher {
     }
 }
 
-/// Runs `work` in a task of its own and waits for it: dropping the waiting
-/// future does not stop the work.
 /// The spans of accepting events, children of the request's: the store
 /// write and the queue push.
 fn accept_spans(trace: Option<&TraceContext>) -> (tracing::Span, tracing::Span) {
@@ -323,6 +324,8 @@ fn accept_spans(trace: Option<&TraceContext>) -> (tracing::Span, tracing::Span) 
     (store, queue)
 }
 
+/// Runs `work` in a task of its own and waits for it: dropping the waiting
+/// future does not stop the work.
 async fn run_detached<T: Send + 'static>(
     work: impl Future<Output = Result<T, StoreError>> + Send + 'static,
 ) -> Result<T, StoreError> {

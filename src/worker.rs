@@ -37,20 +37,30 @@ impl TaskHandler for Processor {
             event_id,
             pipeline_version,
         } = task;
-        if let Err(e) = self.process(&event_id, &pipeline_version).await {
-            // The event stays claimable; the sweeper queues it again.
-            error!(eventId = %event_id, error = %e, "processing failed before an outcome was recorded");
-        }
+        self.process(&event_id, &pipeline_version).await;
     }
 }
 
 impl Processor {
-    async fn process(&self, event_id: &str, version: &str) -> anyhow::Result<()> {
+    /// Claims the event and runs an attempt. A failure before the outcome
+    /// is recorded is logged (in the attempt's span, once there is one) and
+    /// leaves the event claimable: the sweeper queues it again.
+    async fn process(&self, event_id: &str, version: &str) {
+        let failed = |e: anyhow::Error| {
+            error!(eventId = %event_id, error = %e, "processing failed before an outcome was recorded");
+        };
         let now = Utc::now();
-        let lease_until = now + chrono::Duration::from_std(self.lease)?;
-        let Some(event) = self.store.claim(event_id, now, lease_until).await? else {
-            debug!(eventId = %event_id, "task skipped: event not claimable");
-            return Ok(());
+        let lease = match chrono::Duration::from_std(self.lease) {
+            Ok(lease) => lease,
+            Err(e) => return failed(e.into()),
+        };
+        let event = match self.store.claim(event_id, now, now + lease).await {
+            Ok(Some(event)) => event,
+            Ok(None) => {
+                debug!(eventId = %event_id, "task skipped: event not claimable");
+                return;
+            }
+            Err(e) => return failed(e.into()),
         };
         // The attempt's span continues the event's trace (the request's).
         let span = tracing::info_span!(
@@ -64,7 +74,14 @@ impl Processor {
             otel.status_code = tracing::field::Empty,
         );
         let trace = crate::telemetry::otel::continue_trace(&span, event.trace.as_ref());
-        self.attempt(event, trace, version, now).instrument(span).await
+        let outcome = self
+            .attempt(event, trace, version, now)
+            .instrument(span.clone())
+            .await;
+        if let Err(e) = outcome {
+            span.record("otel.status_code", "ERROR");
+            span.in_scope(|| failed(e));
+        }
     }
 
     /// One attempt of a claimed event, in its span.

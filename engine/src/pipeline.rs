@@ -107,7 +107,7 @@ impl Pipeline {
                 plugin = stage.plugin,
                 traceId = tracing::field::Empty,
                 otel.status_code = tracing::field::Empty,
-                otel.status_message = tracing::field::Empty,
+                otel.status_description = tracing::field::Empty,
             );
             if let Some(trace) = &cx.trace {
                 span.record("traceId", trace.trace_id_hex());
@@ -117,7 +117,7 @@ impl Pipeline {
             let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
             if let Err(e) = &result {
                 span.record("otel.status_code", "ERROR");
-                span.record("otel.status_message", e.to_string());
+                span.record("otel.status_description", e.to_string());
             }
             match result {
                 Ok(output) => trace.push(StageTrace {

@@ -23,9 +23,11 @@ pub struct TraceContext {
     pub state: Option<String>,
 }
 
-/// Longest `tracestate` kept (the W3C limit is 32 members of at most 256
-/// characters; a longer one is dropped, as the spec allows).
+/// Longest `tracestate` kept: the W3C spec asks vendors to pass on at least
+/// 512 characters and lets them drop a longer one whole, which we do.
 const MAX_STATE_BYTES: usize = 512;
+/// Most `tracestate` list members (W3C).
+const MAX_STATE_MEMBERS: usize = 32;
 
 impl TraceContext {
     /// Parses a `traceparent` (and `tracestate`). `None` for a malformed
@@ -57,15 +59,12 @@ impl TraceContext {
         if trace_id == 0 || parent_id == 0 {
             return None;
         }
-        let state = tracestate
-            .map(str::trim)
-            .filter(|s| !s.is_empty() && s.len() <= MAX_STATE_BYTES && s.is_ascii())
-            .map(str::to_owned);
         Some(TraceContext {
             trace_id,
             parent_id,
-            flags: u8::from_str_radix(flags, 16).ok()?,
-            state,
+            // Only "sampled" is defined; the other bits are passed on as 0.
+            flags: u8::from_str_radix(flags, 16).ok()? & 0x01,
+            state: tracestate.and_then(valid_state),
         })
     }
 
@@ -121,6 +120,28 @@ impl fmt::Debug for TraceContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.traceparent())
     }
+}
+
+/// A `tracestate` worth passing on: at most 32 `key=value` members within
+/// 512 characters of printable ASCII; anything else is dropped whole.
+fn valid_state(state: &str) -> Option<String> {
+    let state = state.trim();
+    let members: Vec<&str> = state
+        .split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .collect();
+    let member_ok = |m: &&str| {
+        m.split_once('=').is_some_and(|(k, v)| {
+            !k.is_empty() && !v.is_empty() && !k.contains(' ') && v.bytes().all(|b| (0x20..0x7f).contains(&b))
+        })
+    };
+    let ok = !members.is_empty()
+        && members.len() <= MAX_STATE_MEMBERS
+        && state.len() <= MAX_STATE_BYTES
+        && state.is_ascii()
+        && members.iter().all(member_ok);
+    ok.then(|| members.join(","))
 }
 
 fn is_lower_hex(s: &str) -> bool {
@@ -180,6 +201,19 @@ mod tests {
             TraceContext::parse(&future, None).map(|t| t.traceparent()),
             Some(TP.to_owned())
         );
+    }
+
+    #[test]
+    fn keeps_only_the_sampled_flag_and_a_valid_state() {
+        let ff = format!("{}ff", &TP[..53]);
+        assert_eq!(TraceContext::parse(&ff, None).map(|t| t.flags), Some(1));
+        let state = |s: &str| TraceContext::parse(TP, Some(s)).and_then(|t| t.state);
+        assert_eq!(state("a=1, b=2 ,"), Some("a=1,b=2".to_owned()));
+        assert_eq!(state("no-equals-sign"), None);
+        assert_eq!(state("=v"), None);
+        let many: Vec<String> = (0..33).map(|i| format!("k{i}=v")).collect();
+        assert_eq!(state(&many.join(",")), None);
+        assert_eq!(state(&format!("k={}", "v".repeat(600))), None);
     }
 
     #[test]

@@ -68,10 +68,19 @@ pub(crate) async fn call(http: &reqwest::Client, c: WebhookCall<'_>) -> WebhookO
         req = req.header(k.as_str(), v.as_str());
     }
     if let Some(trace) = &c.trace {
-        req = req.header("traceparent", trace.traceparent());
+        // Replacing, not adding to, a `traceparent` the destination's
+        // headers may name: two would make the receiver drop both.
+        let mut h = reqwest::header::HeaderMap::new();
+        let mut put = |name: &'static str, value: &str| {
+            if let Ok(v) = reqwest::header::HeaderValue::from_str(value) {
+                h.insert(name, v);
+            }
+        };
+        put("traceparent", &trace.traceparent());
         if let Some(state) = &trace.state {
-            req = req.header("tracestate", state.as_str());
+            put("tracestate", state);
         }
+        req = req.headers(h);
     }
     if let Some(secret) = c.secret {
         let ts = chrono::Utc::now().timestamp();
@@ -102,9 +111,11 @@ pub(crate) async fn call(http: &reqwest::Client, c: WebhookCall<'_>) -> WebhookO
                 other => other,
             }
         }
+        // Without the URL: it may hold a token, and this text is stored,
+        // shown and exported.
         Err(e) if e.is_builder() => WebhookOutcome::Permanent {
             status: None,
-            error: format!("invalid request: {e}"),
+            error: format!("invalid request: {}", e.without_url()),
         },
         Err(e) => {
             let what = if e.is_timeout() {

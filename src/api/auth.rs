@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use super::error::ApiError;
+use super::limits::BudgetSlot;
 use crate::credentials::{constant_time_eq, hash_api_key, verify_nobody, verify_password};
 use crate::store::Partner;
 
@@ -158,7 +159,7 @@ impl FromRequestParts<AppState> for Caller {
             let partner_id =
                 partner_from_token(secret.expose_secret(), token).ok_or(ApiError::Unauthorized)?;
             return match state.store.partner_login(&partner_id).await? {
-                Some((p, _)) if !p.disabled => limited(state, p),
+                Some((p, _)) if !p.disabled => limited(state, parts, p),
                 _ => Err(ApiError::Unauthorized),
             };
         }
@@ -175,20 +176,28 @@ impl FromRequestParts<AppState> for Caller {
             return Ok(Caller::Admin);
         }
         match state.store.partner_by_key_hash(&hash_api_key(key)).await? {
-            Some(p) if !p.disabled => limited(state, p),
+            Some(p) if !p.disabled => limited(state, parts, p),
             _ => Err(ApiError::Unauthorized),
         }
     }
 }
 
-/// The partner, if within its rate limit.
-fn limited(state: &AppState, partner: Partner) -> Result<Caller, ApiError> {
-    if let Err(e) = state.partner_limits.check(&partner, &state.config) {
-        state.metrics.rate_limited.with_label_values(&["partner"]).inc();
-        tracing::info!(partnerId = %partner.id, "partner rate limit exceeded");
-        return Err(e);
+/// The partner, if within its rate limit (the request costs a token); the
+/// budget left goes to the response headers.
+fn limited(state: &AppState, parts: &Parts, partner: Partner) -> Result<Caller, ApiError> {
+    match state.partner_limits.check(&partner, &state.config) {
+        Ok(budget) => {
+            if let (Some(b), Some(slot)) = (budget, parts.extensions.get::<BudgetSlot>()) {
+                slot.set(b);
+            }
+            Ok(Caller::Partner(partner))
+        }
+        Err(e) => {
+            state.metrics.rate_limited.with_label_values(&["partner"]).inc();
+            tracing::info!(partnerId = %partner.id, "partner rate limit exceeded");
+            Err(e)
+        }
     }
-    Ok(Caller::Partner(partner))
 }
 
 /// Extractor for admin-only routes.

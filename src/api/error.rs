@@ -54,7 +54,7 @@ pub enum ApiError {
     Busy(String),
     #[error("the pipeline set is invalid; the previous set keeps serving")]
     InvalidPipelines(Vec<FieldError>),
-    #[error("rate limit exceeded; retry after {retry_after:?}")]
+    #[error("rate limit exceeded; retry after {}s", super::limits::whole_seconds(*retry_after))]
     RateLimited {
         retry_after: std::time::Duration,
         limit: u32,
@@ -160,6 +160,9 @@ pub struct Problem {
     pub code: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<FieldError>,
+    /// `rate_limited`: seconds until a retry can succeed (as `Retry-After`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -184,6 +187,10 @@ impl ApiError {
             detail: self.to_string(),
             code: self.code().to_owned(),
             errors,
+            retry_after: match self {
+                ApiError::RateLimited { retry_after, .. } => Some(super::limits::whole_seconds(*retry_after)),
+                _ => None,
+            },
         }
     }
 }

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use governor::DefaultKeyedRateLimiter;
 use governor::clock::{Clock, DefaultClock, QuantaInstant};
 use governor::middleware::NoOpMiddleware;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::{Quota, RateLimiter};
 use ipnet::IpNet;
 use tower_governor::governor::GovernorConfigBuilder;
 use tower_governor::key_extractor::KeyExtractor;
@@ -117,37 +117,181 @@ pub fn ip_layer(
     })
 }
 
-/// One token bucket per partner and quota.
+/// A partner's budget after a decision, sent back as `RateLimit-Limit`,
+/// `RateLimit-Remaining` and `RateLimit-Reset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Events per minute.
+    pub limit: u32,
+    /// Events that could be sent right now.
+    pub remaining: u32,
+    /// Until the burst is whole again.
+    pub reset: Duration,
+}
+
+/// Where the partner check leaves the budget for the response headers:
+/// [`budget_headers`] puts one in each request and writes it out.
+#[derive(Clone, Default)]
+pub struct BudgetSlot(Arc<Mutex<Option<Budget>>>);
+
+impl BudgetSlot {
+    pub fn set(&self, budget: Budget) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(budget);
+        }
+    }
+
+    fn get(&self) -> Option<Budget> {
+        self.0.lock().ok().and_then(|slot| *slot)
+    }
+}
+
+/// A wait in whole seconds, rounded up, at least 1 (`Retry-After`,
+/// `RateLimit-Reset`).
+pub fn whole_seconds(d: Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
+}
+
+/// Adds the partner's `RateLimit-*` headers to every response of a request
+/// the partner check let through (a `429` already has its own).
+pub async fn budget_headers(mut req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let slot = BudgetSlot::default();
+    req.extensions_mut().insert(slot.clone());
+    let mut resp = next.run(req).await;
+    if let Some(b) = slot.get()
+        && !resp.headers().contains_key("ratelimit-limit")
+    {
+        let reset = if b.reset.is_zero() {
+            0
+        } else {
+            whole_seconds(b.reset)
+        };
+        let h = resp.headers_mut();
+        for (name, value) in [
+            ("ratelimit-limit", b.limit.to_string()),
+            ("ratelimit-remaining", b.remaining.to_string()),
+            ("ratelimit-reset", reset.to_string()),
+        ] {
+            if let Ok(v) = axum::http::HeaderValue::from_str(&value) {
+                h.insert(name, v);
+            }
+        }
+    }
+    resp
+}
+
+type PartnerLimiter = RateLimiter<
+    governor::state::NotKeyed,
+    governor::state::InMemoryState,
+    DefaultClock,
+    governor::middleware::StateInformationMiddleware,
+>;
+
+/// One token bucket per partner and quota; each event sent costs a token
+/// (a request that sends none, one).
 #[derive(Default)]
 pub struct PartnerLimits {
-    buckets: Mutex<HashMap<(String, u32, u32), Arc<DefaultDirectRateLimiter>>>,
+    buckets: Mutex<HashMap<(String, u32, u32), Arc<PartnerLimiter>>>,
+}
+
+/// What [`PartnerLimits::take`] granted.
+#[derive(Debug)]
+pub struct Taken {
+    /// Tokens granted, from the first asked for.
+    pub granted: usize,
+    /// The budget after them.
+    pub budget: Option<Budget>,
+    /// When not all were granted: how long until the next token.
+    pub retry_after: Option<Duration>,
+    limit: u32,
+}
+
+impl Taken {
+    /// The refusal each token not granted answers with.
+    pub fn refusal(&self) -> Option<ApiError> {
+        self.retry_after.map(|retry_after| ApiError::RateLimited {
+            retry_after,
+            limit: self.limit,
+        })
+    }
 }
 
 impl PartnerLimits {
-    /// `Err` with the error to return when the partner is over its limit.
-    pub fn check(&self, partner: &Partner, config: &Config) -> Result<(), ApiError> {
+    fn limiter(&self, partner: &Partner, config: &Config) -> Option<(Arc<PartnerLimiter>, u32)> {
         let per_minute = partner
             .rate_per_minute
             .unwrap_or(config.rate_limit_partner_per_minute)
             .max(1);
         let burst = partner.burst.unwrap_or(config.rate_limit_partner_burst).max(1);
-        let limiter = {
-            let Ok(mut buckets) = self.buckets.lock() else {
-                return Ok(());
+        let mut buckets = self.buckets.lock().ok()?;
+        let limiter = buckets
+            .entry((partner.id.clone(), per_minute, burst))
+            .or_insert_with(|| {
+                let quota = Quota::per_minute(NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN))
+                    .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
+                Arc::new(
+                    RateLimiter::direct(quota)
+                        .with_middleware::<governor::middleware::StateInformationMiddleware>(),
+                )
+            })
+            .clone();
+        Some((limiter, per_minute))
+    }
+
+    /// One token, the request's: the budget after it, or the error to return
+    /// when the partner is over its limit.
+    pub fn check(&self, partner: &Partner, config: &Config) -> Result<Option<Budget>, ApiError> {
+        let taken = self.take(partner, config, 1);
+        match taken.refusal() {
+            Some(e) => Err(e),
+            None => Ok(taken.budget),
+        }
+    }
+
+    /// Up to `n` tokens, one at a time, stopping at the first refused (the
+    /// bucket refills evenly, so the rest would be refused too).
+    pub fn take(&self, partner: &Partner, config: &Config, n: usize) -> Taken {
+        let Some((limiter, per_minute)) = self.limiter(partner, config) else {
+            // A poisoned lock must not lock partners out.
+            return Taken {
+                granted: n,
+                budget: None,
+                retry_after: None,
+                limit: 0,
             };
-            buckets
-                .entry((partner.id.clone(), per_minute, burst))
-                .or_insert_with(|| {
-                    let quota = Quota::per_minute(NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN))
-                        .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
-                    Arc::new(RateLimiter::direct(quota))
-                })
-                .clone()
         };
-        limiter.check().map_err(|not_until| ApiError::RateLimited {
-            retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+        let mut taken = Taken {
+            granted: 0,
+            budget: None,
+            retry_after: None,
             limit: per_minute,
-        })
+        };
+        while taken.granted < n {
+            match limiter.check() {
+                Ok(snapshot) => {
+                    taken.granted += 1;
+                    let remaining = snapshot.remaining_burst_capacity();
+                    let burst = snapshot.quota().burst_size().get();
+                    let interval = snapshot.quota().replenish_interval();
+                    taken.budget = Some(Budget {
+                        limit: per_minute,
+                        remaining,
+                        reset: interval * (burst - remaining),
+                    });
+                }
+                Err(not_until) => {
+                    let retry_after = not_until.wait_time_from(DefaultClock::default().now());
+                    taken.budget = Some(Budget {
+                        limit: per_minute,
+                        remaining: 0,
+                        reset: retry_after,
+                    });
+                    taken.retry_after = Some(retry_after);
+                    break;
+                }
+            }
+        }
+        taken
     }
 }
 
@@ -199,8 +343,7 @@ impl LoginLimits {
 
 /// Adds `Retry-After` and `RateLimit-*` headers to a 429.
 pub fn rate_limit_headers(resp: &mut Response, retry_after: Duration, limit: u32) {
-    let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-    let secs = secs.max(1).to_string();
+    let secs = whole_seconds(retry_after).to_string();
     let h = resp.headers_mut();
     for (name, value) in [
         ("retry-after", secs.clone()),

@@ -86,6 +86,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/openapi.json", get(docs::openapi_json))
         .merge(docs::swagger())
         .fallback(ops::not_found)
+        .layer(axum::middleware::from_fn(limits::budget_headers))
         .layer(axum::middleware::from_fn_with_state(state.clone(), track))
         .layer(limits::ip_layer(&state.config, state.metrics.clone()))
         .layer(axum::middleware::from_fn_with_state(state.clone(), header_limit))
@@ -137,7 +138,11 @@ async fn request_span(mut req: Request, next: Next) -> Response {
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
-        .unwrap_or_default();
+        .unwrap_or_else(|| "unmatched".to_owned());
+    // Probes are not traced: a trace per health check is noise.
+    if route == "/health" || route == "/metrics" {
+        return next.run(req).await;
+    }
     let span = tracing::info_span!(
         "request",
         otel.name = %format_args!("{method} {route}"),
@@ -151,14 +156,29 @@ async fn request_span(mut req: Request, next: Next) -> Response {
     if let Some(id) = request_id(req.headers()) {
         span.record("requestId", id);
     }
-    let headers = req.headers();
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let incoming = header("traceparent").and_then(|tp| TraceContext::parse(tp, header("tracestate")));
+    let incoming = incoming_trace(req.headers());
     let trace = crate::telemetry::otel::continue_trace(&span, incoming.as_ref());
     req.extensions_mut().insert(RequestTrace(trace));
     let resp = next.run(req).instrument(span.clone()).await;
     span.record("http.response.status_code", resp.status().as_u16());
     resp
+}
+
+/// The caller's W3C trace context: one `traceparent` (several are
+/// invalid), and the `tracestate` lines joined, as the spec reads them.
+fn incoming_trace(headers: &axum::http::HeaderMap) -> Option<TraceContext> {
+    let mut parents = headers.get_all("traceparent").iter();
+    let parent = parents.next()?.to_str().ok()?;
+    if parents.next().is_some() {
+        return None;
+    }
+    let states: Vec<&str> = headers
+        .get_all("tracestate")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let state = (!states.is_empty()).then(|| states.join(","));
+    TraceContext::parse(parent, state.as_deref())
 }
 
 /// The request span's trace context, for the events the request creates.

@@ -14,6 +14,7 @@ pub use metrics::Metrics;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -22,6 +23,9 @@ use crate::config::LogFormat;
 
 /// The filter when `RUST_LOG` is unset.
 pub const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn,apalis=warn,apalis_core=warn,hyper=warn";
+
+/// Longest wait at exit for the spans not yet exported.
+const SHUTDOWN_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What [`init`] installed. [`Telemetry::shutdown`] exports the spans not
 /// yet sent; call it before the process exits.
@@ -33,8 +37,10 @@ impl Telemetry {
     pub async fn shutdown(self) {
         if let Some(provider) = self.traces {
             // The batch processor's thread finishes its export on the
-            // runtime, so this waits off the runtime's threads.
-            let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+            // runtime, so this waits off the runtime's threads, and not for
+            // ever: a collector that does not answer must not hold the exit.
+            let flush = tokio::task::spawn_blocking(move || provider.shutdown());
+            let _ = tokio::time::timeout(SHUTDOWN_FLUSH, flush).await;
         }
     }
 }
@@ -73,6 +79,12 @@ where
             .boxed(),
         LogFormat::Pretty => logs.pretty().boxed(),
     };
+    // This service's spans are always on for the log layer, whatever
+    // `RUST_LOG` says, so the lines it lets through still carry their
+    // span's `traceId`.
+    let filter = filter.or(tracing_subscriber::filter::filter_fn(|meta| {
+        meta.is_span() && otel::is_ours(meta.target())
+    }));
     // Each layer has its own filter: `RUST_LOG` decides what is logged, not
     // which spans are exported.
     let spans = traces.map(|provider| {

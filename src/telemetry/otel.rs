@@ -38,13 +38,23 @@ pub(super) fn enable() {
     engine::trace::install_current_span(current_span);
 }
 
+/// This service's crates.
+const OURS: [&str; 3] = ["orchestrator", "engine", "plugins"];
+
+/// Whether a target is one of this service's crates.
+pub(super) fn is_ours(target: &str) -> bool {
+    OURS.iter().any(|c| {
+        target
+            .strip_prefix(c)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    })
+}
+
 /// The spans exported: this service's own, not its libraries' (nor the
 /// exporter's own HTTP calls).
 pub(super) fn span_filter() -> Targets {
-    Targets::new()
-        .with_target("orchestrator", tracing::Level::INFO)
-        .with_target("engine", tracing::Level::INFO)
-        .with_target("plugins", tracing::Level::INFO)
+    OURS.iter()
+        .fold(Targets::new(), |t, c| t.with_target(*c, tracing::Level::INFO))
 }
 
 fn env(key: &str) -> Option<String> {
@@ -59,6 +69,9 @@ pub(super) fn provider_from_env() -> Result<Option<SdkTracerProvider>, String> {
             && env("OTEL_EXPORTER_OTLP_ENDPOINT").is_none())
     {
         return Ok(None);
+    }
+    if let Some(other) = env("OTEL_TRACES_EXPORTER").filter(|v| v.trim() != "otlp") {
+        return Err(format!("OTEL_TRACES_EXPORTER={other:?}: otlp or none"));
     }
     let protocol = env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"));
     if let Some(p) = protocol.filter(|p| p.trim() != "http/protobuf") {
@@ -75,7 +88,7 @@ pub(super) fn provider_from_env() -> Result<Option<SdkTracerProvider>, String> {
                 .parse::<u64>()
                 .map_err(|_| format!("OTEL_EXPORTER_OTLP_TIMEOUT={v:?}: milliseconds expected"))?,
         };
-    let http = reqwest::Client::builder()
+    let http = collector_tls(reqwest::Client::builder())?
         .timeout(Duration::from_millis(timeout_ms))
         .build()
         .map_err(|e| format!("OTLP HTTP client: {e}"))?;
@@ -100,6 +113,46 @@ pub(super) fn provider_from_env() -> Result<Option<SdkTracerProvider>, String> {
             .with_resource(resource.build())
             .build(),
     ))
+}
+
+/// `OTEL_EXPORTER_OTLP_CERTIFICATE` (a CA, PEM, trusted besides the
+/// system's roots) and `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE` /
+/// `_CLIENT_KEY` (PEM), each also in its `_TRACES_` form.
+fn collector_tls(mut builder: reqwest::ClientBuilder) -> Result<reqwest::ClientBuilder, String> {
+    let file = |name: &str| -> Result<Option<Vec<u8>>, String> {
+        let traces = name.replacen("OTEL_EXPORTER_OTLP_", "OTEL_EXPORTER_OTLP_TRACES_", 1);
+        match env(&traces).or_else(|| env(name)) {
+            None => Ok(None),
+            Some(path) => std::fs::read(path.trim())
+                .map(Some)
+                .map_err(|e| format!("{name}: cannot read {path}: {e}")),
+        }
+    };
+    if let Some(pem) = file("OTEL_EXPORTER_OTLP_CERTIFICATE")? {
+        let ca = reqwest::Certificate::from_pem(&pem)
+            .map_err(|e| format!("OTEL_EXPORTER_OTLP_CERTIFICATE: {e}"))?;
+        builder = builder.add_root_certificate(ca);
+    }
+    match (
+        file("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE")?,
+        file("OTEL_EXPORTER_OTLP_CLIENT_KEY")?,
+    ) {
+        (None, None) => {}
+        (Some(mut cert), Some(key)) => {
+            cert.push(b'\n');
+            cert.extend_from_slice(&key);
+            let identity = reqwest::Identity::from_pem(&cert)
+                .map_err(|e| format!("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE: {e}"))?;
+            builder = builder.identity(identity);
+        }
+        _ => {
+            return Err(
+                "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY go together"
+                    .to_owned(),
+            );
+        }
+    }
+    Ok(builder)
 }
 
 /// The exporter's HTTP client: this service's reqwest. The SDK's batch

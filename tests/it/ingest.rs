@@ -678,6 +678,85 @@ async fn partner_rate_limits_with_the_seed_defaults() {
     app.stop().await;
 }
 
+/// A batch costs a token per event: with 100 a minute and a burst of 10,
+/// a batch of 50 sent at once gets 10 accepted and a 429 in place of each
+/// of the other 40; the headers show the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_costs_one_token_per_event() {
+    let app = spawn_app_with(Backend::Embedded, PipelineDir::shipped(), |m| {
+        m.remove("RATE_LIMIT_PARTNER_PER_MINUTE");
+        m.remove("RATE_LIMIT_PARTNER_BURST");
+    })
+    .await;
+    // A fresh partner's single event leaves 9 of its burst of 10.
+    let single = app.add_partner("single").await;
+    let resp = app
+        .post_event_as(
+            &single,
+            "VENDA",
+            json!({"produto_id": "S", "quantidade": 1, "valor": 1}),
+            None,
+        )
+        .await;
+    assert_eq!(resp.status(), 202);
+    assert_eq!(resp.headers()["ratelimit-limit"], "100");
+    assert_eq!(resp.headers()["ratelimit-remaining"], "9");
+    assert_eq!(resp.headers()["ratelimit-reset"], "1");
+
+    let bulk = app.add_partner("bulk").await;
+    let events: Vec<Value> = (0..50)
+        .map(|i| {
+            // Item 3 is invalid: it costs its token like any other.
+            let dados = if i == 3 {
+                json!({"produto_id": 3})
+            } else {
+                json!({"produto_id": format!("B{i}"), "quantidade": 1, "valor": 1})
+            };
+            json!({"tipo": "VENDA", "dados": dados})
+        })
+        .collect();
+    let resp = app
+        .http
+        .post(app.url("/events/batch"))
+        .header("x-api-key", &bulk)
+        .json(&json!({ "events": events }))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["ratelimit-limit"], "100");
+    assert_eq!(resp.headers()["ratelimit-remaining"], "0");
+    let body: Value = resp.json().await.expect("json");
+    let results = body["results"].as_array().expect("results");
+    assert_eq!(results.len(), 50);
+    let statuses: Vec<u64> = results
+        .iter()
+        .map(|r| r["status"].as_u64().expect("status"))
+        .collect();
+    // The first ten had a token (one of them failed validation); the rest,
+    // in their places, a 429 with the wait.
+    assert_eq!(statuses[3], 422, "{body}");
+    assert!(
+        statuses[..10]
+            .iter()
+            .enumerate()
+            .all(|(i, s)| i == 3 || *s == 202),
+        "{statuses:?}"
+    );
+    for r in &results[10..] {
+        assert_eq!(r["status"], 429, "{r}");
+        assert_eq!(r["error"]["code"], "rate_limited");
+        let wait = r["error"]["retry_after"].as_u64().expect("retry_after");
+        assert!((1..=60).contains(&wait), "{r}");
+    }
+    assert_eq!(body["accepted"], 9);
+    assert_eq!(body["rejected"], 41);
+    // Nothing of the refused items was stored.
+    let (_, stats) = app.get_json("/events/stats", ADMIN_KEY).await;
+    assert_eq!(stats["total"], 10, "{stats}");
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ip_rate_limit() {
     let app = spawn_app_with(Backend::Embedded, PipelineDir::shipped(), |m| {

@@ -12,7 +12,7 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
@@ -108,7 +108,9 @@ fn pg_bindir() -> Option<PathBuf> {
 /// when dropped. As root (CI), it runs as the `postgres` user, which
 /// PostgreSQL insists on.
 struct PrivatePostgres {
-    child: Child,
+    bindir: PathBuf,
+    data: PathBuf,
+    as_root: bool,
     port: u16,
 }
 
@@ -117,16 +119,6 @@ impl PrivatePostgres {
         let as_root = std::fs::metadata("/proc/self")
             .map(|m| m.uid() == 0)
             .unwrap_or(false);
-        let run = |program: &str| {
-            let program = bindir.join(program);
-            if as_root {
-                let mut c = Command::new("runuser");
-                c.args(["-u", "postgres", "--"]).arg(program);
-                c
-            } else {
-                Command::new(program)
-            }
-        };
         let data = dir.join("pgdata");
         if as_root {
             let status = Command::new("chown")
@@ -136,9 +128,16 @@ impl PrivatePostgres {
                 .expect("chown");
             assert!(status.success(), "chown the cluster directory to postgres");
         }
-        let out = run("initdb")
+        let pg = PrivatePostgres {
+            bindir: bindir.to_owned(),
+            data,
+            as_root,
+            port: free_port(),
+        };
+        let out = pg
+            .run("initdb")
             .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
-            .arg(&data)
+            .arg(&pg.data)
             .output()
             .expect("initdb");
         assert!(
@@ -146,28 +145,56 @@ impl PrivatePostgres {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let port = free_port();
         let setting = |k: &str, v: &Path| format!("{k}={}", v.display());
-        let child = run("postgres")
+        let options = [
+            format!("-p {}", pg.port),
+            "-c listen_addresses=127.0.0.1".to_owned(),
+            format!("-c {}", setting("unix_socket_directories", dir)),
+            "-c ssl=on -c fsync=off -c max_connections=60".to_owned(),
+            format!("-c {}", setting("ssl_cert_file", &pki.server_cert)),
+            format!("-c {}", setting("ssl_key_file", &pki.server_key)),
+        ];
+        let out = pg
+            .run("pg_ctl")
             .arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
-            .args(["-c", &setting("unix_socket_directories", dir)])
-            .args(["-c", "ssl=on", "-c", "fsync=off", "-c", "max_connections=60"])
-            .args(["-c", &setting("ssl_cert_file", &pki.server_cert)])
-            .args(["-c", &setting("ssl_key_file", &pki.server_key)])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start postgres");
-        PrivatePostgres { child, port }
+            .arg(&pg.data)
+            .args(["-o", &options.join(" "), "-l"])
+            .arg(dir.join("postgres.log"))
+            .args(["-w", "start"])
+            .output()
+            .expect("pg_ctl start");
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pg
+    }
+
+    /// A server binary, as the `postgres` user when this is root.
+    fn run(&self, program: &str) -> Command {
+        let program = self.bindir.join(program);
+        if self.as_root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        }
     }
 }
 
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self
+            .run("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -184,11 +211,30 @@ async fn wait_listening(port: u16, what: &str) {
 /// it took, for a start that must fail.
 fn failed_start(vars: &[(String, String)], args: &[&str]) -> (String, Duration) {
     let started = Instant::now();
-    let mut command = orchestrator_command(vars);
-    command.args(args);
-    let (code, text) = run_to_end(command);
+    let out = tempfile::NamedTempFile::new().expect("output file");
+    let mut child = orchestrator_command(vars)
+        .args(args)
+        .env("LOG_FORMAT", "pretty")
+        .env("RUST_LOG", "warn")
+        .stdout(out.reopen().expect("stdout"))
+        .stderr(out.reopen().expect("stderr"))
+        .spawn()
+        .expect("run orchestrator");
+    // A start that does not fail must not hang the suite.
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?} did not fail within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let took = started.elapsed();
-    assert_ne!(code, 0, "{args:?} must fail; it printed: {text}");
+    let text = std::fs::read_to_string(out.path()).expect("output");
+    assert!(!status.success(), "{args:?} must fail; it printed: {text}");
     println!("{args:?} failed as it should, in {took:?}: {text}");
     (text, took)
 }
@@ -227,7 +273,6 @@ async fn tls_to_postgres_and_redis_runs_the_whole_lifecycle_and_refuses_a_wrong_
     };
     let pg = PrivatePostgres::start(&bindir, dir.path(), &pki);
     wait_listening(redis_port, "redis-server --tls-port").await;
-    wait_listening(pg.port, "postgres").await;
 
     let database_url = format!(
         "postgres://postgres@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}",
@@ -275,6 +320,45 @@ async fn tls_to_postgres_and_redis_runs_the_whole_lifecycle_and_refuses_a_wrong_
     crate::lifecycle::transient_failures_retry_then_dead_letter_then_manual_retry(backend.clone()).await;
     crate::lifecycle::dead_letters_are_redriven_by_filter(backend).await;
 
+    // The real binary over both: an event through to its webhook, then a
+    // clean stop.
+    let rx = Receiver::start().await;
+    let dir = crate::traces::rastreio(&rx);
+    let data = tempfile::tempdir().expect("data dir");
+    let port = free_port();
+    let mut vars = node_env(&dir);
+    vars.extend([
+        ("DATA_DIR".to_owned(), path(data.path())),
+        ("LISTEN_ADDR".to_owned(), format!("127.0.0.1:{port}")),
+        ("DATABASE_URL".to_owned(), database_url.clone()),
+        ("REDIS_URL".to_owned(), redis_url.clone()),
+    ]);
+    vars.extend(certs.iter().cloned());
+    const KEY: &str = "eo_tls_test_key_3e8a1c5b7d9f";
+    create_partner(&vars, "acme", KEY);
+    let mut server = spawn_orchestrator(&vars, &["serve"], &data.path().join("server.log"));
+    let http = reqwest::Client::new();
+    wait_healthy(&http, port).await;
+    let resp = http
+        .post(format!("http://127.0.0.1:{port}/events"))
+        .header("x-api-key", KEY)
+        .json(&serde_json::json!({"tipo": "RASTREIO", "dados": {"pedido": 1}}))
+        .send()
+        .await
+        .expect("post");
+    let id = accepted_id(resp).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rx.count_for("/hook", &id) == 0 {
+        assert!(Instant::now() < deadline, "the webhook was not called");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stop = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(stop.success());
+    assert!(server.wait().expect("wait").success(), "clean exit");
+
     // A CA that did not sign the server's certificate: a clear error, at
     // once, not a hang or a retry loop.
     let wrong_pg = database_url.replace(&path(&pki.ca), &path(&pki.wrong_ca));
@@ -316,7 +400,10 @@ async fn tls_to_postgres_and_redis_runs_the_whole_lifecycle_and_refuses_a_wrong_
     // Without the client certificate this server asks for, the start fails
     // too, and says it is Redis.
     let (text, took) = failed_start(&with(&[("REDIS_CA_FILE", pki.ca.as_path())]), &["serve"]);
-    assert!(text.contains("Redis"), "names Redis: {text}");
+    assert!(
+        text.contains("Redis") && text.contains("Certificate"),
+        "names Redis and the missing certificate: {text}"
+    );
     assert!(took < Duration::from_secs(10), "fails fast, took {took:?}");
 
     // A certificate without its key is a configuration error.

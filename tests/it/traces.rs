@@ -33,6 +33,8 @@ struct Exported {
     parent: String,
     name: String,
     kind: i32,
+    /// 0 unset, 1 ok, 2 error.
+    status: i32,
     attributes: HashMap<String, String>,
     service: String,
 }
@@ -73,6 +75,7 @@ async fn export(
                             parent: hex::encode(&sp.parent_span_id),
                             name: sp.name,
                             kind: sp.kind,
+                            status: sp.status.as_ref().map(|st| st.code).unwrap_or(0),
                             attributes: sp
                                 .attributes
                                 .iter()
@@ -130,26 +133,10 @@ impl Collector {
             .cloned()
             .collect()
     }
-
-    /// Waits until the trace holds a span named `last`.
-    async fn wait_for(&self, trace_id: &str, last: &str) -> Vec<Exported> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let spans = self.trace(trace_id);
-            if spans.iter().any(|s| s.name == last) {
-                return spans;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {last:?} span arrived; got {spans:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
 }
 
-/// A pipeline of three stages and one webhook.
-fn rastreio(rx: &Receiver) -> PipelineDir {
+/// A pipeline of three stages and one webhook (`/hook` of `rx`).
+pub(crate) fn rastreio(rx: &Receiver) -> PipelineDir {
     let dir = PipelineDir::new();
     dir.any_schema().write(
         "pipelines/rastreio.yaml",
@@ -157,6 +144,9 @@ fn rastreio(rx: &Receiver) -> PipelineDir {
             r#"
 event_type: RASTREIO
 schema: any.schema.json
+retry:
+  max_retries: 3
+  initial_delay: 100ms
 stages:
   - plugin: validate
   - plugin: script
@@ -209,7 +199,8 @@ async fn one_event_is_one_trace_from_the_partner_request_to_its_webhook() {
             "OTEL_SERVICE_NAME".to_owned(),
             "orchestrator-under-test".to_owned(),
         ),
-        ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "100".to_owned()),
+        ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "60000".to_owned()),
+        ("RUST_LOG".to_owned(), "warn,orchestrator=info".to_owned()),
     ]);
     create_partner(&vars, "acme", PARTNER_KEY);
     let log = data.path().join("server.log");
@@ -229,30 +220,66 @@ async fn one_event_is_one_trace_from_the_partner_request_to_its_webhook() {
         }
         req.send()
     };
+    let calls_for = |id: &str, n: usize| {
+        let rx = &rx;
+        let id = id.to_owned();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while rx.count_for("/hook", &id) < n {
+                assert!(Instant::now() < deadline, "the webhook was not called {n} times");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    // The first attempt fails (500), the retry delivers.
+    rx.set("/hook", Behaviour::Status(500));
     let id = accepted_id(
         post(Some(format!("00-{PARTNER_TRACE}-{PARTNER_SPAN}-01")))
             .await
             .expect("post"),
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while rx.count_for("/hook", &id) == 0 {
-        assert!(Instant::now() < deadline, "the webhook was not called");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    calls_for(&id, 1).await;
+    rx.set("/hook", Behaviour::Status(200));
+    calls_for(&id, 2).await;
+    // Without a traceparent the request starts a trace of its own.
+    let other = accepted_id(post(None).await.expect("post")).await;
+    calls_for(&other, 1).await;
+    for event in [&id, &other] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let status: Value = http
+                .get(format!("http://127.0.0.1:{port}/events/{event}/status"))
+                .header("x-api-key", PARTNER_KEY)
+                .send()
+                .await
+                .expect("status")
+                .json()
+                .await
+                .expect("json");
+            if status["status"] == "processed" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "not processed: {status}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
-    let spans = collector.wait_for(PARTNER_TRACE, "deliver transportadora").await;
-    let spans = {
-        // The request span ends after the answer; wait for it too.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut spans = spans;
-        while !spans.iter().any(|s| s.name == "POST /events") {
-            assert!(Instant::now() < deadline, "no request span: {spans:#?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            spans = collector.trace(PARTNER_TRACE);
-        }
-        spans
-    };
+    // Spans go out in batches every 60 s here: none yet. SIGTERM must
+    // export them before the process ends.
+    assert!(
+        collector.trace(PARTNER_TRACE).is_empty(),
+        "nothing exported before the exit"
+    );
+    let stop = std::process::Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(stop.success());
+    let status = server.wait().expect("wait");
+    assert!(status.success(), "clean exit: {status:?}");
+
+    let spans = collector.trace(PARTNER_TRACE);
     assert!(
         spans.iter().all(|s| s.service == "orchestrator-under-test"),
         "{spans:#?}"
@@ -281,52 +308,47 @@ async fn one_event_is_one_trace_from_the_partner_request_to_its_webhook() {
             "{child} is the request's child"
         );
     }
-    let attempt = the(&spans, "process RASTREIO");
-    assert_eq!(
-        attempt.parent, request.span_id,
-        "the attempt continues the request, through the task"
-    );
-    assert_eq!(attempt.attributes.get("eventId"), Some(&id));
-    for stage in ["validate", "enrich", "deliver"] {
-        assert_eq!(
-            the(&spans, stage).parent,
-            attempt.span_id,
-            "stage {stage} is the attempt's child"
-        );
+    // Both attempts continue the request, through the stored event; each
+    // has its stages, and its delivery under its `deliver` stage.
+    let attempts = children(&spans, &request.span_id, "process RASTREIO");
+    assert_eq!(attempts.len(), 2, "{spans:#?}");
+    let mut delivered = Vec::new();
+    for attempt in &attempts {
+        assert_eq!(attempt.attributes.get("eventId"), Some(&id));
+        for stage in ["validate", "enrich", "deliver"] {
+            assert_eq!(
+                children(&spans, &attempt.span_id, stage).len(),
+                1,
+                "stage {stage} of {attempt:?}"
+            );
+        }
+        let deliver = children(&spans, &attempt.span_id, "deliver")[0];
+        let delivery = children(&spans, &deliver.span_id, "deliver transportadora");
+        assert_eq!(delivery.len(), 1);
+        assert_eq!(delivery[0].kind, 3, "a client span");
+        let code = delivery[0].attributes.get("http.response.status_code").cloned();
+        delivered.push((attempt.status, code, delivery[0].span_id.clone()));
     }
-    let delivery = the(&spans, "deliver transportadora");
-    assert_eq!(delivery.parent, the(&spans, "deliver").span_id);
-    assert_eq!(delivery.kind, 3, "a client span");
+    delivered.sort();
     assert_eq!(
-        delivery
-            .attributes
-            .get("http.response.status_code")
-            .map(String::as_str),
-        Some("200")
+        delivered
+            .iter()
+            .map(|(s, c, _)| (*s, c.as_deref()))
+            .collect::<Vec<_>>(),
+        vec![(0, Some("200")), (2, Some("500"))],
+        "the failed attempt's span has the error status"
     );
-
-    // The webhook's traceparent: the partner's trace, the delivery span.
-    let call = rx
-        .received("/hook")
-        .into_iter()
-        .find(|r| r.body["id"] == id)
-        .expect("call");
-    assert_eq!(
-        traceparent_of(&call),
-        format!("00-{PARTNER_TRACE}-{}-01", delivery.span_id)
-    );
-    assert_eq!(
-        call.headers.get("tracestate").and_then(|v| v.to_str().ok()),
-        Some("parceiro=abc123")
-    );
-
-    // Without a traceparent the request starts a trace of its own, and
-    // the webhook carries it.
-    let other = accepted_id(post(None).await.expect("post")).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while rx.count_for("/hook", &other) == 0 {
-        assert!(Instant::now() < deadline, "the webhook was not called");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    // Each webhook call's traceparent: the partner's trace, its delivery span.
+    for call in rx.received("/hook").iter().filter(|r| r.body["id"] == id) {
+        let (_, _, span) = delivered
+            .iter()
+            .find(|(_, c, _)| c.as_deref() == Some(call.status.to_string().as_str()))
+            .expect("a delivery span for the call");
+        assert_eq!(traceparent_of(call), format!("00-{PARTNER_TRACE}-{span}-01"));
+        assert_eq!(
+            call.headers.get("tracestate").and_then(|v| v.to_str().ok()),
+            Some("parceiro=abc123")
+        );
     }
     let call = rx
         .received("/hook")
@@ -336,7 +358,7 @@ async fn one_event_is_one_trace_from_the_partner_request_to_its_webhook() {
     let tp = traceparent_of(&call);
     let own_trace = tp.split('-').nth(1).expect("trace id").to_owned();
     assert_ne!(own_trace, PARTNER_TRACE);
-    let spans = collector.wait_for(&own_trace, "deliver transportadora").await;
+    let spans = collector.trace(&own_trace);
     assert_eq!(
         format!(
             "00-{own_trace}-{}-01",
@@ -344,25 +366,35 @@ async fn one_event_is_one_trace_from_the_partner_request_to_its_webhook() {
         ),
         tp
     );
+    assert_eq!(the(&spans, "POST /events").parent, "", "a root span");
 
-    // Every log line about the first event names its trace.
-    let stop = std::process::Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(stop.success());
-    let status = server.wait().expect("wait");
-    assert!(status.success(), "clean exit: {status:?}");
+    // Every line about the first event names its trace, though RUST_LOG
+    // leaves the engine's spans out of the log.
     let text = std::fs::read_to_string(&log).expect("log");
     let lines: Vec<Value> = text
         .lines()
         .filter(|l| l.contains(&id))
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect();
-    assert!(lines.len() >= 2, "accepted and processed lines: {text}");
+    let messages: Vec<&str> = lines.iter().filter_map(|l| l["message"].as_str()).collect();
+    for expected in [
+        "event accepted",
+        "attempt failed; retry scheduled",
+        "event processed",
+    ] {
+        assert!(messages.contains(&expected), "{expected:?} in {messages:?}");
+    }
     for line in &lines {
         assert_eq!(line["span"]["traceId"], PARTNER_TRACE, "{line}");
     }
+}
+
+/// The spans named `name` whose parent is `parent`.
+fn children<'a>(spans: &'a [Exported], parent: &str, name: &str) -> Vec<&'a Exported> {
+    spans
+        .iter()
+        .filter(|s| s.parent == parent && s.name == name)
+        .collect()
 }
 
 /// Without an exporter, the partner's trace still reaches the webhook, and

@@ -2,6 +2,7 @@
 //! own, the valid ones stored in one transaction and queued in bulk, with a
 //! result per item.
 
+use axum::Extension;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
@@ -15,6 +16,7 @@ use super::{Accepted, accepted, sender};
 use crate::api::auth::Caller;
 use crate::api::body::parse_json_body;
 use crate::api::error::{ApiError, FieldError};
+use crate::api::limits::BudgetSlot;
 use crate::api::{AppState, Origin};
 use crate::store::{EventRecord, NewEvent};
 
@@ -47,7 +49,8 @@ pub struct BatchIn {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct BatchResult {
     pub index: usize,
-    /// What `POST /events` would have answered for this item: 202, 200 (replay), 409, 422…
+    /// What `POST /events` would have answered for this item: 202, 200 (replay), 409, 422…;
+    /// 429 for the items past the partner's rate-limit budget (a batch costs a token per item).
     pub status: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event: Option<Accepted>,
@@ -80,9 +83,11 @@ pub async fn create_batch(
     State(state): State<AppState>,
     caller: Caller,
     origin: Origin,
+    budget: Option<Extension<BudgetSlot>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<BatchOut>, ApiError> {
+    let budget = budget.map(|Extension(slot)| slot);
     let partner = sender(caller)?;
     let limit = state.config.max_body_bytes.saturating_mul(16);
     let value = parse_json_body(&headers, body, &state.config, Some(limit)).await?;
@@ -107,12 +112,31 @@ pub async fn create_batch(
             message: format!("must hold 1 to {MAX_BATCH} events, not {}", items.len()),
         }]));
     }
+    // Each item costs a token of the partner's limit; the request paid the
+    // first. Items past the budget are refused (429) in their place.
+    let taken = state
+        .partner_limits
+        .take(&partner, &state.config, items.len() - 1);
+    if let (Some(b), Some(slot)) = (taken.budget, &budget) {
+        slot.set(b);
+    }
+    if taken.retry_after.is_some() {
+        state.metrics.rate_limited.with_label_values(&["partner"]).inc();
+        tracing::info!(partnerId = %partner.id, sent = items.len(), accepted = taken.granted + 1,
+                       "partner rate limit reached within a batch");
+    }
     // Each item checked on its own; the valid ones stored together.
     // `None` marks a valid item, whose outcome the store decides below.
     let mut outcomes: Vec<Option<Result<(StatusCode, EventRecord), ApiError>>> =
         Vec::with_capacity(items.len());
     let mut valid = Vec::new();
     for (index, item) in items.into_iter().enumerate() {
+        if index > taken.granted
+            && let Some(refused) = taken.refusal()
+        {
+            outcomes.push(Some(Err(refused)));
+            continue;
+        }
         let prepared = batch_item(item)
             .and_then(|(tipo, dados, idem)| prepare(&state, &partner, tipo, dados, idem, &origin));
         match prepared {

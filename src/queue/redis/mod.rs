@@ -97,10 +97,7 @@ impl RedisQueue {
         };
         let conn = crate::redis_conn::manager(client, timeouts)
             .await
-            .map_err(|e| match e {
-                crate::redis_conn::ConnectError::Refused(e) => redis_err(e),
-                other => QueueError::Unavailable(other.to_string()),
-            })?;
+            .map_err(|e| QueueError::Unavailable(e.to_string()))?;
         let q = Self {
             inner: Arc::new(Inner {
                 conn,
