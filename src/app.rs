@@ -247,6 +247,7 @@ impl App {
                 pipelines: pipelines.clone(),
                 metrics: metrics.clone(),
                 lease: config.processing_lease,
+                shutdown: shutdown_rx.clone(),
             });
             let w = Arc::new(Workers::new(queue.clone(), processor, shutdown_rx.clone()));
             w.ensure(&pipelines);

@@ -19,7 +19,7 @@ use tracing::{Instrument, debug, error, info, warn};
 use crate::dispatch::{Dispatcher, Pending, Pushed, queue_name};
 use crate::pipelines::{OnInstall, Pipelines};
 use crate::queue::{Queue, QueueTask, TaskHandler};
-use crate::store::{AttemptFinish, EventRecord, FinishWait, LastError, Status, Store, Sweep};
+use crate::store::{AttemptFinish, EventRecord, FinishWait, LastError, Requeue, Status, Store, Sweep};
 use crate::telemetry::Metrics;
 
 pub struct Processor {
@@ -28,6 +28,9 @@ pub struct Processor {
     pub pipelines: Arc<Pipelines>,
     pub metrics: Arc<Metrics>,
     pub lease: Duration,
+    /// Once true, an ordering key's next event goes through the queue
+    /// instead of running here.
+    pub shutdown: watch::Receiver<bool>,
 }
 
 #[async_trait]
@@ -37,7 +40,27 @@ impl TaskHandler for Processor {
             event_id,
             pipeline_version,
         } = task;
-        self.process(&event_id, &pipeline_version).await;
+        let mut next = self.process(&event_id, &pipeline_version).await;
+        // The event a finished one released (the next of its ordering key)
+        // runs here at once: through the queue it would cost a round trip,
+        // and on the embedded queue up to a second (its fetch heartbeat),
+        // per event of the key. Any others released with it, or all once
+        // the process is stopping, go through the queue.
+        while !next.is_empty() {
+            if *self.shutdown.borrow() {
+                self.dispatch
+                    .queue_now(&next.iter().map(Pending::from).collect::<Vec<_>>())
+                    .await;
+                break;
+            }
+            let first = next.remove(0);
+            if !next.is_empty() {
+                self.dispatch
+                    .queue_now(&next.iter().map(Pending::from).collect::<Vec<_>>())
+                    .await;
+            }
+            next = self.process(&first.id, &first.pipeline_version).await;
+        }
     }
 }
 
@@ -45,9 +68,10 @@ impl Processor {
     /// Claims the event and runs an attempt. A failure before the outcome
     /// is recorded is logged (in the attempt's span, once there is one) and
     /// leaves the event claimable: the sweeper queues it again.
-    async fn process(&self, event_id: &str, version: &str) {
+    async fn process(&self, event_id: &str, version: &str) -> Vec<Requeue> {
         let failed = |e: anyhow::Error| {
             error!(eventId = %event_id, error = %e, "processing failed before an outcome was recorded");
+            Vec::new()
         };
         let now = Utc::now();
         let lease = match chrono::Duration::from_std(self.lease) {
@@ -58,7 +82,7 @@ impl Processor {
             Ok(Some(event)) => event,
             Ok(None) => {
                 debug!(eventId = %event_id, "task skipped: event not claimable");
-                return;
+                return Vec::new();
             }
             Err(e) => return failed(e.into()),
         };
@@ -78,9 +102,12 @@ impl Processor {
             .attempt(event, trace, version, now)
             .instrument(span.clone())
             .await;
-        if let Err(e) = outcome {
-            span.record("otel.status_code", "ERROR");
-            span.in_scope(|| failed(e));
+        match outcome {
+            Ok(released) => released,
+            Err(e) => {
+                span.record("otel.status_code", "ERROR");
+                span.in_scope(|| failed(e))
+            }
         }
     }
 
@@ -91,7 +118,7 @@ impl Processor {
         trace: TraceContext,
         version: &str,
         now: DateTime<Utc>,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Vec<Requeue>> {
         let event_id = event.id.as_str();
         let attempt = event.attempts;
         let tipo = event.tipo.clone();
@@ -105,7 +132,7 @@ impl Processor {
             };
             let cycle_attempt = attempt.saturating_sub(event.attempt_base);
             let finish = self.decide(&tipo, cycle_attempt, &policy, err, None, Vec::new());
-            return self.finish(event_id, &tipo, version, attempt, finish).await;
+            return self.finish(&event, version, attempt, finish).await;
         };
         // Attempts since the last manual retry count against the policy.
         let cycle_attempt = attempt.saturating_sub(event.attempt_base);
@@ -119,7 +146,7 @@ impl Processor {
                 ),
             );
             let finish = self.decide(&tipo, cycle_attempt, &pipeline.retry, err, None, Vec::new());
-            return self.finish(event_id, &tipo, version, attempt, finish).await;
+            return self.finish(&event, version, attempt, finish).await;
         }
 
         // A first attempt has delivered nowhere yet: no need to ask.
@@ -267,7 +294,7 @@ impl Processor {
                       "event dead-lettered");
             }
         }
-        self.finish(event_id, &tipo, version, attempt, finish).await
+        self.finish(&event, version, attempt, finish).await
     }
 
     /// How long an event may wait on `destination`: the shorter of its
@@ -345,12 +372,12 @@ impl Processor {
 
     async fn finish(
         &self,
-        event_id: &str,
-        tipo: &str,
+        event: &EventRecord,
         version: &str,
         attempt: u32,
         finish: AttemptFinish,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Vec<Requeue>> {
+        let (event_id, tipo) = (event.id.as_str(), event.tipo.as_str());
         // The attempt's calls have happened: a store hiccup here would leave
         // the event `processing` until its lease expires and then run it (and
         // its deliveries) again, so try a few times before giving up.
@@ -368,7 +395,7 @@ impl Processor {
         };
         if !recorded {
             warn!(eventId = %event_id, attempt, "outcome not recorded: the claim was lost (lease expired?)");
-            return Ok(());
+            return Ok(Vec::new());
         }
         // A parked event has no task: the destination waker wakes it.
         if finish.status == Status::Retrying && !finish.wait.as_ref().is_some_and(|w| w.park) {
@@ -383,9 +410,27 @@ impl Processor {
             };
             self.dispatch.queue_later(pending, delay).await;
         }
-        Ok(())
+        // A finished event lets the next one of its key go (the caller runs
+        // it).
+        if matches!(finish.status, Status::Processed | Status::DeadLettered)
+            && let Some(key) = event.order_key.as_deref()
+        {
+            match self
+                .store
+                .release_order(Some(key), RELEASE_BATCH, Utc::now())
+                .await
+            {
+                Ok(next) => return Ok(next),
+                // The sweeper's release wakes it.
+                Err(e) => warn!(eventId = %event_id, error = %e, "could not release the ordering key"),
+            }
+        }
+        Ok(Vec::new())
     }
 }
+
+/// Most parked events one release wakes.
+const RELEASE_BATCH: u32 = 500;
 
 /// A wait that has lasted longer than its destination's `max_wait` ends the
 /// event: dead-lettered as `destination_unavailable`.
@@ -543,6 +588,27 @@ async fn sweep_once(s: &Sweeper) {
                 warn!(error = %e, "sweeper could not read the store");
                 break;
             }
+        }
+    }
+    // The backstop of the ordering keys' release: an event parked just as
+    // the event it waited for finished (a race the release at finish can
+    // miss on PostgreSQL) goes within a pass.
+    match s.store.release_order(None, BATCH, now).await {
+        Ok(next) if !next.is_empty() => {
+            let pending: Vec<Pending<'_>> = next.iter().map(Pending::from).collect();
+            s.dispatch.requeue_stranded(&pending).await;
+            info!(count = next.len(), "sweeper released events of ordering keys");
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "sweeper could not release ordering keys"),
+    }
+    if let Ok(blocked) = s.store.blocked_counts().await {
+        for p in s.pipelines.current().pipelines() {
+            let n = blocked.get(&p.event_type).copied().unwrap_or(0);
+            s.metrics
+                .events_waiting_on_key
+                .with_label_values(&[&p.event_type])
+                .set(n);
         }
     }
     if let Ok(counts) = s.store.status_counts().await {

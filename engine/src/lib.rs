@@ -11,6 +11,7 @@ pub mod gate;
 pub mod json;
 pub mod loader;
 pub mod model;
+pub mod ordering;
 pub mod pipeline;
 pub mod retry;
 pub mod script;

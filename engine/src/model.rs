@@ -34,6 +34,31 @@ pub struct PipelineSpec {
     /// Reference tables for the scripts' `lookup(table, key)`.
     #[serde(default)]
     pub tables: BTreeMap<String, TableSpec>,
+    /// Events of one partner with equal keys run one at a time, in
+    /// acceptance order.
+    #[serde(default)]
+    pub ordering: Option<OrderingSpec>,
+}
+
+/// `ordering:` of a pipeline.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OrderingSpec {
+    /// A JSON pointer into the event: `/dados/produto_id`.
+    pub key: String,
+    #[serde(default)]
+    pub on_dead_letter: OnDeadLetter,
+}
+
+/// What a dead letter does to the events behind it on its key.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDeadLetter {
+    /// The key's next event proceeds.
+    #[default]
+    Skip,
+    /// Later events wait until the dead letter is retried or removed.
+    Block,
 }
 
 /// A reference table: inline `rows`, or a `file` under `PIPELINES_DIR`

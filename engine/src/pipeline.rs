@@ -39,6 +39,8 @@ pub struct Pipeline {
     pub schema_file: String,
     pub retry: RetryPolicy,
     pub concurrency: usize,
+    /// Its ordering key, if it has one.
+    pub ordering: Option<crate::ordering::Ordering>,
     pub destinations: BTreeMap<String, DestinationConfig>,
     pub(crate) schema: Arc<jsonschema::Validator>,
     /// The JSON Schema document itself (for the OpenAPI document).

@@ -133,6 +133,10 @@ pub struct EventRecord {
     pub waiting_since: Option<DateTime<Utc>>,
     /// The trace its attempts and deliveries continue.
     pub trace: Option<TraceContext>,
+    /// Its ordering key (a digest), when its pipeline orders events.
+    pub order_key: Option<String>,
+    /// The earlier event of its key it is parked behind, if it is.
+    pub blocked_by: Option<String>,
 }
 
 /// An event to insert.
@@ -150,6 +154,10 @@ pub struct NewEvent {
     pub request_id: Option<String>,
     /// The request's trace context (W3C), which the event continues.
     pub trace: Option<TraceContext>,
+    /// Its ordering key (see `engine::ordering`), and whether a dead letter
+    /// holds the key (`on_dead_letter: block`).
+    pub order_key: Option<String>,
+    pub order_block: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -368,6 +376,20 @@ pub trait EventStore: Send + Sync {
     ) -> StoreResult<Vec<Requeue>>;
     /// When the oldest event still waiting or running was received, per type.
     async fn oldest_pending(&self) -> StoreResult<std::collections::BTreeMap<String, DateTime<Utc>>>;
+    /// Wakes the parked events (of `order_key`, or of any key) that no
+    /// earlier event holds any more, at most `limit`: marks them queued and
+    /// returns them for their tasks.
+    async fn release_order(
+        &self,
+        order_key: Option<&str>,
+        limit: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<Requeue>>;
+    /// The event that holds `id`'s ordering key now (the earliest one), if
+    /// any.
+    async fn key_holder(&self, id: &str, now: DateTime<Utc>) -> StoreResult<Option<String>>;
+    /// Events parked behind an earlier one of their key, per type.
+    async fn blocked_counts(&self) -> StoreResult<std::collections::BTreeMap<String, i64>>;
 }
 
 /// Partners and their API keys.

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub destination_calls: IntCounterVec,
     pub destination_call_duration: HistogramVec,
     pub events_waiting: IntGaugeVec,
+    pub events_waiting_on_key: IntGaugeVec,
     pub component_up: IntGaugeVec,
 }
 
@@ -144,6 +145,11 @@ impl Metrics {
             "Events waiting on a destination (open circuit, throttling).",
             &["tipo", "destination"],
         );
+        let events_waiting_on_key = gauge(
+            "events_waiting_on_key",
+            "Events parked behind an earlier event of their ordering key.",
+            &["tipo"],
+        );
         let oldest_pending = GaugeVec::new(
             Opts::new(
                 "queue_oldest_pending_seconds",
@@ -188,6 +194,7 @@ impl Metrics {
             destination_calls,
             destination_call_duration,
             events_waiting,
+            events_waiting_on_key,
             component_up,
         }
     }
@@ -213,6 +220,7 @@ impl Metrics {
                 self.stage_duration.with_label_values(&[tipo, stage]);
             }
             self.queue_depth.with_label_values(&[tipo]);
+            self.events_waiting_on_key.with_label_values(&[tipo]);
             self.oldest_pending.with_label_values(&[tipo]);
             for (name, d) in &p.destinations {
                 for o in [D::Delivered, D::Failed, D::Rejected, D::Skipped, D::Waiting] {

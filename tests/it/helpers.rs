@@ -521,12 +521,28 @@ pub enum Behaviour {
     Hang(Duration),
     /// This status with this `Retry-After` header value.
     RetryAfter(u16, String),
+    /// 500 for this percentage of the calls, chosen at random (a seeded
+    /// sequence, so a run can be repeated), else 200.
+    Flaky(u64),
 }
 
 #[derive(Default)]
 struct ReceiverState {
     received: Vec<Received>,
     behaviour: HashMap<String, Behaviour>,
+    /// The state of the `Flaky` sequence (splitmix64).
+    draws: u64,
+}
+
+impl ReceiverState {
+    /// A pseudo-random number in 0..100.
+    fn draw(&mut self) -> u64 {
+        self.draws = self.draws.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.draws;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) % 100
+    }
 }
 
 /// A real HTTP webhook receiver on loopback.
@@ -583,12 +599,19 @@ async fn receive(
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     let path = uri.path().to_owned();
-    let behaviour = {
+    let (behaviour, status) = {
         let mut s = state.lock().expect("lock");
         let behaviour = s.behaviour.get(&path).cloned().unwrap_or(Behaviour::Status(200));
         let status = match &behaviour {
             Behaviour::Status(code) | Behaviour::RetryAfter(code, _) => *code,
             Behaviour::Hang(_) => 200,
+            Behaviour::Flaky(percent) => {
+                if s.draw() < *percent {
+                    500
+                } else {
+                    200
+                }
+            }
         };
         s.received.push(Received {
             path: path.clone(),
@@ -598,10 +621,11 @@ async fn receive(
             wall: std::time::SystemTime::now(),
             status,
         });
-        behaviour
+        (behaviour, status)
     };
     match behaviour {
         Behaviour::Status(code) => StatusCode::from_u16(code).expect("status").into_response(),
+        Behaviour::Flaky(_) => StatusCode::from_u16(status).expect("status").into_response(),
         Behaviour::Hang(d) => {
             tokio::time::sleep(d).await;
             StatusCode::OK.into_response()
@@ -784,6 +808,8 @@ pub fn new_event(id: &str) -> orchestrator::store::NewEvent {
         request_hash: "h".into(),
         request_id: None,
         trace: None,
+        order_key: None,
+        order_block: false,
     }
 }
 

@@ -57,6 +57,7 @@ mod lists;
 mod loading;
 mod logcap;
 mod observability;
+mod ordering;
 mod process;
 mod reload;
 mod retention;

@@ -163,6 +163,14 @@ fn load_file(
             "concurrency must be between 1 and 1024".into(),
         ));
     }
+    let ordering = match spec.ordering.as_ref().map(crate::ordering::Ordering::from_spec) {
+        None => None,
+        Some(Ok(o)) => Some(o),
+        Some(Err(message)) => {
+            errors.push(err(find_key_line_after(text, "ordering", "key"), None, message));
+            None
+        }
+    };
     if spec.retry.multiplier < 1.0 || !spec.retry.multiplier.is_finite() {
         errors.push(err(
             find_key_line(text, "multiplier"),
@@ -398,6 +406,7 @@ fn load_file(
         schema_file: spec.schema.clone(),
         retry: spec.retry.clone(),
         concurrency: spec.concurrency,
+        ordering,
         destinations,
         schema,
         schema_json,

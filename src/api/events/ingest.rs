@@ -6,7 +6,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -102,11 +102,20 @@ pub(super) fn prepare(
                 .collect(),
         })?;
     let tipo = pipeline.event_type.clone();
-    let received_at = Utc::now();
+    // The id's time is `received_at` to the millisecond: lists turn time
+    // windows into id ranges, and PostgreSQL partitions by id. Ids made
+    // here only grow, so within a millisecond (a batch) they still sort in
+    // acceptance order, which ordering keys go by.
+    let id = next_id();
+    let received_at = DateTime::<Utc>::from(id.datetime());
+    let order_key = pipeline
+        .ordering
+        .as_ref()
+        .and_then(|o| o.key_of(&tipo, &partner.id, &dados));
     Ok(NewEvent {
-        // The id's time is `received_at` to the millisecond: lists turn
-        // time windows into id ranges, and PostgreSQL partitions by id.
-        id: ulid::Ulid::from_datetime(received_at.into()).to_string(),
+        id: id.to_string(),
+        order_key,
+        order_block: pipeline.ordering.as_ref().is_some_and(|o| o.block),
         partner_id: partner.id.clone(),
         request_hash: request_hash(&tipo, &dados),
         tipo,
@@ -117,6 +126,18 @@ pub(super) fn prepare(
         request_id: origin.request_id.clone(),
         trace: origin.trace.clone(),
     })
+}
+
+/// A new event id: a ULID of now, greater than every id this process made
+/// before (the random part counts up within a millisecond).
+fn next_id() -> ulid::Ulid {
+    static IDS: std::sync::LazyLock<std::sync::Mutex<ulid::Generator>> =
+        std::sync::LazyLock::new(|| std::sync::Mutex::new(ulid::Generator::new()));
+    let now = std::time::SystemTime::now();
+    IDS.lock()
+        .ok()
+        .and_then(|mut ids| ids.generate_from_datetime(now).ok())
+        .unwrap_or_else(|| ulid::Ulid::from_datetime(now))
 }
 
 /// The answer for a stored event: `202` when created, `200` for a replay,

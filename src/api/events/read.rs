@@ -95,6 +95,10 @@ pub struct StatusOut {
     /// When it began waiting; after the destination's `max_wait` it
     /// dead-letters.
     pub waiting_since: Option<DateTime<Utc>>,
+    /// The earlier event of the same ordering key this one waits for (it
+    /// starts once that one is processed, or dead-lettered under
+    /// `on_dead_letter: skip`).
+    pub waiting_for: Option<String>,
     #[schema(value_type = Vec<Object>)]
     pub trace: Vec<engine::StageTrace>,
 }
@@ -109,6 +113,16 @@ pub async fn get_status(
     Path(id): Path<String>,
 ) -> Result<Json<StatusOut>, ApiError> {
     let ev = visible_event(&state, &caller, &id).await?;
+    // Parked behind an event of its key: which one holds it now (the one
+    // it was parked behind may have finished, and the next taken its place).
+    let waiting_for = match &ev.blocked_by {
+        Some(parked_behind) => state
+            .store
+            .key_holder(&ev.id, chrono::Utc::now())
+            .await?
+            .or_else(|| Some(parked_behind.clone())),
+        None => None,
+    };
     let max_attempts = state
         .pipelines
         .for_event(&ev.tipo, &ev.pipeline_version)
@@ -122,6 +136,7 @@ pub async fn get_status(
         last_error: ev.last_error.map(ErrorOut::from),
         waiting_on: ev.waiting_on,
         waiting_since: ev.waiting_since,
+        waiting_for,
         trace: ev.last_trace,
     }))
 }

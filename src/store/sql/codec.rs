@@ -19,7 +19,7 @@ use crate::store::{EventRecord, LastError, Partner, Requeue, Status, StoreError,
 /// The columns [`event_from_row`] reads, for `SELECT` and `RETURNING`.
 pub(super) const EVENT_COLUMNS: &str = "id, partner_id, tipo, dados, meta, pipeline_version, status, attempts, attempt_base, received_at, \
      updated_at, next_attempt_at, processed_at, processing_ms, last_error, last_trace, result, idempotency_key, \
-     request_id, waiting_on, waiting_since, traceparent, tracestate";
+     request_id, waiting_on, waiting_since, traceparent, tracestate, order_key, blocked_by";
 
 pub(super) fn ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
@@ -82,6 +82,8 @@ pub(super) fn event_from_row(row: &AnyRow) -> StoreResult<EventRecord> {
         waiting_on: row.try_get("waiting_on")?,
         waiting_since: opt_ms("waiting_since")?,
         trace: trace_from_row(row)?,
+        order_key: row.try_get("order_key")?,
+        blocked_by: row.try_get("blocked_by")?,
     })
 }
 

@@ -11,7 +11,7 @@ use sqlx::{AssertSqlSafe, Row};
 use super::SqlStore;
 use super::codec::{EVENT_COLUMNS, event_from_row, from_ms, id_floor, ms, requeue_from_row};
 use super::counts::{self, Deltas, Writer};
-use super::statement::placeholders;
+use super::statement::{key_holders, placeholders};
 use super::writes::insert_in_key_order;
 use crate::store::{
     AttemptFinish, DeliveryRow, EventRecord, EventStore, InsertOutcome, ListFilter, NewEvent, Requeue,
@@ -186,7 +186,8 @@ impl EventStore for SqlStore {
 
     async fn take_stranded(&self, sweep: &Sweep<'_>) -> StoreResult<Vec<Requeue>> {
         // One branch per unfinished status (parked events, queued_at -1,
-        // are not stranded: the destination waker wakes them). `received` and `retrying` read
+        // are not stranded: the destination waker, or the release of their
+        // ordering key, wakes them). `received` and `retrying` read
         // their own partial index on `queued_at` (only the events not queued
         // since the bound), `processing` the (status, id) index: the sweep
         // reads the stranded events only, however many finished or freshly
@@ -205,7 +206,7 @@ impl EventStore for SqlStore {
         let bound = if sweep.idle_types.is_empty() { "$2" } else { "$3" };
         let branches = [
             format!(
-                "status = 'received' AND queued_at < {bound} AND (queued_at < $2{})",
+                "status = 'received' AND queued_at >= 0 AND queued_at < {bound} AND (queued_at < $2{})",
                 idle("1 = 1")
             ),
             format!(
@@ -376,6 +377,68 @@ impl EventStore for SqlStore {
                     from_ms(r.try_get::<i64, _>("oldest")?),
                 ))
             })
+            .collect()
+    }
+
+    async fn release_order(
+        &self,
+        order_key: Option<&str>,
+        limit: u32,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<Requeue>> {
+        // As in `unpark`, the outer `blocked_by` is checked again on the
+        // locked row (PostgreSQL): two processes releasing one key wake each
+        // event once.
+        let key = if order_key.is_some() {
+            " AND b.order_key = $3"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "UPDATE events SET queued_at = $1, blocked_by = NULL WHERE blocked_by IS NOT NULL AND id IN (\
+             SELECT b.id FROM events b WHERE b.blocked_by IS NOT NULL{key} AND NOT EXISTS ({}) \
+             ORDER BY b.id LIMIT $2) RETURNING id, tipo, pipeline_version",
+            key_holders("b", "$1")
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql))
+            .bind(ms(now))
+            .bind(i64::from(limit));
+        if let Some(k) = order_key {
+            q = q.bind(k);
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        let mut out = rows
+            .iter()
+            .map(requeue_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        // Woken in acceptance order, so their tasks are too.
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    async fn key_holder(&self, id: &str, now: DateTime<Utc>) -> StoreResult<Option<String>> {
+        let sql = format!(
+            "SELECT ({} ORDER BY h.id LIMIT 1) AS holder FROM events o WHERE o.id = $1 AND o.order_key IS NOT NULL",
+            key_holders("o", "$2")
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .bind(ms(now))
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => r.try_get("holder")?,
+            None => None,
+        })
+    }
+
+    async fn blocked_counts(&self) -> StoreResult<BTreeMap<String, i64>> {
+        let rows =
+            sqlx::query("SELECT tipo, COUNT(*) AS n FROM events WHERE blocked_by IS NOT NULL GROUP BY tipo")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("tipo")?, r.try_get("n")?)))
             .collect()
     }
 }

@@ -8,7 +8,7 @@ use sqlx::any::AnyArguments;
 use sqlx::query::Query;
 use sqlx::{Any, AssertSqlSafe};
 
-/// Rows per multi-row statement: 100 rows × at most 10 parameters stays far
+/// Rows per multi-row statement: 100 rows × at most 12 parameters stays far
 /// below every backend's parameter limit.
 pub(super) const ROWS_PER_STATEMENT: usize = 100;
 
@@ -55,6 +55,19 @@ pub(super) fn query_filtered(sql: String, arg: Option<&str>) -> Query<'static, A
         Some(a) => q.bind(a),
         None => q,
     }
+}
+
+/// The events holding the key of the event `outer` (an alias, or `events`
+/// in an `UPDATE`): an earlier one not finished (a dead letter too, under
+/// `block`), or any other one running (its lease, compared with `now`, not
+/// expired). An event with one of these must wait.
+pub(super) fn key_holders(outer: &str, now: &str) -> String {
+    format!(
+        "SELECT h.id FROM events h WHERE h.order_key = {outer}.order_key AND h.id <> {outer}.id AND (\
+         (h.id < {outer}.id AND (h.status IN ('received', 'retrying', 'processing') \
+           OR ({outer}.order_block = 1 AND h.status = 'dead_lettered'))) \
+         OR (h.status = 'processing' AND h.lease_until >= {now}))"
+    )
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use sqlx::{AnyPool, AssertSqlSafe, Row};
 
 use super::codec::{EVENT_COLUMNS, corrupt, event_from_row, json_text, ms, partner_from_row};
 use super::counts::{Deltas, Writer};
-use super::statement::{ROWS_PER_STATEMENT, placeholders, values};
+use super::statement::{ROWS_PER_STATEMENT, key_holders, placeholders, values};
 use crate::store::group::{BatchOp, Coalescer};
 use crate::store::{
     AttemptFinish, EventRecord, InsertOutcome, NewEvent, Partner, Status, StoreError, StoreResult,
@@ -147,11 +147,12 @@ async fn insert_rows(
     }
     let sql = format!(
         "INSERT INTO events (id, partner_id, tipo, dados, meta, pipeline_version, status, attempts, \
-         received_at, updated_at, queued_at, idempotency_key, request_id, traceparent, tracestate) VALUES {} \
+         received_at, updated_at, queued_at, idempotency_key, request_id, traceparent, tracestate, \
+         order_key, order_block) VALUES {} \
          RETURNING {EVENT_COLUMNS}",
         values(
-            "(#1, #2, #3, #4, '{}', #5, 'received', 0, #6, #6, #6, #7, #8, #9, #10)",
-            10,
+            "(#1, #2, #3, #4, '{}', #5, 'received', 0, #6, #6, #6, #7, #8, #9, #10, #11, #12)",
+            12,
             1,
             rows.len()
         )
@@ -168,7 +169,9 @@ async fn insert_rows(
             .bind(&new.idempotency_key)
             .bind(&new.request_id)
             .bind(new.trace.as_ref().map(TraceContext::traceparent))
-            .bind(new.trace.as_ref().and_then(|t| t.state.clone()));
+            .bind(new.trace.as_ref().and_then(|t| t.state.clone()))
+            .bind(&new.order_key)
+            .bind(i64::from(new.order_block));
     }
     let mut created = HashMap::with_capacity(rows.len());
     for row in q.fetch_all(&mut *conn).await? {
@@ -315,14 +318,19 @@ async fn claim_batch(
     ) else {
         return Ok(Vec::new());
     };
+    // An event of an ordering key is claimed only when no other event holds
+    // the key (all of one batch are judged on the rows as they were before
+    // it, so of two events of a key only the earlier goes).
     let sql = format!(
         "UPDATE events SET prior_status = status, status = 'processing', attempts = attempts + 1, \
-         lease_until = $1, updated_at = $2 \
+         lease_until = $1, updated_at = $2, blocked_by = NULL \
          WHERE id IN ({}) AND (status = 'received' \
            OR (status = 'retrying' AND (next_attempt_at IS NULL OR next_attempt_at <= $3)) \
            OR (status = 'processing' AND lease_until < $2)) \
+           AND (order_key IS NULL OR NOT EXISTS ({})) \
          RETURNING {EVENT_COLUMNS}, prior_status",
-        placeholders(4, items.len())
+        placeholders(4, items.len()),
+        key_holders("events", "$2"),
     );
     // A task may arrive a little before its due time; do not make it wait another sweep.
     let due = ms(now) + 250;
@@ -346,9 +354,42 @@ async fn claim_batch(
         claimed.insert(row.try_get::<String, _>("id")?, event_from_row(&row));
     }
     deltas.apply(&mut tx, Writer::Claim).await?;
+    park_held(&mut tx, items, &claimed, now).await?;
     tx.commit().await?;
     // The same event twice in a batch (a duplicate task): the first gets it.
     Ok(items.iter().map(|c| claimed.remove(&c.id).transpose()).collect())
+}
+
+/// Parks the events of a claim batch that an earlier event of their key
+/// holds: no task until the key is released (`release_order`), and
+/// `blocked_by` names the earliest holder, for the status.
+async fn park_held(
+    tx: &mut sqlx::AnyConnection,
+    items: &[ClaimReq],
+    claimed: &HashMap<String, StoreResult<EventRecord>>,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    let unclaimed: Vec<&str> = items
+        .iter()
+        .map(|c| c.id.as_str())
+        .filter(|id| !claimed.contains_key(*id))
+        .collect();
+    if unclaimed.is_empty() {
+        return Ok(());
+    }
+    let holders = key_holders("events", "$1");
+    let sql = format!(
+        "UPDATE events SET queued_at = -1, blocked_by = ({holders} ORDER BY h.id LIMIT 1) \
+         WHERE id IN ({}) AND order_key IS NOT NULL AND status IN ('received', 'retrying') \
+           AND EXISTS ({holders})",
+        placeholders(2, unclaimed.len())
+    );
+    let mut q = sqlx::query(AssertSqlSafe(sql)).bind(ms(now));
+    for id in unclaimed {
+        q = q.bind(id);
+    }
+    q.execute(&mut *tx).await?;
+    Ok(())
 }
 
 /// An [`AttemptFinish`] as bound parameters, serialized by the caller.
