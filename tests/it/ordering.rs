@@ -195,6 +195,60 @@ crate::both_backends!(
     a_dead_letter_holds_its_key_only_under_block,
 );
 
+/// The order holds across worker processes and a SIGKILL of one of them:
+/// an API and two workers, five products updated 30 times each, one
+/// worker killed midway. A call the killed worker made may be made again
+/// (at-least-once), but never after a later update of its product.
+async fn the_order_holds_across_workers_and_a_worker_kill(backend: Backend) {
+    let rx = Receiver::start().await;
+    rx.set("/wms", Behaviour::Flaky(30));
+    let dir = estoque(&rx, "skip", 30);
+    let Some(cluster) = crate::cluster::Cluster::new(&backend, &dir).await else {
+        return;
+    };
+    let (api, port) = cluster.start("api").await;
+    let mut workers = vec![cluster.start("worker").await.0, cluster.start("worker").await.0];
+    let products = ["A", "B", "C", "D", "E"];
+    for seq in 0..30 {
+        if seq == 12 {
+            let _ = workers[0].kill();
+            let _ = workers[0].wait();
+        }
+        for p in products {
+            let resp = cluster
+                .http
+                .post(format!("http://127.0.0.1:{port}/events"))
+                .header("x-api-key", crate::cluster::KEY)
+                .json(&json!({"tipo": "ESTOQUE", "dados": update(p, seq)}))
+                .send()
+                .await
+                .expect("post");
+            accepted_id(resp).await;
+        }
+    }
+    for p in products {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let mut seen = delivered(&rx, "/wms", p);
+            seen.dedup();
+            if seen.len() >= 30 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{p}: {seen:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let calls = delivered(&rx, "/wms", p);
+        assert!(calls.windows(2).all(|w| w[0] <= w[1]), "{p} out of order: {calls:?}");
+        let mut once = calls.clone();
+        once.dedup();
+        assert_eq!(once, (0..30).collect::<Vec<u64>>(), "{p}: {calls:?}");
+    }
+    workers.push(api);
+    cluster.finish(workers).await;
+}
+
+crate::production_only!(the_order_holds_across_workers_and_a_worker_kill);
+
 /// `orchestrator lint` refuses an ordering key that is not a pointer into
 /// the event, or an unknown `on_dead_letter`, with the file and line.
 #[test]
