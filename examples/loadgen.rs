@@ -1,5 +1,7 @@
 //! Load generator: posts a mix of the seed event types (VENDA, DEVOLUÇÃO,
-//! ATUALIZAÇÃO_ESTOQUE), each with a unique idempotency key and rotating over
+//! ATUALIZAÇÃO_ESTOQUE; `--types` picks some), each with a unique idempotency
+//! key (`--products N` spreads them over N products, so over N ordering keys
+//! of ATUALIZAÇÃO_ESTOQUE) and rotating over
 //! the partner keys given, then waits until every accepted event is terminal
 //! (processed or dead-lettered, per `GET /events/stats` read with the admin
 //! key) and reports ingest and end-to-end figures.
@@ -145,6 +147,15 @@ struct Args {
     /// Print accepted and completed events per second every SECS seconds.
     #[arg(long, value_name = "SECS", value_parser = positive_f64)]
     report_every: Option<f64>,
+    /// The seed types to send, in turn (comma-separated; default all three).
+    #[arg(long, value_delimiter = ',', value_parser = seed_type)]
+    types: Vec<String>,
+    /// Products the events name (`produto_id` P-0 … P-{N-1}, in turn); by
+    /// default every event names a product of its own. With
+    /// ATUALIZAÇÃO_ESTOQUE, ordered by product, this sets how many ordering
+    /// keys the load spreads over.
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    products: Option<usize>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -175,21 +186,33 @@ fn positive_f64(s: &str) -> Result<f64, String> {
     }
 }
 
-fn dados(i: usize) -> (&'static str, Value) {
-    match i % 3 {
-        0 => (
-            "VENDA",
-            json!({"produto_id": format!("P-{i}"), "quantidade": 1 + i % 5, "valor": (i % 1000) as f64 * 1.5}),
-        ),
-        1 => (
-            "DEVOLUÇÃO",
-            json!({"venda_id": format!("V-{i}"), "motivo": "produto com defeito"}),
-        ),
-        _ => (
-            "ATUALIZAÇÃO_ESTOQUE",
-            json!({"produto_id": format!("P-{i}"), "quantidade": i % 50}),
-        ),
-    }
+const SEED_TYPES: [&str; 3] = ["VENDA", "DEVOLUÇÃO", "ATUALIZAÇÃO_ESTOQUE"];
+
+fn seed_type(s: &str) -> Result<String, String> {
+    SEED_TYPES
+        .iter()
+        .find(|t| **t == s.trim())
+        .map(|t| (*t).to_owned())
+        .ok_or_else(|| format!("one of {}", SEED_TYPES.join(", ")))
+}
+
+/// Event `i` of the run: its type (the `--types` in turn) and `dados`.
+fn dados(ctx: &Ctx, i: usize) -> (&'static str, Value) {
+    let tipo = match ctx.types.as_slice() {
+        [] => SEED_TYPES[i % SEED_TYPES.len()],
+        types => SEED_TYPES
+            .iter()
+            .copied()
+            .find(|t| *t == types[i % types.len()])
+            .unwrap_or(SEED_TYPES[0]),
+    };
+    let produto = format!("P-{}", ctx.products.map_or(i, |n| i % n));
+    let dados = match tipo {
+        "VENDA" => json!({"produto_id": produto, "quantidade": 1 + i % 5, "valor": (i % 1000) as f64 * 1.5}),
+        "DEVOLUÇÃO" => json!({"venda_id": format!("V-{i}"), "motivo": "produto com defeito"}),
+        _ => json!({"produto_id": produto, "quantidade": i % 50}),
+    };
+    (tipo, dados)
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -207,6 +230,9 @@ struct Ctx {
     /// Unique per run, so idempotency keys never collide with an earlier run.
     run: String,
     batch: usize,
+    /// `--types` and `--products`.
+    types: Vec<String>,
+    products: Option<usize>,
     /// Events answered 202 so far, for --report-every.
     accepted: AtomicU64,
 }
@@ -230,7 +256,7 @@ async fn send_request(ctx: &Ctx, req: usize, first: usize, count: usize) -> Sent
     let key = &ctx.keys[req % ctx.keys.len()];
     let idem = |i: usize| format!("{}-{i}", ctx.run);
     if ctx.batch == 1 {
-        let (tipo, dados) = dados(first);
+        let (tipo, dados) = dados(ctx, first);
         let resp = ctx
             .http
             .post(format!("{}/events", ctx.url))
@@ -259,7 +285,7 @@ async fn send_request(ctx: &Ctx, req: usize, first: usize, count: usize) -> Sent
     }
     let items: Vec<Value> = (first..first + count)
         .map(|i| {
-            let (tipo, dados) = dados(i);
+            let (tipo, dados) = dados(ctx, i);
             json!({"tipo": tipo, "dados": dados, "idempotency_key": idem(i)})
         })
         .collect();
@@ -714,6 +740,8 @@ async fn main() {
         keys: args.key.clone(),
         run: ulid::Ulid::new().to_string(),
         batch: args.batch,
+        types: args.types.clone(),
+        products: args.products,
         accepted: AtomicU64::new(0),
     });
     let duration = args.duration.map(Duration::from_secs_f64);

@@ -238,7 +238,10 @@ async fn the_order_holds_across_workers_and_a_worker_kill(backend: Backend) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let calls = delivered(&rx, "/wms", p);
-        assert!(calls.windows(2).all(|w| w[0] <= w[1]), "{p} out of order: {calls:?}");
+        assert!(
+            calls.windows(2).all(|w| w[0] <= w[1]),
+            "{p} out of order: {calls:?}"
+        );
         let mut once = calls.clone();
         once.dedup();
         assert_eq!(once, (0..30).collect::<Vec<u64>>(), "{p}: {calls:?}");
