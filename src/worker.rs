@@ -47,18 +47,12 @@ impl TaskHandler for Processor {
         // per event of the key. Any others released with it, or all once
         // the process is stopping, go through the queue.
         while !next.is_empty() {
-            if *self.shutdown.borrow() {
-                self.dispatch
-                    .queue_now(&next.iter().map(Pending::from).collect::<Vec<_>>())
-                    .await;
-                break;
-            }
-            let first = next.remove(0);
+            let here = (!*self.shutdown.borrow()).then(|| next.remove(0));
             if !next.is_empty() {
-                self.dispatch
-                    .queue_now(&next.iter().map(Pending::from).collect::<Vec<_>>())
-                    .await;
+                let rest: Vec<Pending<'_>> = next.iter().map(Pending::from).collect();
+                self.dispatch.queue_now(&rest).await;
             }
+            let Some(first) = here else { break };
             next = self.process(&first.id, &first.pipeline_version).await;
         }
     }
@@ -89,7 +83,7 @@ impl Processor {
         // The attempt's span continues the event's trace (the request's).
         let span = tracing::info_span!(
             "attempt",
-            otel.name = %format!("process {}", event.tipo),
+            otel.name = %format_args!("process {}", event.tipo),
             otel.kind = "consumer",
             eventId = %event_id,
             eventType = %event.tipo,

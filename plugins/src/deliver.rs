@@ -334,7 +334,7 @@ impl Stage for DeliverStage {
             // names it.
             let span = tracing::info_span!(
                 "delivery",
-                otel.name = %format!("deliver {name}"),
+                otel.name = %format_args!("deliver {name}"),
                 otel.kind = "client",
                 destination = %name,
                 outcome = tracing::field::Empty,
