@@ -702,6 +702,7 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
                 password_hash: None,
                 rate_per_minute: None,
                 burst: None,
+                weight: 1,
             })
             .await?;
     }

@@ -72,7 +72,7 @@ async fn connect_queue(config: &Config) -> anyhow::Result<Arc<dyn Queue>> {
     if let Some(url) = &config.redis_url {
         let client = crate::redis_conn::client(url.expose_secret(), &config.redis_tls)
             .context("cannot connect to Redis (REDIS_URL)")?;
-        let q = RedisQueue::connect(&client, &config.redis_prefix, config.queue_poll_interval)
+        let q = RedisQueue::connect(&client, &config.redis_prefix)
             .await
             .context("cannot connect to Redis (REDIS_URL)")?;
         return Ok(Arc::new(q));
@@ -95,7 +95,7 @@ async fn connect_queue(config: &Config) -> anyhow::Result<Arc<dyn Queue>> {
         .connect_with(opts)
         .await
         .context("cannot open the queue database")?;
-    let q = SqliteQueue::new(pool, config.queue_poll_interval)
+    let q = SqliteQueue::new(pool)
         .await
         .context("cannot set up the SQLite queue")?;
     Ok(Arc::new(q))

@@ -81,6 +81,10 @@ pub enum PartnerCommand {
         /// Burst size (default: RATE_LIMIT_PARTNER_BURST).
         #[arg(long)]
         burst: Option<u32>,
+        /// Share of each type's workers when several partners have work
+        /// waiting, 1 (default) to 1000.
+        #[arg(long)]
+        weight: Option<u32>,
     },
     /// List partners and their keys (ids and prefixes; never the keys).
     List {
@@ -105,6 +109,9 @@ pub enum PartnerCommand {
         /// Go back to the server's default limits.
         #[arg(long)]
         default_limits: bool,
+        /// Fair-sharing weight, 1 to 1000.
+        #[arg(long)]
+        weight: Option<u32>,
     },
     /// Refuse every request of this partner (keys and tokens) until enabled.
     Disable { id: String },
@@ -204,6 +211,7 @@ async fn partner(store: &dyn Store, command: PartnerCommand) -> anyhow::Result<i
             password,
             rate_per_minute,
             burst,
+            weight,
         } => {
             let (info, issued) = partners::create(
                 store,
@@ -214,6 +222,7 @@ async fn partner(store: &dyn Store, command: PartnerCommand) -> anyhow::Result<i
                     password,
                     rate_per_minute,
                     burst,
+                    weight,
                 },
             )
             .await?;
@@ -230,8 +239,8 @@ async fn partner(store: &dyn Store, command: PartnerCommand) -> anyhow::Result<i
                 return Ok(0);
             }
             println!(
-                "{:<24} {:<9} {:>9} {:>6}  KEYS (id prefix)",
-                "PARTNER", "STATE", "RATE/MIN", "BURST"
+                "{:<24} {:<9} {:>9} {:>6} {:>6}  KEYS (id prefix)",
+                "PARTNER", "STATE", "RATE/MIN", "BURST", "WEIGHT"
             );
             for p in all {
                 let limit = |v: Option<u32>| v.map_or_else(|| "default".to_owned(), |v| v.to_string());
@@ -242,11 +251,12 @@ async fn partner(store: &dyn Store, command: PartnerCommand) -> anyhow::Result<i
                     .map(|k| format!("{} {}…", k.id, k.prefix))
                     .collect();
                 println!(
-                    "{:<24} {:<9} {:>9} {:>6}  {}",
+                    "{:<24} {:<9} {:>9} {:>6} {:>6}  {}",
                     p.id,
                     if p.disabled { "disabled" } else { "active" },
                     limit(p.rate_per_minute),
                     limit(p.burst),
+                    p.weight,
                     if keys.is_empty() {
                         "(no active key)".to_owned()
                     } else {
@@ -264,6 +274,7 @@ async fn partner(store: &dyn Store, command: PartnerCommand) -> anyhow::Result<i
             rate_per_minute,
             burst,
             default_limits,
+            weight,
         } => {
             let change = ChangePartner {
                 name,
@@ -282,6 +293,7 @@ async fn partner(store: &dyn Store, command: PartnerCommand) -> anyhow::Result<i
                 } else {
                     burst.map(Some)
                 },
+                weight,
                 disabled: None,
             };
             changed(partners::change(store, &id, change).await?, "updated")

@@ -55,7 +55,6 @@ pub struct Config {
     /// `POST /auth/login` attempts per minute from one client IP.
     pub login_per_ip_per_minute: u32,
     pub request_timeout: Duration,
-    pub queue_poll_interval: Duration,
     /// How long a worker holds an event before another may take it over.
     pub processing_lease: Duration,
     /// A `received` event not picked up for this long is queued again.
@@ -151,6 +150,7 @@ pub const KEYS: &[&str] = &[
     "LOGIN_ATTEMPTS_PER_USER_PER_MINUTE",
     "LOGIN_ATTEMPTS_PER_IP_PER_MINUTE",
     "REQUEST_TIMEOUT",
+    // Accepted and ignored: workers wake on work instead of polling.
     "QUEUE_POLL_INTERVAL",
     "PROCESSING_LEASE",
     "REQUEUE_AFTER",
@@ -297,7 +297,6 @@ impl Config {
                 30,
             )?,
             request_timeout: duration("REQUEST_TIMEOUT", Duration::from_secs(15))?,
-            queue_poll_interval: duration("QUEUE_POLL_INTERVAL", Duration::from_millis(50))?,
             processing_lease: duration("PROCESSING_LEASE", Duration::from_secs(20))?,
             requeue_after: duration("REQUEUE_AFTER", Duration::from_secs(60))?,
             sweep_interval: duration("SWEEP_INTERVAL", Duration::from_secs(5))?,

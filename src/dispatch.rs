@@ -14,6 +14,11 @@
 //! [`DOWN_FOR`] (their events marked unqueued at once) so an outage does not
 //! slow every request down by the timeout; other queues are not affected.
 //!
+//! Fair sharing: every push names the event's partner and its weight, and
+//! each queue serves its partners in turn (see `queue`). Weights are read
+//! from the store at most every [`WEIGHTS_TTL`], so a changed weight
+//! applies to the tasks pushed from then on.
+//!
 //! Accepting an event (store, then push) and a manual retry or redrive
 //! (store, then push) run in a task of their own, so that they complete even
 //! when the request that asked for them is dropped (the client went away, or
@@ -22,13 +27,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use engine::trace::TraceContext;
 use tracing::{Instrument, info, warn};
 
-use crate::queue::{Queue, QueueError, QueueTask};
+use crate::queue::{Job, Queue, QueueError, QueueTask};
 use crate::store::{EventRecord, InsertOutcome, NewEvent, Requeue, RetryOutcome, Store, StoreError};
 use crate::telemetry::Metrics;
 
@@ -40,6 +45,8 @@ pub const SWEEP_PUSH_TIMEOUT: Duration = Duration::from_secs(10);
 const RETRY_CHUNK: usize = 100;
 /// How long pushes are skipped after one failed.
 pub const DOWN_FOR: Duration = Duration::from_secs(2);
+/// How long the partners' weights are used before they are read again.
+pub const WEIGHTS_TTL: Duration = Duration::from_secs(5);
 
 /// The queue of an event type.
 pub fn queue_name(tipo: &str) -> String {
@@ -58,6 +65,7 @@ pub fn task(event_id: &str, pipeline_version: &str) -> QueueTask {
 #[derive(Debug, Clone, Copy)]
 pub struct Pending<'a> {
     pub event_id: &'a str,
+    pub partner_id: &'a str,
     pub tipo: &'a str,
     pub pipeline_version: &'a str,
 }
@@ -66,6 +74,7 @@ impl<'a> From<&'a EventRecord> for Pending<'a> {
     fn from(ev: &'a EventRecord) -> Self {
         Pending {
             event_id: &ev.id,
+            partner_id: &ev.partner_id,
             tipo: &ev.tipo,
             pipeline_version: &ev.pipeline_version,
         }
@@ -76,6 +85,7 @@ impl<'a> From<&'a Requeue> for Pending<'a> {
     fn from(r: &'a Requeue) -> Self {
         Pending {
             event_id: &r.id,
+            partner_id: &r.partner_id,
             tipo: &r.tipo,
             pipeline_version: &r.pipeline_version,
         }
@@ -90,6 +100,9 @@ pub enum Pushed {
     NotAll,
 }
 
+/// The partners' weights other than 1.
+type Weights = Arc<HashMap<String, u32>>;
+
 /// Pushes tasks under the policy above. One per process, shared.
 pub struct Dispatcher {
     store: Arc<dyn Store>,
@@ -97,6 +110,10 @@ pub struct Dispatcher {
     metrics: Arc<Metrics>,
     /// Per queue: epoch milliseconds until which pushes to it are skipped.
     down_until: Mutex<HashMap<String, i64>>,
+    /// The partners' weights other than 1, and when they were read.
+    weights: Mutex<Option<(Instant, Weights)>>,
+    /// Held while the weights are being read again (one reader at a time).
+    reading_weights: tokio::sync::Mutex<()>,
 }
 
 impl Dispatcher {
@@ -106,7 +123,45 @@ impl Dispatcher {
             queue,
             metrics,
             down_until: Mutex::default(),
+            weights: Mutex::default(),
+            reading_weights: tokio::sync::Mutex::const_new(()),
         })
+    }
+
+    /// The partners' weights, read again when older than [`WEIGHTS_TTL`]
+    /// (by one caller; the others use what is there, or weight 1).
+    async fn weights(&self) -> Weights {
+        let cached = self.weights.lock().ok().and_then(|w| w.clone());
+        if let Some((at, w)) = &cached
+            && at.elapsed() < WEIGHTS_TTL
+        {
+            return w.clone();
+        }
+        let Ok(_reading) = self.reading_weights.try_lock() else {
+            return cached.map(|(_, w)| w).unwrap_or_default();
+        };
+        match self.store.partner_weights().await {
+            Ok(w) => {
+                let w = Arc::new(w);
+                if let Ok(mut slot) = self.weights.lock() {
+                    *slot = Some((Instant::now(), w.clone()));
+                }
+                w
+            }
+            Err(e) => {
+                warn!(error = %e, "could not read the partners' weights; using the last known");
+                cached.map(|(_, w)| w).unwrap_or_default()
+            }
+        }
+    }
+
+    /// The job of `event`, with its partner's weight.
+    fn job(weights: &HashMap<String, u32>, event: &Pending<'_>) -> Job {
+        Job {
+            task: task(event.event_id, event.pipeline_version),
+            partner: event.partner_id.to_owned(),
+            weight: weights.get(event.partner_id).copied().unwrap_or(1),
+        }
     }
 
     /// Stores a new event and, when it was created, queues it; runs to the
@@ -232,14 +287,14 @@ impl Dispatcher {
             by_queue.entry(queue_name(ev.tipo)).or_default().push(*ev);
         }
         let mut pushed = Pushed::All;
+        let weights = self.weights().await;
         for (queue, evs) in by_queue {
             let push = async {
                 if let [one] = evs.as_slice() {
-                    let task = task(one.event_id, one.pipeline_version);
-                    self.queue.push(&queue, task, None).await
+                    self.queue.push(&queue, Self::job(&weights, one), None).await
                 } else {
-                    let tasks = evs.iter().map(|e| task(e.event_id, e.pipeline_version)).collect();
-                    self.queue.push_bulk(&queue, tasks).await
+                    let jobs = evs.iter().map(|e| Self::job(&weights, e)).collect();
+                    self.queue.push_bulk(&queue, jobs).await
                 }
             };
             if self.guarded(&queue, &evs, push, timeout).await == Pushed::NotAll {
@@ -251,9 +306,10 @@ impl Dispatcher {
 
     /// Queues one event to run after `delay` (a scheduled retry).
     pub async fn queue_later(&self, event: Pending<'_>, delay: Duration) -> Pushed {
-        let task = task(event.event_id, event.pipeline_version);
+        let weights = self.weights().await;
+        let job = Self::job(&weights, &event);
         let queue = queue_name(event.tipo);
-        let push = self.queue.push(&queue, task, Some(delay));
+        let push = self.queue.push(&queue, job, Some(delay));
         self.guarded(&queue, &[event], push, PUSH_TIMEOUT).await
     }
 

@@ -22,6 +22,8 @@ pub enum PartnerError {
     WeakPassword,
     #[error("a rate limit must be at least 1")]
     InvalidLimit,
+    #[error("a weight must be from 1 to 1000")]
+    InvalidWeight,
     #[error("partner {0:?} already exists")]
     Exists(String),
     #[error("this API key is already in use; choose another")]
@@ -60,6 +62,12 @@ pub struct CreatePartner {
     #[serde(default, deserialize_with = "whole")]
     #[schema(value_type = Option<u64>, minimum = 1, maximum = 4294967295_u64)]
     pub burst: Option<u32>,
+    /// Share of each type's workers when several partners have work
+    /// waiting, from 1 (default) to 1000: a partner of weight 3 gets three
+    /// events through for every one of a partner of weight 1.
+    #[serde(default, deserialize_with = "whole")]
+    #[schema(value_type = Option<u64>, minimum = 1, maximum = 1000)]
+    pub weight: Option<u32>,
 }
 
 /// A partner change as operators state it, passwords in clear (hashed here);
@@ -80,6 +88,10 @@ pub struct ChangePartner {
     #[serde(default, deserialize_with = "nullable_whole")]
     #[schema(value_type = Option<u64>, minimum = 1, maximum = 4294967295_u64)]
     pub burst: Option<Option<u32>>,
+    /// Fair-sharing weight, 1 to 1000.
+    #[serde(default, deserialize_with = "whole")]
+    #[schema(value_type = Option<u64>, minimum = 1, maximum = 1000)]
+    pub weight: Option<u32>,
     /// A disabled partner's keys and tokens are refused (401).
     pub disabled: Option<bool>,
 }
@@ -126,9 +138,15 @@ fn valid_key(key: &str) -> bool {
     (MIN_KEY_LEN..=MAX_KEY_LEN).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
 }
 
-fn check_limits(rate: Option<u32>, burst: Option<u32>) -> Result<(), PartnerError> {
+/// The largest fair-sharing weight.
+pub const MAX_WEIGHT: u32 = 1000;
+
+fn check_limits(rate: Option<u32>, burst: Option<u32>, weight: Option<u32>) -> Result<(), PartnerError> {
     if rate == Some(0) || burst == Some(0) {
         return Err(PartnerError::InvalidLimit);
+    }
+    if weight.is_some_and(|w| !(1..=MAX_WEIGHT).contains(&w)) {
+        return Err(PartnerError::InvalidWeight);
     }
     Ok(())
 }
@@ -176,7 +194,7 @@ pub async fn create(store: &dyn Store, new: CreatePartner) -> Result<(PartnerInf
     if new.key.as_deref().is_some_and(|k| !valid_key(k)) {
         return Err(PartnerError::InvalidKey);
     }
-    check_limits(new.rate_per_minute, new.burst)?;
+    check_limits(new.rate_per_minute, new.burst, new.weight)?;
     let hash = new.password.as_deref().map(password_hash).transpose()?;
     let created = store
         .create_partner(&NewPartner {
@@ -188,6 +206,7 @@ pub async fn create(store: &dyn Store, new: CreatePartner) -> Result<(PartnerInf
             password_hash: hash,
             rate_per_minute: new.rate_per_minute,
             burst: new.burst,
+            weight: new.weight.unwrap_or(1),
         })
         .await?;
     if !created {
@@ -211,7 +230,11 @@ pub async fn list(store: &dyn Store) -> Result<Vec<PartnerInfo>, PartnerError> {
 }
 
 pub async fn change(store: &dyn Store, id: &str, change: ChangePartner) -> Result<PartnerInfo, PartnerError> {
-    check_limits(change.rate_per_minute.flatten(), change.burst.flatten())?;
+    check_limits(
+        change.rate_per_minute.flatten(),
+        change.burst.flatten(),
+        change.weight,
+    )?;
     let password_hash = match change.password {
         Some(Some(p)) => Some(Some(password_hash(&p)?)),
         Some(None) => Some(None),
@@ -222,6 +245,7 @@ pub async fn change(store: &dyn Store, id: &str, change: ChangePartner) -> Resul
         password_hash,
         rate_per_minute: change.rate_per_minute,
         burst: change.burst,
+        weight: change.weight,
         disabled: change.disabled,
     };
     if !store.update_partner(id, &update).await? {

@@ -399,6 +399,7 @@ impl Processor {
                 .unwrap_or_default();
             let pending = Pending {
                 event_id,
+                partner_id: &event.partner_id,
                 tipo,
                 pipeline_version: version,
             };
@@ -603,6 +604,22 @@ async fn sweep_once(s: &Sweeper) {
                 .events_waiting_on_key
                 .with_label_values(&[&p.event_type])
                 .set(n);
+        }
+    }
+    // Only the partners with work have series (a partner whose work is done
+    // drops out at the next pass): thousands of idle partners cost nothing.
+    if let Ok(active) = s.store.partner_activity().await {
+        s.metrics.partner_waiting.reset();
+        s.metrics.partner_in_flight.reset();
+        for (partner, waiting, in_flight) in active {
+            s.metrics
+                .partner_waiting
+                .with_label_values(&[&partner])
+                .set(waiting);
+            s.metrics
+                .partner_in_flight
+                .with_label_values(&[&partner])
+                .set(in_flight);
         }
     }
     if let Ok(counts) = s.store.status_counts().await {

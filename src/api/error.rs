@@ -236,7 +236,7 @@ impl From<crate::partners::PartnerError> for ApiError {
     fn from(e: crate::partners::PartnerError) -> Self {
         use crate::partners::PartnerError as P;
         match e {
-            P::InvalidId | P::InvalidKey | P::WeakPassword | P::InvalidLimit => {
+            P::InvalidId | P::InvalidKey | P::WeakPassword | P::InvalidLimit | P::InvalidWeight => {
                 ApiError::InvalidRequest(e.to_string())
             }
             P::Exists(_) | P::KeyInUse => ApiError::AlreadyExists(e.to_string()),

@@ -94,6 +94,8 @@ pub struct PartnerOut {
     pub rate_per_minute: Option<u32>,
     /// Burst size; `null` = the server default.
     pub burst: Option<u32>,
+    /// Share of each type's workers when several partners have work waiting (1 = equal).
+    pub weight: u32,
     pub keys: Vec<KeyOut>,
 }
 
@@ -107,6 +109,7 @@ impl From<PartnerInfo> for PartnerOut {
             has_password: p.has_password,
             rate_per_minute: p.rate_per_minute,
             burst: p.burst,
+            weight: p.weight,
             keys: p.keys.into_iter().map(KeyOut::from).collect(),
         }
     }

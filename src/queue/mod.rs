@@ -34,9 +34,11 @@
 //! it.
 
 mod codec;
+mod fair;
 mod redis;
 mod sqlite;
 mod supervisor;
+mod wake;
 mod worker;
 
 #[cfg(test)]
@@ -63,6 +65,18 @@ pub enum QueueTask {
     },
 }
 
+/// A task as pushed: what to run, and whose work it is. Each queue shares
+/// its workers fairly between the partners with tasks waiting, in
+/// proportion to their weights (see `fair`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub task: QueueTask,
+    /// The partner whose event the task runs.
+    pub partner: String,
+    /// The partner's share, 1 to 1000.
+    pub weight: u32,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     #[error("queue unavailable: {0}")]
@@ -80,8 +94,8 @@ pub trait TaskHandler: Send + Sync + 'static {
 #[async_trait::async_trait]
 pub trait Queue: Send + Sync + 'static {
     /// Enqueue on the named queue (one queue per event type, e.g. "events:VENDA"), runnable after `delay` (None = now).
-    async fn push(&self, queue: &str, task: QueueTask, delay: Option<Duration>) -> Result<(), QueueError>;
-    async fn push_bulk(&self, queue: &str, tasks: Vec<QueueTask>) -> Result<(), QueueError>;
+    async fn push(&self, queue: &str, job: Job, delay: Option<Duration>) -> Result<(), QueueError>;
+    async fn push_bulk(&self, queue: &str, jobs: Vec<Job>) -> Result<(), QueueError>;
     /// Cheap liveness check for /health.
     async fn ping(&self) -> Result<(), QueueError>;
     /// Number of pending (not yet finished) tasks on the queue, for metrics.

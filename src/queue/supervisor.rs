@@ -4,12 +4,16 @@
 //! backoff, under a new name) when it stops on its own, because apalis's
 //! `Worker::run` returns on its first backend error. Around every instance it
 //! keeps the heartbeat alive, hands back what a stopped instance still
-//! claimed, and runs the backend's periodic maintenance, until shutdown is
-//! signalled.
+//! claimed, and runs the backend's upkeep, until shutdown is signalled.
+//!
+//! The upkeep runs every [`BUSY_UPKEEP`] while the queue's worker handles
+//! tasks, and otherwise only when the backend asks for it (a delayed task
+//! falls due), when a push signals it, or every [`IDLE_UPKEEP`]: an idle
+//! queue costs its heartbeats and little else.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -17,6 +21,7 @@ use apalis::prelude::WorkerContext;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
+use super::wake::Wakers;
 use super::worker::{self, Storage};
 use super::{HEARTBEAT, QueueError, TaskHandler};
 
@@ -30,6 +35,11 @@ const HEALTHY_RUN: Duration = Duration::from_secs(60);
 const DRAIN_WAIT: Duration = Duration::from_secs(30);
 /// Minimum spacing between two identical maintenance error logs.
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(30);
+/// Upkeep interval while the worker handles tasks.
+const BUSY_UPKEEP: Duration = Duration::from_secs(1);
+/// Upkeep interval of an idle queue (a backstop: pushes and due tasks
+/// signal the upkeep themselves).
+const IDLE_UPKEEP: Duration = Duration::from_secs(30);
 
 pub(crate) type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -37,6 +47,8 @@ pub(crate) type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 pub(crate) trait WorkerBackend: Send + Sync + 'static {
     /// What a worker instance fetches from; the supervisor runs [`worker::run`] on it.
     type Storage: Storage;
+    /// The wake-up signals of this process's workers.
+    fn wakers(&self) -> &Arc<Wakers>;
     /// The storage of one worker instance on `queue`, fetching for `concurrency` slots.
     fn storage(&self, queue: &str, concurrency: usize) -> Self::Storage;
     /// Runs before every worker instance starts (e.g. promote due jobs, repair).
@@ -45,12 +57,54 @@ pub(crate) trait WorkerBackend: Send + Sync + 'static {
     fn retire(self: Arc<Self>, queue: Arc<str>, worker: String) -> BoxFut<Result<u64, QueueError>>;
     /// Refreshes the heartbeat of the running instance `worker` (only if still registered).
     fn keep_alive(self: Arc<Self>, queue: Arc<str>, worker: String) -> BoxFut<Result<(), QueueError>>;
-    /// Periodic maintenance (promotion of due jobs, cleanup of finished ones).
-    fn maintain(self: Arc<Self>, queue: Arc<str>, tick: u64) -> BoxFut<Result<(), QueueError>>;
-    /// Interval between two `maintain` calls.
-    fn maintenance_interval(&self) -> Duration;
+    /// Upkeep (promotion of due tasks, cleanup of finished ones); `busy`
+    /// when the worker handled tasks since the last call. Returns how soon
+    /// it wants to run again (a delayed task falls due), if it knows.
+    fn maintain(
+        self: Arc<Self>,
+        queue: Arc<str>,
+        tick: u64,
+        busy: bool,
+    ) -> BoxFut<Result<Option<Duration>, QueueError>>;
     /// Counts worker instance starts (tests use it to see restarts).
     fn instance_starts(&self) -> &AtomicUsize;
+    /// Work to do after each task the worker handled (Redis: top its active
+    /// list up from the fair set); none by default.
+    fn task_done(self: Arc<Self>, _queue: Arc<str>) -> Option<BoxFut<()>> {
+        None
+    }
+}
+
+/// What a queue's worker is doing, for its upkeep and heartbeat.
+#[derive(Default)]
+struct Activity {
+    /// Tasks finished (the upkeep's cadence: busy or idle).
+    done: AtomicU64,
+    /// Tasks running now.
+    running: AtomicUsize,
+}
+
+/// The handler as the worker runs it: counts the tasks, and the backend's
+/// `task_done` after each.
+struct Tended<B> {
+    handler: Arc<dyn TaskHandler>,
+    backend: Arc<B>,
+    queue: Arc<str>,
+    activity: Arc<Activity>,
+}
+
+#[async_trait::async_trait]
+impl<B: WorkerBackend> TaskHandler for Tended<B> {
+    async fn handle(&self, task: super::QueueTask) {
+        self.activity.running.fetch_add(1, Ordering::Relaxed);
+        self.handler.handle(task).await;
+        self.activity.running.fetch_sub(1, Ordering::Relaxed);
+        self.activity.done.fetch_add(1, Ordering::Relaxed);
+        self.backend.wakers().task_finished(&self.queue);
+        if let Some(after) = self.backend.clone().task_done(self.queue.clone()) {
+            after.await;
+        }
+    }
 }
 
 pub(crate) fn spawn_supervised<B: WorkerBackend>(
@@ -62,9 +116,21 @@ pub(crate) fn spawn_supervised<B: WorkerBackend>(
 ) -> tokio::task::JoinHandle<()> {
     let queue: Arc<str> = Arc::from(queue);
     let concurrency = concurrency.max(1);
+    let activity = Arc::new(Activity::default());
+    let handler: Arc<dyn TaskHandler> = Arc::new(Tended {
+        handler,
+        backend: backend.clone(),
+        queue: queue.clone(),
+        activity: activity.clone(),
+    });
     tokio::spawn(async move {
-        let maintenance = tokio::spawn(maintenance_loop(backend.clone(), queue.clone(), shutdown.clone()));
-        supervise(backend, queue.clone(), concurrency, handler, shutdown).await;
+        let maintenance = tokio::spawn(maintenance_loop(
+            backend.clone(),
+            queue.clone(),
+            activity.clone(),
+            shutdown.clone(),
+        ));
+        supervise(backend, queue.clone(), concurrency, handler, activity, shutdown).await;
         if let Err(e) = maintenance.await {
             error!(queue = %queue, error = %e, "queue maintenance task failed");
         }
@@ -77,6 +143,7 @@ async fn supervise<B: WorkerBackend>(
     queue: Arc<str>,
     concurrency: usize,
     handler: Arc<dyn TaskHandler>,
+    activity: Arc<Activity>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = RESTART_BACKOFF_MIN;
@@ -105,7 +172,12 @@ async fn supervise<B: WorkerBackend>(
             concurrency,
             handler.clone(),
         ));
-        let heartbeat = tokio::spawn(keep_alive_loop(backend.clone(), queue.clone(), name.clone()));
+        let heartbeat = tokio::spawn(keep_alive_loop(
+            backend.clone(),
+            queue.clone(),
+            name.clone(),
+            activity.clone(),
+        ));
 
         let stopped_for_shutdown = tokio::select! {
             res = &mut instance => {
@@ -174,11 +246,20 @@ async fn request_stop(ctx: &WorkerContext, instance: &tokio::task::JoinHandle<()
 }
 
 /// Heartbeats for one instance until aborted (first beat after one interval: apalis
-/// registers the worker with a fresh timestamp).
-async fn keep_alive_loop<B: WorkerBackend>(backend: Arc<B>, queue: Arc<str>, worker: String) {
+/// registers the worker with a fresh timestamp), while it runs tasks: with
+/// none running its fetch buffer is empty, and apalis heartbeats itself.
+async fn keep_alive_loop<B: WorkerBackend>(
+    backend: Arc<B>,
+    queue: Arc<str>,
+    worker: String,
+    activity: Arc<Activity>,
+) {
     let mut throttle = ErrorThrottle::default();
     loop {
         tokio::time::sleep(HEARTBEAT).await;
+        if activity.running.load(Ordering::Relaxed) == 0 {
+            continue;
+        }
         match backend.clone().keep_alive(queue.clone(), worker.clone()).await {
             Ok(()) => throttle.ok(),
             Err(e) => throttle.report(&queue, "worker heartbeat", &e),
@@ -189,18 +270,36 @@ async fn keep_alive_loop<B: WorkerBackend>(backend: Arc<B>, queue: Arc<str>, wor
 async fn maintenance_loop<B: WorkerBackend>(
     backend: Arc<B>,
     queue: Arc<str>,
+    activity: Arc<Activity>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let every = backend.maintenance_interval();
+    let signal = backend.wakers().upkeep(&queue);
     let mut throttle = ErrorThrottle::default();
     let mut tick: u64 = 0;
+    let mut seen = 0;
     loop {
-        match backend.clone().maintain(queue.clone(), tick).await {
-            Ok(()) => throttle.ok(),
-            Err(e) => throttle.report(&queue, "queue maintenance", &e),
-        }
+        let now_done = activity.done.load(Ordering::Relaxed);
+        let busy = now_done != seen;
+        seen = now_done;
+        let asked = match backend.clone().maintain(queue.clone(), tick, busy).await {
+            Ok(next) => {
+                throttle.ok();
+                next
+            }
+            Err(e) => {
+                throttle.report(&queue, "queue maintenance", &e);
+                None
+            }
+        };
         tick = tick.wrapping_add(1);
-        if sleep_or_shutdown(every, &mut shutdown).await {
+        let cadence = if busy { BUSY_UPKEEP } else { IDLE_UPKEEP };
+        let wait = asked.map_or(cadence, |d| d.min(cadence));
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = signal.notified() => {}
+            () = wait_shutdown(&mut shutdown) => return,
+        }
+        if shutdown_requested(&shutdown) {
             return;
         }
     }

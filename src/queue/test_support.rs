@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::{Queue, QueueTask, TaskHandler};
+use super::{Job, Queue, QueueTask, TaskHandler};
 
 /// Logs to the test output when `RUST_LOG` is set (e.g. `RUST_LOG=orchestrator=debug`).
 pub fn init_tracing() {
@@ -26,6 +26,8 @@ pub fn init_tracing() {
 pub struct Recorder {
     /// event_id -> (times handled, first handled at)
     pub seen: Mutex<HashMap<String, (u32, Instant)>>,
+    /// Every event id handled, in order.
+    pub order: Mutex<Vec<String>>,
     pub total: AtomicUsize,
 }
 
@@ -33,6 +35,7 @@ pub struct Recorder {
 impl TaskHandler for Recorder {
     async fn handle(&self, task: QueueTask) {
         let QueueTask::Process { event_id, .. } = task;
+        self.order.lock().expect("order lock").push(event_id.clone());
         let mut seen = self.seen.lock().expect("recorder lock");
         let e = seen.entry(event_id).or_insert((0, Instant::now()));
         e.0 += 1;
@@ -68,10 +71,19 @@ impl Recorder {
     }
 }
 
-pub fn task(id: &str) -> QueueTask {
-    QueueTask::Process {
-        event_id: id.to_owned(),
-        pipeline_version: "v1".to_owned(),
+/// A task of partner `p`, weight 1.
+pub fn task(id: &str) -> Job {
+    job(id, "p", 1)
+}
+
+pub fn job(id: &str, partner: &str, weight: u32) -> Job {
+    Job {
+        task: QueueTask::Process {
+            event_id: id.to_owned(),
+            pipeline_version: "v1".to_owned(),
+        },
+        partner: partner.to_owned(),
+        weight,
     }
 }
 
@@ -346,5 +358,116 @@ pub async fn orphan_recovery_scenario(q: &dyn Queue, queue: &str, kill: impl Asy
         "orphan never recovered"
     );
     println!("orphan recovered after {:?}", started.elapsed());
+    stop(tx, h).await;
+}
+
+/// Fair sharing: while partner `a` has a backlog of 400 tasks, partner `b`'s
+/// three tasks pushed after it run within the first few (behind only what
+/// the worker already holds), not after the backlog; and of two backlogs,
+/// a partner of weight 3 gets three tasks through for each of weight 1.
+pub async fn fair_sharing_scenario(q: &dyn Queue, queue: &str) {
+    let rec = Arc::new(Recorder::default());
+    let slow = Arc::new(Slow {
+        rec: rec.clone(),
+        started: AtomicUsize::new(0),
+        delay: Duration::from_millis(5),
+    });
+    let (tx, rx) = watch::channel(false);
+    let h = q.spawn_worker(queue, 2, slow, rx);
+    let backlog: Vec<Job> = (0..400).map(|i| job(&format!("a{i:03}"), "a", 1)).collect();
+    q.push_bulk(queue, backlog).await.expect("push a");
+    for i in 0..3 {
+        q.push(queue, job(&format!("b{i}"), "b", 1), None)
+            .await
+            .expect("push b");
+    }
+    assert!(
+        rec.wait_distinct(403, Duration::from_secs(60)).await,
+        "handled {}",
+        rec.distinct()
+    );
+    let order = rec.order.lock().expect("order").clone();
+    let at = |id: &str| order.iter().position(|x| x == id).expect("handled");
+    for i in 0..3 {
+        let pos = at(&format!("b{i}"));
+        assert!(pos < 24, "b{i} ran as number {pos} of 403: {:?}", &order[..30]);
+    }
+    // A's own tasks went roughly in their order (two slots may swap neighbours).
+    let a: Vec<&String> = order.iter().filter(|x| x.starts_with('a')).collect();
+    let late = a
+        .iter()
+        .enumerate()
+        .filter(|(i, id)| id[1..].parse::<usize>().is_ok_and(|n| n.abs_diff(*i) > 4));
+    assert_eq!(late.count(), 0, "a's tasks out of order");
+
+    // Two backlogs pushed at once, weights 1 and 3.
+    rec.order.lock().expect("order").clear();
+    let mut both: Vec<Job> = (0..150).map(|i| job(&format!("l{i:03}"), "light", 1)).collect();
+    both.extend((0..150).map(|i| job(&format!("h{i:03}"), "heavy", 3)));
+    q.push_bulk(queue, both).await.expect("push both");
+    assert!(
+        rec.wait_distinct(703, Duration::from_secs(60)).await,
+        "handled {}",
+        rec.distinct()
+    );
+    let order = rec.order.lock().expect("order").clone();
+    // The first 120 after the first few (whatever the worker held): about
+    // 90 heavy, 30 light.
+    let window = &order[20..140];
+    let heavy = window.iter().filter(|x| x.starts_with('h')).count();
+    assert!(
+        (80..=100).contains(&heavy),
+        "heavy got {heavy} of 120: {window:?}"
+    );
+    stop(tx, h).await;
+}
+
+/// An idle worker does not poll, yet starts a task within 250 ms of its
+/// push, each of five times after 1.5 s of quiet (well below the 5 s
+/// heartbeat, the only other thing that fetches), whether the push comes
+/// from `q` or from `pusher` (another process's queue object, on Redis); a
+/// delayed task runs within 1.5 s of falling due (SQLite rounds delays up
+/// to whole seconds).
+pub async fn idle_wake_scenario(q: &dyn Queue, pusher: &dyn Queue, queue: &str) {
+    let rec = Arc::new(Recorder::default());
+    let (tx, rx) = watch::channel(false);
+    let h = q.spawn_worker(queue, 2, rec.clone(), rx);
+    let mut slowest = Duration::ZERO;
+    for i in 0..5 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let from: &dyn Queue = if i % 2 == 0 { q } else { pusher };
+        let pushed = Instant::now();
+        from.push(queue, task(&format!("w{i}")), None)
+            .await
+            .expect("push");
+        assert!(
+            rec.wait_distinct(i + 1, Duration::from_secs(10)).await,
+            "w{i} never ran"
+        );
+        let waited = rec
+            .handled_at(&format!("w{i}"))
+            .expect("handled")
+            .duration_since(pushed);
+        slowest = slowest.max(waited);
+    }
+    assert!(
+        slowest < Duration::from_millis(250),
+        "an idle worker took {slowest:?} to start a task"
+    );
+    let delay = Duration::from_millis(1200);
+    let pushed = Instant::now();
+    pusher
+        .push(queue, task("later"), Some(delay))
+        .await
+        .expect("push delayed");
+    assert!(
+        rec.wait_distinct(6, Duration::from_secs(10)).await,
+        "the delayed task never ran"
+    );
+    let waited = rec.handled_at("later").expect("handled").duration_since(pushed);
+    assert!(
+        waited < delay + Duration::from_millis(1500),
+        "the delayed task ran after {waited:?}"
+    );
     stop(tx, h).await;
 }

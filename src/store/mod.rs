@@ -242,6 +242,7 @@ pub struct Sweep<'a> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Requeue {
     pub id: String,
+    pub partner_id: String,
     pub tipo: String,
     pub pipeline_version: String,
     pub run_at: Option<DateTime<Utc>>,
@@ -280,6 +281,8 @@ pub struct PartnerInfo {
     pub rate_per_minute: Option<u32>,
     /// Burst size; `null` = the server default.
     pub burst: Option<u32>,
+    /// Share of a type's workers when several partners have work waiting.
+    pub weight: u32,
     pub keys: Vec<ApiKeyInfo>,
 }
 
@@ -292,6 +295,7 @@ pub struct PartnerUpdate {
     /// `Some(None)` goes back to the server default.
     pub rate_per_minute: Option<Option<u32>>,
     pub burst: Option<Option<u32>>,
+    pub weight: Option<u32>,
     pub disabled: Option<bool>,
 }
 
@@ -302,6 +306,7 @@ pub struct NewPartner {
     pub password_hash: Option<String>,
     pub rate_per_minute: Option<u32>,
     pub burst: Option<u32>,
+    pub weight: u32,
 }
 
 /// Everything the service needs from its database, behind one object
@@ -359,6 +364,9 @@ pub trait EventStore: Send + Sync {
     async fn release_leases(&self) -> StoreResult<u64>;
     /// Number of events per status, from the counters.
     async fn status_counts(&self) -> StoreResult<std::collections::BTreeMap<String, i64>>;
+    /// Per partner with any, from the counters: (partner, waiting, in flight),
+    /// waiting being `received` or `retrying`, in flight `processing`.
+    async fn partner_activity(&self) -> StoreResult<Vec<(String, i64, i64)>>;
     /// Events waiting on each destination (from an index of the waiting
     /// ones only).
     async fn waiting(&self) -> StoreResult<Vec<Waiting>>;
@@ -414,6 +422,8 @@ pub trait PartnerStore: Send + Sync {
     ) -> StoreResult<u64>;
     /// A partner and its password hash, by id.
     async fn partner_login(&self, id: &str) -> StoreResult<Option<(Partner, Option<String>)>>;
+    /// The partners whose fair-sharing weight is not 1, with it.
+    async fn partner_weights(&self) -> StoreResult<std::collections::HashMap<String, u32>>;
 }
 
 /// The files of every pipeline version served, so a process that never

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub destination_call_duration: HistogramVec,
     pub events_waiting: IntGaugeVec,
     pub events_waiting_on_key: IntGaugeVec,
+    pub partner_waiting: IntGaugeVec,
+    pub partner_in_flight: IntGaugeVec,
     pub component_up: IntGaugeVec,
 }
 
@@ -150,6 +152,16 @@ impl Metrics {
             "Events parked behind an earlier event of their ordering key.",
             &["tipo"],
         );
+        let partner_waiting = gauge(
+            "partner_events_waiting",
+            "Events of a partner waiting to run (received, or retrying between attempts), over every type.",
+            &["partner"],
+        );
+        let partner_in_flight = gauge(
+            "partner_events_in_flight",
+            "Events of a partner being processed now, over every type.",
+            &["partner"],
+        );
         let oldest_pending = GaugeVec::new(
             Opts::new(
                 "queue_oldest_pending_seconds",
@@ -195,6 +207,8 @@ impl Metrics {
             destination_call_duration,
             events_waiting,
             events_waiting_on_key,
+            partner_waiting,
+            partner_in_flight,
             component_up,
         }
     }

@@ -100,7 +100,6 @@ pub fn base_config(data: &Path, pipelines: &PipelineDir) -> HashMap<String, Stri
     );
     m.insert("SCHEMAS_DIR".into(), pipelines.schemas().display().to_string());
     m.insert("ADMIN_API_KEY".into(), ADMIN_KEY.into());
-    m.insert("QUEUE_POLL_INTERVAL".into(), "20ms".into());
     m.insert("SWEEP_INTERVAL".into(), "200ms".into());
     m.insert("REQUEUE_AFTER".into(), "5s".into());
     m.insert("PROCESSING_LEASE".into(), "30s".into());
@@ -412,6 +411,7 @@ impl TestApp {
                 password_hash: None,
                 rate_per_minute: None,
                 burst: None,
+                weight: 1,
             })
             .await
             .expect("partner");
@@ -654,7 +654,6 @@ pub fn node_env(dir: &PipelineDir) -> Vec<(String, String)> {
         ("SCHEMAS_DIR", dir.schemas().display().to_string()),
         ("ADMIN_API_KEY", ADMIN_KEY.to_owned()),
         ("CREATE_DEMO_PARTNER", "false".to_owned()),
-        ("QUEUE_POLL_INTERVAL", "20ms".to_owned()),
         ("SWEEP_INTERVAL", "300ms".to_owned()),
         ("REQUEUE_AFTER", "3s".to_owned()),
         ("RATE_LIMIT_IP_PER_MINUTE", "10000000".to_owned()),

@@ -514,6 +514,7 @@ mod jwt {
                 ),
                 rate_per_minute: None,
                 burst: None,
+                weight: 1,
             })
             .await
             .expect("partner");

@@ -48,6 +48,7 @@ macro_rules! production_only {
 
 mod destinations;
 mod dispatch;
+mod fairness;
 mod fixtures;
 mod helpers;
 mod hostile;

@@ -2,7 +2,7 @@
 //! name is `{prefix}:{queue}`, and each queue's keys hang below it
 //! (`:active`, `:scheduled`, `:data`, `:meta:<id>`, `:signal`, `:workers`,
 //! `:inflight:<worker>`, `:done`, `:dead`, `:workers:metadata:<worker>`);
-//! `:delayed` is ours. Only apalis's registry of queues lives outside the
+//! `:delayed`, `:fair` and `:flows` are ours. Only apalis's registry of queues lives outside the
 //! prefix.
 
 /// apalis's global sorted set of every queue name.
@@ -36,6 +36,26 @@ impl Keys {
     /// Our delayed tasks (score: server-clock milliseconds).
     pub(super) fn delayed(&self) -> String {
         format!("{}:delayed", self.0)
+    }
+    /// Due ids waiting for the active list, scored by fair-sharing tag.
+    pub(super) fn fair(&self) -> String {
+        format!("{}:fair", self.0)
+    }
+    /// The partners' finish tags and the largest tag given (`:high`).
+    pub(super) fn flows(&self) -> String {
+        format!("{}:flows", self.0)
+    }
+    /// The keys of the push script, in its order.
+    pub(super) fn push(&self) -> [String; 7] {
+        [
+            self.data(),
+            self.active(),
+            self.signal(),
+            self.delayed(),
+            self.meta(),
+            self.fair(),
+            self.flows(),
+        ]
     }
     /// Payloads by task id.
     pub(super) fn data(&self) -> String {

@@ -16,12 +16,34 @@
 //! * A promoter script moves due ids from `{queue}:delayed` *and* from apalis's
 //!   `{queue}:scheduled` (anything apalis itself put there) to `{queue}:active` in chunks of
 //!   1,000 (`ZRANGEBYSCORE ... LIMIT`). It runs before every worker (re)start until nothing
-//!   is due, and every `poll` interval while the worker runs.
+//!   is due, and in the queue's upkeep, which sleeps until the next delayed id falls due
+//!   (the script says when).
 //! * Should `fetch_next.lua` still hit the limit (someone pushed >8k due jobs through apalis's
 //!   own API between two promoter runs), the worker instance winds down and the supervisor
 //!   restarts it after promoting everything due; it never stays dead.
 //!
-//! Everything else is apalis's stock worker: interval polling, `.concurrency(n)`,
+//! # Fair sharing
+//!
+//! Due tasks wait in our sorted set `{queue}:fair`, scored by their
+//! fair-sharing tag (see `fair`; the push script computes tags from
+//! `{queue}:flows`), and only a few per worker slot sit in `{queue}:active`,
+//! where `fetch_next.lua` takes them: the push script tops the list up, and
+//! so does the worker after its tasks and the maintenance tick. A partner
+//! with no backlog therefore waits behind at most that short list, never
+//! behind another partner's backlog. Promoted (delayed) tasks go to the
+//! active list directly: they are retries that already had their turn.
+//!
+//! # Waking on work
+//!
+//! No worker polls. Whatever adds ids to an active list (a push, a
+//! promotion, a top-up, a stopped instance's hand-back) wakes this
+//! process's worker on that queue and publishes the queue's name on
+//! `{prefix}:wake`; every process subscribes to it and wakes its own worker
+//! and upkeep for that queue (see `wake`). A message missed while the
+//! subscription reconnects costs at most a heartbeat: apalis fetches after
+//! each, and every worker is woken once the subscription is back.
+//!
+//! Everything else is apalis's stock worker: `.concurrency(n)`,
 //! `.parallelize(tokio::spawn)`, heartbeat 5 s × 3 for orphan recovery, results persisted
 //! (that is what removes a task from the worker's in-flight set) and cleaned up by a janitor.
 //!
@@ -34,22 +56,26 @@ mod scripts;
 #[cfg(test)]
 mod tests;
 
-use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use apalis::prelude::{BackendExt, IntervalStrategy, PollWith};
+use apalis::prelude::{BackendExt, PollWith, StreamStrategy};
 use apalis_core::backend::ext::with_codec::WithCodec;
 use apalis_redis::RedisStorage;
+use futures::StreamExt;
 use redis::aio::ConnectionManager;
 use redis::{Client, RedisError};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use self::keys::{Keys, apalis_queue};
 use self::scripts::eval;
 use super::codec::{Incoming, TaskCodec, encode_task, new_task_id};
+use super::fair::cost;
 use super::supervisor::{BoxFut, WorkerBackend, spawn_supervised};
-use super::{HEARTBEAT, MISSED_HEARTBEATS, Queue, QueueError, QueueTask, TaskHandler, batch_size};
+use super::wake::{WakeStream, Wakers};
+use super::{HEARTBEAT, Job, MISSED_HEARTBEATS, Queue, QueueError, TaskHandler, batch_size};
 
 /// redis-rs per-request timeout (its default of 500 ms is fatal under load).
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -62,11 +88,15 @@ const PROMOTE_CHUNK: usize = 1000;
 const PROMOTE_BUDGET: usize = 10_000;
 /// Tasks per push script call.
 const PUSH_CHUNK: usize = 1000;
-/// Finished tasks cleaned per janitor call, and how often (in maintenance ticks) it runs.
+/// Finished tasks cleaned per janitor call, and how often (in busy upkeep
+/// ticks, one a second) it runs; an idle queue's upkeep runs it each time.
 const JANITOR_CHUNK: usize = 1000;
-const JANITOR_EVERY_TICKS: u64 = 40;
+const JANITOR_EVERY_TICKS: u64 = 2;
 /// Head of the active list checked for ids without data before a worker starts.
 const SANITIZE_HEAD: usize = 1000;
+/// Active list length kept by a process that runs no worker on the queue
+/// (the workers' own top-ups use theirs: two per slot).
+const DEFAULT_ACTIVE_CAP: usize = 16;
 
 fn redis_err(e: RedisError) -> QueueError {
     if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
@@ -83,13 +113,21 @@ pub struct RedisQueue {
 struct Inner {
     conn: ConnectionManager,
     prefix: String,
-    poll: Duration,
+    wakers: Arc<Wakers>,
     instance_starts: AtomicUsize,
+    /// Per queue with a worker here: how long its active list may grow, and
+    /// the tasks finished since the last top-up.
+    feeds: Mutex<HashMap<String, Feed>>,
+}
+
+struct Feed {
+    cap: usize,
+    done: Arc<AtomicUsize>,
 }
 
 impl RedisQueue {
     /// `prefix` namespaces every key (tests use a random prefix so they can run in parallel on one Redis).
-    pub async fn connect(client: &Client, prefix: &str, poll: Duration) -> Result<Self, QueueError> {
+    pub async fn connect(client: &Client, prefix: &str) -> Result<Self, QueueError> {
         let timeouts = crate::redis_conn::Timeouts {
             connect: CONNECT_TIMEOUT,
             response: RESPONSE_TIMEOUT,
@@ -102,12 +140,14 @@ impl RedisQueue {
             inner: Arc::new(Inner {
                 conn,
                 prefix: prefix.trim_end_matches(':').to_owned(),
-                poll,
+                wakers: Arc::default(),
                 instance_starts: AtomicUsize::new(0),
+                feeds: Mutex::default(),
             }),
         };
         q.ping().await?;
-        info!(prefix = %q.inner.prefix, poll = ?poll, "Redis queue ready");
+        listen(client.clone(), Arc::downgrade(&q.inner));
+        info!(prefix = %q.inner.prefix, "Redis queue ready");
         Ok(q)
     }
 
@@ -119,7 +159,63 @@ impl RedisQueue {
     }
 }
 
+/// Wake-ups from every process: one subscription to `{prefix}:wake` per
+/// queue object, ended when the queue is dropped (at its next message or
+/// reconnect).
+fn listen(client: Client, inner: std::sync::Weak<Inner>) {
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let Some(channel) = inner.upgrade().map(|i| i.channel()) else {
+                return;
+            };
+            match client.get_async_pubsub().await {
+                Ok(mut sub) => match sub.subscribe(&channel).await {
+                    Ok(()) => {
+                        backoff = Duration::from_millis(250);
+                        // Whatever was published while we were away.
+                        match inner.upgrade() {
+                            Some(i) => i.wakers.wake_all(),
+                            None => return,
+                        }
+                        let mut messages = sub.on_message();
+                        while let Some(msg) = messages.next().await {
+                            let Some(i) = inner.upgrade() else { return };
+                            if let Ok(queue) = msg.get_payload::<String>() {
+                                i.wakers.wake(&queue);
+                                i.wakers.reschedule(&queue);
+                            }
+                        }
+                        debug!(channel = %channel, "wake-up subscription ended; resubscribing");
+                    }
+                    Err(e) => warn!(channel = %channel, error = %e, "cannot subscribe to wake-ups; retrying"),
+                },
+                Err(e) => {
+                    warn!(channel = %channel, error = %e, "cannot open the wake-up subscription; retrying")
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    });
+}
+
 impl Inner {
+    /// The channel every process hears wake-ups on.
+    fn channel(&self) -> String {
+        apalis_queue(&self.prefix, "wake")
+    }
+
+    /// Ids were added to `queue`'s active list (or its schedule changed):
+    /// the worker here fetches, and every process hears it.
+    async fn announce(&self, queue: &str) -> Result<(), QueueError> {
+        self.wakers.wake(queue);
+        let _: i64 = self
+            .query(redis::cmd("PUBLISH").arg(self.channel()).arg(queue))
+            .await?;
+        Ok(())
+    }
+
     /// apalis queue name: `{prefix}:{queue}`.
     fn apalis_queue(&self, queue: &str) -> String {
         apalis_queue(&self.prefix, queue)
@@ -133,22 +229,65 @@ impl Inner {
         cmd.query_async(&mut self.conn.clone()).await.map_err(redis_err)
     }
 
-    async fn insert(&self, queue: &str, tasks: Vec<(QueueTask, Option<Duration>)>) -> Result<(), QueueError> {
-        let k = self.keys(queue);
-        let keys = [k.data(), k.active(), k.signal(), k.delayed(), k.meta()];
-        for chunk in tasks.chunks(PUSH_CHUNK) {
+    /// The active list's length limit of `queue`.
+    fn cap(&self, queue: &str) -> usize {
+        self.feeds
+            .lock()
+            .ok()
+            .and_then(|f| f.get(queue).map(|f| f.cap))
+            .unwrap_or(DEFAULT_ACTIVE_CAP)
+    }
+
+    async fn insert(&self, queue: &str, jobs: Vec<(Job, Option<Duration>)>) -> Result<(), QueueError> {
+        let keys = self.keys(queue).push();
+        let cap = self.cap(queue);
+        let delayed = jobs.iter().any(|(_, d)| d.is_some_and(|d| !d.is_zero()));
+        for chunk in jobs.chunks(PUSH_CHUNK) {
             let mut cmd = eval(scripts::PUSH, &keys);
-            for (task, delay) in chunk {
+            cmd.arg(cap);
+            for (job, delay) in chunk {
                 let delay_us = delay.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-                cmd.arg(new_task_id()).arg(encode_task(task)?).arg(delay_us);
+                cmd.arg(new_task_id())
+                    .arg(encode_task(&job.task)?)
+                    .arg(delay_us)
+                    .arg(&job.partner)
+                    .arg(cost(job.weight));
             }
-            let _: i64 = self.query(&cmd).await?;
+            // The push and its wake-up in one round trip.
+            let mut pipe = redis::pipe();
+            pipe.add_command(cmd)
+                .ignore()
+                .cmd("PUBLISH")
+                .arg(self.channel())
+                .arg(queue)
+                .ignore();
+            let () = pipe
+                .query_async(&mut self.conn.clone())
+                .await
+                .map_err(redis_err)?;
+        }
+        self.wakers.wake(queue);
+        if delayed {
+            self.wakers.reschedule(queue);
         }
         Ok(())
     }
 
-    /// Moves due ids to the active list until nothing more is due (bounded per call).
-    async fn promote_all(&self, queue: &str) -> Result<u64, QueueError> {
+    /// Tops the active list up from the fair set; how many still wait there.
+    async fn feed(&self, queue: &str) -> Result<u64, QueueError> {
+        let k = self.keys(queue);
+        let mut cmd = eval(scripts::FEED, &[k.active(), k.fair(), k.signal()]);
+        cmd.arg(self.cap(queue));
+        let (moved, waiting): (u64, u64) = self.query(&cmd).await?;
+        if moved > 0 {
+            self.announce(queue).await?;
+        }
+        Ok(waiting)
+    }
+
+    /// Moves due ids to the active list until nothing more is due (bounded
+    /// per call); how many moved, and how soon the next delayed one is due.
+    async fn promote_all(&self, queue: &str) -> Result<(u64, Option<Duration>), QueueError> {
         let k = self.keys(queue);
         let mut cmd = eval(
             scripts::PROMOTE,
@@ -157,10 +296,14 @@ impl Inner {
         cmd.arg(PROMOTE_CHUNK).arg(PROMOTE_BUDGET);
         let mut total = 0u64;
         loop {
-            let moved: u64 = self.query(&cmd).await?;
+            let (moved, next_ms): (u64, i64) = self.query(&cmd).await?;
             total += moved;
             if moved < PROMOTE_BUDGET as u64 {
-                return Ok(total);
+                if total > 0 {
+                    self.announce(queue).await?;
+                }
+                let next = u64::try_from(next_ms).ok().map(Duration::from_millis);
+                return Ok((total, next));
             }
             tokio::task::yield_now().await;
         }
@@ -191,14 +334,14 @@ impl Inner {
 
 #[async_trait::async_trait]
 impl Queue for RedisQueue {
-    async fn push(&self, queue: &str, task: QueueTask, delay: Option<Duration>) -> Result<(), QueueError> {
-        self.inner.insert(queue, vec![(task, delay)]).await
+    async fn push(&self, queue: &str, job: Job, delay: Option<Duration>) -> Result<(), QueueError> {
+        self.inner.insert(queue, vec![(job, delay)]).await
     }
 
     /// Atomic per chunk of 1,000 tasks (one script call each), not across chunks.
-    async fn push_bulk(&self, queue: &str, tasks: Vec<QueueTask>) -> Result<(), QueueError> {
+    async fn push_bulk(&self, queue: &str, jobs: Vec<Job>) -> Result<(), QueueError> {
         self.inner
-            .insert(queue, tasks.into_iter().map(|t| (t, None)).collect())
+            .insert(queue, jobs.into_iter().map(|j| (j, None)).collect())
             .await
     }
 
@@ -215,7 +358,7 @@ impl Queue for RedisQueue {
         let k = self.inner.keys(queue);
         let mut cmd = eval(
             scripts::DEPTH,
-            &[k.active(), k.delayed(), k.scheduled(), k.workers()],
+            &[k.active(), k.delayed(), k.scheduled(), k.workers(), k.fair()],
         );
         cmd.arg(k.inflight());
         self.inner.query(&cmd).await
@@ -228,17 +371,30 @@ impl Queue for RedisQueue {
         handler: Arc<dyn TaskHandler>,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> tokio::task::JoinHandle<()> {
+        if let Ok(mut feeds) = self.inner.feeds.lock() {
+            feeds.insert(
+                queue.to_owned(),
+                Feed {
+                    cap: 2 * batch_size(concurrency),
+                    done: Arc::default(),
+                },
+            );
+        }
         spawn_supervised(self.inner.clone(), queue, concurrency, handler, shutdown)
     }
 }
 
 impl WorkerBackend for Inner {
     type Storage =
-        PollWith<WithCodec<RedisStorage<Incoming, ConnectionManager>, TaskCodec>, IntervalStrategy>;
+        PollWith<WithCodec<RedisStorage<Incoming, ConnectionManager>, TaskCodec>, StreamStrategy<WakeStream>>;
+
+    fn wakers(&self) -> &Arc<Wakers> {
+        &self.wakers
+    }
 
     fn prepare(self: Arc<Self>, queue: Arc<str>) -> BoxFut<Result<(), QueueError>> {
         Box::pin(async move {
-            let promoted = self.promote_all(&queue).await?;
+            let (promoted, _) = self.promote_all(&queue).await?;
             if promoted > 0 {
                 info!(queue = %queue, count = promoted, "promoted due tasks before starting the worker");
             }
@@ -265,7 +421,7 @@ impl WorkerBackend for Inner {
         RedisStorage::new(self.conn.clone())
             .with_config(config)
             .with_codec(TaskCodec)
-            .poll_with_interval(self.poll)
+            .poll_with_stream(self.wakers.stream(queue))
     }
 
     fn retire(self: Arc<Self>, queue: Arc<str>, worker: String) -> BoxFut<Result<u64, QueueError>> {
@@ -282,7 +438,11 @@ impl WorkerBackend for Inner {
                 ],
             );
             cmd.arg(&worker);
-            self.query(&cmd).await
+            let n: u64 = self.query(&cmd).await?;
+            if n > 0 {
+                self.announce(&queue).await?;
+            }
+            Ok(n)
         })
     }
 
@@ -304,18 +464,37 @@ impl WorkerBackend for Inner {
         })
     }
 
-    fn maintain(self: Arc<Self>, queue: Arc<str>, tick: u64) -> BoxFut<Result<(), QueueError>> {
+    fn maintain(
+        self: Arc<Self>,
+        queue: Arc<str>,
+        tick: u64,
+        busy: bool,
+    ) -> BoxFut<Result<Option<Duration>, QueueError>> {
         Box::pin(async move {
-            self.promote_all(&queue).await?;
-            if tick % JANITOR_EVERY_TICKS == JANITOR_EVERY_TICKS - 1 {
+            let (_, next) = self.promote_all(&queue).await?;
+            self.feed(&queue).await?;
+            if !busy || tick % JANITOR_EVERY_TICKS == JANITOR_EVERY_TICKS - 1 {
                 self.janitor(&queue).await?;
             }
-            Ok(())
+            Ok(next)
         })
     }
 
-    fn maintenance_interval(&self) -> Duration {
-        self.poll
+    /// Every quarter of the active list's cap in finished tasks, a top-up.
+    fn task_done(self: Arc<Self>, queue: Arc<str>) -> Option<BoxFut<()>> {
+        let (cap, done) = {
+            let feeds = self.feeds.lock().ok()?;
+            let f = feeds.get(&*queue)?;
+            (f.cap, f.done.clone())
+        };
+        if (done.fetch_add(1, Ordering::Relaxed) + 1) % (cap / 4).max(1) != 0 {
+            return None;
+        }
+        Some(Box::pin(async move {
+            if let Err(e) = self.feed(&queue).await {
+                warn!(queue = %queue, error = %e, "could not top the active list up (the maintenance tick will)");
+            }
+        }))
     }
 
     fn instance_starts(&self) -> &AtomicUsize {

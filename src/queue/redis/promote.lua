@@ -2,6 +2,7 @@
 -- KEYS[1] delayed zset (ms scores), KEYS[2] apalis scheduled zset (s scores),
 -- KEYS[3] active list, KEYS[4] signal list
 -- ARGV[1] chunk size, ARGV[2] budget (max ids moved by this call)
+-- Returns {moved, ms until the next delayed id falls due, or -1 when none waits}
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now_s = tonumber(t[1])
@@ -26,4 +27,12 @@ if moved > 0 then
   redis.call('DEL', KEYS[4])
   redis.call('LPUSH', KEYS[4], 1)
 end
-return moved
+local next_ms = -1
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if #first > 0 then next_ms = math.max(0, math.ceil(tonumber(first[2]) - now_ms)) end
+first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+if #first > 0 then
+  local s = math.max(0, math.ceil(tonumber(first[2]) * 1000 - now_ms))
+  if next_ms < 0 or s < next_ms then next_ms = s end
+end
+return {moved, next_ms}

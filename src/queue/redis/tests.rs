@@ -16,9 +16,9 @@ use super::{Inner, RedisQueue};
 use crate::queue::Queue;
 use crate::queue::codec::{encode_task, new_task_id};
 use crate::queue::test_support::{
-    Recorder, bad_tasks_scenario, delayed_push_scenario, graceful_shutdown_scenario, init_tracing,
-    orphan_recovery_scenario, push_handle_restart_scenario, restart_after_backend_error_scenario, task,
-    wait_depth_zero,
+    Recorder, bad_tasks_scenario, delayed_push_scenario, fair_sharing_scenario, graceful_shutdown_scenario,
+    idle_wake_scenario, init_tracing, orphan_recovery_scenario, push_handle_restart_scenario,
+    restart_after_backend_error_scenario, task, wait_depth_zero,
 };
 
 /// Parses a `TaskId` the way apalis does (for tests that push through apalis directly).
@@ -33,7 +33,7 @@ async fn redis_queue() -> Option<(RedisQueue, Cleanup)> {
     let url = std::env::var("ORCH_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
     let prefix = format!("orch-test-{}", ulid::Ulid::new());
     let client = redis::Client::open(url.as_str()).expect("Redis URL");
-    match RedisQueue::connect(&client, &prefix, Duration::from_millis(50)).await {
+    match RedisQueue::connect(&client, &prefix).await {
         Ok(q) => {
             let cleanup = Cleanup(q.inner.clone());
             Some((q, cleanup))
@@ -185,6 +185,33 @@ async fn redis_push_handle_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn redis_shares_a_queue_fairly_between_partners() {
+    init_tracing();
+    let Some((q, _cleanup)) = redis_queue().await else {
+        return;
+    };
+    fair_sharing_scenario(&q, "events:FAIR").await;
+    q.purge().await;
+}
+
+/// Pushes from another queue object on the same prefix (another process)
+/// wake the worker through pub/sub.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_idle_workers_wake_on_work() {
+    init_tracing();
+    let Some((q, _cleanup)) = redis_queue().await else {
+        return;
+    };
+    let url = std::env::var("ORCH_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let client = redis::Client::open(url.as_str()).expect("Redis URL");
+    let other = RedisQueue::connect(&client, &q.inner.prefix)
+        .await
+        .expect("second queue");
+    idle_wake_scenario(&q, &other, "events:IDLE").await;
+    q.purge().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn redis_delayed_push_waits() {
     init_tracing();
     let Some((q, _cleanup)) = redis_queue().await else {
@@ -211,12 +238,18 @@ async fn redis_survives_bad_payloads_panics_and_missing_data() {
     let queue = "events:BAD";
     let k = q.keys(queue);
     // Undecodable payloads, pushed the way apalis itself stores tasks.
-    let mut push = eval(
-        scripts::PUSH,
-        &[k.data(), k.active(), k.signal(), k.delayed(), k.meta()],
-    );
-    push.arg(new_task_id()).arg(&br#"{"v":"9"}"#[..]).arg(0);
-    push.arg(new_task_id()).arg(&b"\xff garbage"[..]).arg(0);
+    let mut push = eval(scripts::PUSH, &k.push());
+    push.arg(16);
+    push.arg(new_task_id())
+        .arg(&br#"{"v":"9"}"#[..])
+        .arg(0)
+        .arg("p")
+        .arg(1000);
+    push.arg(new_task_id())
+        .arg(&b"\xff garbage"[..])
+        .arg(0)
+        .arg("p")
+        .arg(1000);
     q.raw(&push).await;
     // An id whose data vanished: fetch_next would fail on it for ever.
     q.raw(redis::cmd("RPUSH").arg(k.active()).arg(new_task_id()))
@@ -308,7 +341,7 @@ async fn redis_backlog_of_30k_due_jobs() {
     let native = |from: usize| -> Vec<apalis_redis::RedisTask> {
         (from..from + NATIVE)
             .map(|i| {
-                apalis::prelude::TaskBuilder::new(encode_task(&task(&format!("n{i}"))).expect("encode"))
+                apalis::prelude::TaskBuilder::new(encode_task(&task(&format!("n{i}")).task).expect("encode"))
                     .task_id(task_id(&new_task_id()))
                     .max_attempts(1)
                     .build()

@@ -8,6 +8,16 @@
 //! * Delays are rounded *up* to whole seconds (apalis-sqlite's `run_at` is in seconds),
 //!   so a task never runs before its delay.
 //! * Finished rows are deleted in bounded chunks by the maintenance loop (`maintenance`).
+//! * Workers wake on work (see `wake`): a push here wakes the queue's worker
+//!   at once, and a delayed push tells the queue's upkeep when to wake it.
+//!   apalis-sqlite's update-hook callback cannot do this: its one receiver
+//!   is shared by every storage on the pool, so with a worker per type an
+//!   insert wakes one arbitrary worker. Pushes from another process reach
+//!   a worker at its next heartbeat (the embedded mode is one process).
+//! * Fair sharing rides on apalis-sqlite's `priority` (its fetch takes the
+//!   highest first, then the oldest): a task's priority is
+//!   `PRIORITY_BASE - tag` (see `fair`); V is read back from the first due
+//!   task's priority in the push's own transaction.
 
 mod maintenance;
 #[cfg(test)]
@@ -18,15 +28,19 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use apalis::prelude::{BackendExt, IntervalStrategy, PollWith, TaskBuilder, TaskId};
+use std::time::Instant;
+
+use apalis::prelude::{BackendExt, PollWith, StreamStrategy, TaskBuilder, TaskId};
 use apalis_core::backend::ext::with_codec::WithCodec;
 use apalis_sqlite::{SqliteStorage, SqliteTask};
 use sqlx::SqlitePool;
 use tracing::{debug, info, warn};
 
 use super::codec::{Incoming, TaskCodec, encode_task, new_task_id};
+use super::fair::Flows;
 use super::supervisor::{BoxFut, WorkerBackend, spawn_supervised};
-use super::{Queue, QueueError, QueueTask, TaskHandler, batch_size};
+use super::wake::{WakeStream, Wakers};
+use super::{HEARTBEAT, Job, MISSED_HEARTBEATS, Queue, QueueError, TaskHandler, batch_size};
 
 /// Migration bookkeeping table for apalis-sqlite's own schema (`Jobs`, `Workers`).
 const MIGRATIONS_TABLE: &str = "_apalis_migrations";
@@ -43,10 +57,14 @@ pub struct SqliteQueue {
 
 struct Inner {
     pool: SqlitePool,
-    poll: Duration,
+    wakers: Arc<Wakers>,
+    /// Per queue, when its earliest delayed task pushed here falls due.
+    due: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
     instance_starts: AtomicUsize,
     /// [`FINISHED_RETENTION_SECS`]; the tests lengthen it.
     retention_secs: std::sync::atomic::AtomicI64,
+    /// Per queue, the partners' finish tags.
+    flows: std::sync::Mutex<std::collections::HashMap<String, Flows>>,
 }
 
 fn db_err(e: sqlx::Error) -> QueueError {
@@ -65,8 +83,8 @@ fn apalis_err(e: apalis_sqlite::Error) -> QueueError {
     }
 }
 
-const SQLITE_HEARTBEAT: Duration = Duration::from_secs(1);
-const SQLITE_MISSED_HEARTBEATS: usize = 5;
+/// Priority of tag 0; later tags get lower priorities (fetched later).
+const PRIORITY_BASE: i64 = 1 << 62;
 
 fn epoch_secs_ceil(t: SystemTime) -> u64 {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -75,8 +93,8 @@ fn epoch_secs_ceil(t: SystemTime) -> u64 {
 
 impl SqliteQueue {
     /// Uses an existing pool (our store's pool, same SQLite file in WAL mode); runs apalis-sqlite's migrations itself,
-    /// never its `setup()`, which would set `PRAGMA synchronous=OFF`. `poll` = fetch polling interval (e.g. 50ms).
-    pub async fn new(pool: SqlitePool, poll: Duration) -> Result<Self, QueueError> {
+    /// never its `setup()`, which would set `PRAGMA synchronous=OFF`.
+    pub async fn new(pool: SqlitePool) -> Result<Self, QueueError> {
         let mut migrator = SqliteStorage::<()>::migrations();
         migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
         migrator
@@ -101,13 +119,15 @@ impl SqliteQueue {
         if !mode.eq_ignore_ascii_case("wal") {
             warn!(journal_mode = %mode, "SQLite queue database is not in WAL mode");
         }
-        info!(poll = ?poll, "SQLite queue ready");
+        info!("SQLite queue ready");
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
-                poll,
+                wakers: Arc::default(),
+                due: std::sync::Mutex::default(),
                 instance_starts: AtomicUsize::new(0),
                 retention_secs: std::sync::atomic::AtomicI64::new(FINISHED_RETENTION_SECS),
+                flows: std::sync::Mutex::default(),
             }),
         })
     }
@@ -121,15 +141,56 @@ impl SqliteQueue {
 }
 
 impl Inner {
-    async fn insert(&self, queue: &str, tasks: Vec<(QueueTask, Option<Duration>)>) -> Result<(), QueueError> {
-        if tasks.is_empty() {
+    async fn insert(&self, queue: &str, jobs: Vec<(Job, Option<Duration>)>) -> Result<(), QueueError> {
+        if jobs.is_empty() {
             return Ok(());
         }
         let now = SystemTime::now();
-        let mut rows: Vec<SqliteTask> = Vec::with_capacity(tasks.len());
-        for (task, delay) in &tasks {
+        // V: the tag of the first due task, and the newest tag queued. Read
+        // before the write transaction: a deferred transaction that reads
+        // and then writes fails when another writer committed in between.
+        let (head, newest): (Option<i64>, Option<i64>) = sqlx::query_as(
+            "SELECT (SELECT priority FROM Jobs WHERE job_type = ?1 AND status = 'Pending' \
+                       AND (run_at IS NULL OR run_at <= ?2) ORDER BY priority DESC LIMIT 1), \
+                    (SELECT priority FROM Jobs WHERE job_type = ?1 AND status = 'Pending' \
+                       ORDER BY priority ASC LIMIT 1)",
+        )
+        .bind(queue)
+        .bind(i64::try_from(epoch_secs_ceil(now)).unwrap_or(i64::MAX))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err)?;
+        let tag_of = |p: Option<i64>| {
+            p.filter(|p| (1..=PRIORITY_BASE).contains(p))
+                .and_then(|p| u64::try_from(PRIORITY_BASE - p).ok())
+        };
+        let tags: Vec<u64> = {
+            let mut all = self
+                .flows
+                .lock()
+                .map_err(|_| QueueError::Other("flows lock".into()))?;
+            let flows = all.entry(queue.to_owned()).or_default();
+            if let Some(t) = tag_of(newest) {
+                flows.observe(t);
+            }
+            let v = flows.v(tag_of(head));
+            jobs.iter()
+                .map(|(job, delay)| match delay {
+                    Some(d) if !d.is_zero() => v,
+                    _ => flows.next(v, &job.partner, job.weight),
+                })
+                .collect()
+        };
+        let mut rows: Vec<SqliteTask> = Vec::with_capacity(jobs.len());
+        for ((job, delay), tag) in jobs.iter().zip(tags) {
             let id = TaskId::from_str(&new_task_id()).map_err(|e| QueueError::Other(e.to_string()))?;
-            let mut b = TaskBuilder::new(encode_task(task)?).task_id(id).max_attempts(1);
+            let priority = PRIORITY_BASE
+                .saturating_sub(i64::try_from(tag).unwrap_or(i64::MAX))
+                .max(1);
+            let mut b = TaskBuilder::new(encode_task(&job.task)?)
+                .task_id(id)
+                .max_attempts(1)
+                .priority(usize::try_from(priority).unwrap_or(1));
             if let Some(d) = delay.filter(|d| !d.is_zero()) {
                 b = b.run_at_timestamp(epoch_secs_ceil(now + d));
             }
@@ -140,20 +201,54 @@ impl Inner {
             .await
             .map_err(apalis_err)?;
         tx.commit().await.map_err(db_err)?;
+        self.wakers.wake(queue);
+        // The upkeep wakes the worker when the earliest delayed one falls
+        // due (run_at is in whole seconds, rounded up).
+        let first_due = jobs
+            .iter()
+            .filter_map(|(_, d)| d.filter(|d| !d.is_zero()))
+            .min()
+            .map(|d| {
+                let at = epoch_secs_ceil(now + d);
+                let wait = UNIX_EPOCH + Duration::from_secs(at);
+                Instant::now() + wait.duration_since(SystemTime::now()).unwrap_or_default()
+            });
+        if let Some(at) = first_due
+            && let Ok(mut due) = self.due.lock()
+        {
+            let slot = due.entry(queue.to_owned()).or_insert(at);
+            *slot = (*slot).min(at);
+            drop(due);
+            self.wakers.reschedule(queue);
+        }
         Ok(())
+    }
+
+    /// Wakes the worker if a delayed task fell due; how long until the next.
+    fn wake_due(&self, queue: &str) -> Option<Duration> {
+        let mut due = self.due.lock().ok()?;
+        let at = *due.get(queue)?;
+        let now = Instant::now();
+        if at > now {
+            return Some(at - now);
+        }
+        due.remove(queue);
+        drop(due);
+        self.wakers.wake(queue);
+        None
     }
 }
 
 #[async_trait::async_trait]
 impl Queue for SqliteQueue {
-    async fn push(&self, queue: &str, task: QueueTask, delay: Option<Duration>) -> Result<(), QueueError> {
-        self.inner.insert(queue, vec![(task, delay)]).await
+    async fn push(&self, queue: &str, job: Job, delay: Option<Duration>) -> Result<(), QueueError> {
+        self.inner.insert(queue, vec![(job, delay)]).await
     }
 
-    async fn push_bulk(&self, queue: &str, tasks: Vec<QueueTask>) -> Result<(), QueueError> {
+    async fn push_bulk(&self, queue: &str, jobs: Vec<Job>) -> Result<(), QueueError> {
         // One transaction: all or nothing.
         self.inner
-            .insert(queue, tasks.into_iter().map(|t| (t, None)).collect())
+            .insert(queue, jobs.into_iter().map(|j| (j, None)).collect())
             .await
     }
 
@@ -191,7 +286,11 @@ impl Queue for SqliteQueue {
 }
 
 impl WorkerBackend for Inner {
-    type Storage = PollWith<WithCodec<SqliteStorage<Incoming>, TaskCodec>, IntervalStrategy>;
+    type Storage = PollWith<WithCodec<SqliteStorage<Incoming>, TaskCodec>, StreamStrategy<WakeStream>>;
+
+    fn wakers(&self) -> &Arc<Wakers> {
+        &self.wakers
+    }
 
     fn prepare(self: Arc<Self>, _queue: Arc<str>) -> BoxFut<Result<(), QueueError>> {
         Box::pin(async move {
@@ -207,12 +306,11 @@ impl WorkerBackend for Inner {
         let config = apalis_sqlite::Config::default()
             .queue(queue)
             .batch_size(batch_size(concurrency))
-            // apalis-sqlite 1.0 only fetches when the worker wakes for a
-            // heartbeat (the poll interval alone does not trigger a fetch,
-            // measured: new tasks waited up to 5 s), so the heartbeat is
-            // the latency bound here: 1 s, orphans after 5 missed.
-            .heartbeat_interval(SQLITE_HEARTBEAT)
-            .missed_heartbeats(SQLITE_MISSED_HEARTBEATS)
+            // A fetch follows every heartbeat as well as every wake-up: the
+            // heartbeat bounds how late a task nobody woke the worker for
+            // (pushed by another process) starts.
+            .heartbeat_interval(HEARTBEAT)
+            .missed_heartbeats(MISSED_HEARTBEATS)
             // The lock step is only bookkeeping (status 'Running') and costs a write per batch.
             .lock_tasks(false)
             // Acks must be written, or finished tasks would look orphaned.
@@ -220,7 +318,7 @@ impl WorkerBackend for Inner {
         SqliteStorage::new(&self.pool)
             .with_config(config)
             .with_codec(TaskCodec)
-            .poll_with_interval(self.poll)
+            .poll_with_stream(self.wakers.stream(queue))
     }
 
     fn retire(self: Arc<Self>, queue: Arc<str>, worker: String) -> BoxFut<Result<u64, QueueError>> {
@@ -252,25 +350,27 @@ impl WorkerBackend for Inner {
         })
     }
 
-    fn maintain(self: Arc<Self>, queue: Arc<str>, tick: u64) -> BoxFut<Result<(), QueueError>> {
+    fn maintain(
+        self: Arc<Self>,
+        queue: Arc<str>,
+        tick: u64,
+        busy: bool,
+    ) -> BoxFut<Result<Option<Duration>, QueueError>> {
         Box::pin(async move {
-            // First tick right at start: nothing to do yet; then every interval.
+            let next = self.wake_due(&queue);
+            // Every second while busy, to keep finished rows few (see
+            // FINISHED_RETENTION_SECS); idle, once more, then only on the
+            // idle cadence's ticks.
             if tick == 0 {
-                return Ok(());
+                return Ok(next);
             }
             debug!(queue = %queue, "sqlite queue janitor");
             self.janitor(&queue).await?;
-            if tick % 5 == 1 {
+            if busy && tick % 5 == 1 {
                 self.analyze().await?;
             }
-            Ok(())
+            Ok(next)
         })
-    }
-
-    fn maintenance_interval(&self) -> Duration {
-        // Often, to keep finished rows few (see FINISHED_RETENTION_SECS); a
-        // run with nothing to delete is two indexed statements.
-        Duration::from_secs(1)
     }
 
     fn instance_starts(&self) -> &AtomicUsize {

@@ -15,8 +15,9 @@ use super::SqliteQueue;
 use crate::queue::Queue;
 use crate::queue::codec::new_task_id;
 use crate::queue::test_support::{
-    bad_tasks_scenario, delayed_push_scenario, graceful_shutdown_scenario, init_tracing,
-    orphan_recovery_scenario, push_handle_restart_scenario, restart_after_backend_error_scenario,
+    bad_tasks_scenario, delayed_push_scenario, fair_sharing_scenario, graceful_shutdown_scenario,
+    idle_wake_scenario, init_tracing, orphan_recovery_scenario, push_handle_restart_scenario,
+    restart_after_backend_error_scenario,
 };
 
 async fn open(dir: &std::path::Path) -> SqlitePool {
@@ -36,9 +37,7 @@ async fn open(dir: &std::path::Path) -> SqlitePool {
 /// A queue on a fresh database file, and that file's pool.
 async fn sqlite_queue(dir: &tempfile::TempDir) -> (SqliteQueue, SqlitePool) {
     let pool = open(dir.path()).await;
-    let q = SqliteQueue::new(pool.clone(), Duration::from_millis(50))
-        .await
-        .expect("queue");
+    let q = SqliteQueue::new(pool.clone()).await.expect("queue");
     (q, pool)
 }
 
@@ -52,9 +51,7 @@ async fn sqlite_push_handle_restart() {
     // Running the migrations again is a no-op.
     let q = {
         drop(q);
-        SqliteQueue::new(pool.clone(), Duration::from_millis(50))
-            .await
-            .expect("queue again")
+        SqliteQueue::new(pool.clone()).await.expect("queue again")
     };
     // The worker's own janitor must not delete what this test counts.
     q.inner.retention_secs.store(3600, Ordering::Relaxed);
@@ -133,6 +130,22 @@ async fn sqlite_survives_bad_payloads_and_panics() {
         .expect("raw push");
     tx.commit().await.expect("commit");
     bad_tasks_scenario(&q, queue, &|| q.instance_starts()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_shares_a_queue_fairly_between_partners() {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (q, _pool) = sqlite_queue(&dir).await;
+    fair_sharing_scenario(&q, "events:FAIR").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_idle_workers_wake_on_work() {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (q, _pool) = sqlite_queue(&dir).await;
+    idle_wake_scenario(&q, &q, "events:IDLE").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

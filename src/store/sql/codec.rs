@@ -95,10 +95,11 @@ fn trace_from_row(row: &AnyRow) -> StoreResult<Option<TraceContext>> {
     Ok(parent.and_then(|p| TraceContext::parse(&p, state.as_deref())))
 }
 
-/// An event to queue again, from a row with `id, tipo, pipeline_version`.
+/// An event to queue again, from a row with `id, partner_id, tipo, pipeline_version`.
 pub(super) fn requeue_from_row(r: &AnyRow) -> StoreResult<Requeue> {
     Ok(Requeue {
         id: r.try_get("id")?,
+        partner_id: r.try_get("partner_id")?,
         tipo: r.try_get("tipo")?,
         pipeline_version: r.try_get("pipeline_version")?,
         run_at: None,

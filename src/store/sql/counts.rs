@@ -357,3 +357,24 @@ pub(super) async fn status_totals(conn: &mut AnyConnection) -> StoreResult<BTree
         })
         .collect()
 }
+
+/// Per partner with any: events waiting (`received`, or `retrying`
+/// between attempts) and in flight (`processing`), over every type.
+pub(super) async fn partner_activity(conn: &mut AnyConnection) -> StoreResult<Vec<(String, i64, i64)>> {
+    let sql = format!(
+        "SELECT partner_id, CAST(SUM(received) + SUM(retrying) AS BIGINT) AS waiting, \
+         CAST(SUM(processing) AS BIGINT) AS in_flight FROM event_counts \
+         WHERE bucket = 0 AND width = {TOTAL} GROUP BY partner_id \
+         HAVING SUM(received) + SUM(retrying) + SUM(processing) > 0 ORDER BY partner_id"
+    );
+    let rows = sqlx::query(AssertSqlSafe(sql)).fetch_all(&mut *conn).await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get("partner_id")?,
+                r.try_get::<Option<i64>, _>("waiting")?.unwrap_or(0),
+                r.try_get::<Option<i64>, _>("in_flight")?.unwrap_or(0),
+            ))
+        })
+        .collect()
+}

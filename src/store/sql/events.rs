@@ -222,7 +222,7 @@ impl EventStore for SqlStore {
             .enumerate()
             .map(|(i, cond)| {
                 format!(
-                    "SELECT * FROM (SELECT id, tipo, pipeline_version FROM events \
+                    "SELECT * FROM (SELECT id, partner_id, tipo, pipeline_version FROM events \
                      WHERE {cond} ORDER BY id LIMIT $4) s{i}"
                 )
             })
@@ -288,6 +288,11 @@ impl EventStore for SqlStore {
         counts::status_totals(&mut conn).await
     }
 
+    async fn partner_activity(&self) -> StoreResult<Vec<(String, i64, i64)>> {
+        let mut conn = self.pool.acquire().await?;
+        counts::partner_activity(&mut conn).await
+    }
+
     async fn waiting(&self) -> StoreResult<Vec<Waiting>> {
         let rows = sqlx::query(
             "SELECT tipo, waiting_on, COUNT(*) AS events, COUNT(CASE WHEN queued_at = -1 THEN 1 END) AS parked, \
@@ -330,7 +335,7 @@ impl EventStore for SqlStore {
                WHERE waiting_on IS NOT NULL AND tipo = $2 AND waiting_on = $3 AND queued_at = -1 \
                AND status = 'retrying'{since} \
                ORDER BY id LIMIT $4) \
-             RETURNING id, tipo, pipeline_version"
+             RETURNING id, partner_id, tipo, pipeline_version"
         );
         let mut q = sqlx::query(AssertSqlSafe(sql))
             .persistent(false)
@@ -397,7 +402,7 @@ impl EventStore for SqlStore {
         let sql = format!(
             "UPDATE events SET queued_at = $1, blocked_by = NULL WHERE blocked_by IS NOT NULL AND id IN (\
              SELECT b.id FROM events b WHERE b.blocked_by IS NOT NULL{key} AND NOT EXISTS ({}) \
-             ORDER BY b.id LIMIT $2) RETURNING id, tipo, pipeline_version",
+             ORDER BY b.id LIMIT $2) RETURNING id, partner_id, tipo, pipeline_version",
             key_holders("b", "$1")
         );
         let mut q = sqlx::query(AssertSqlSafe(sql))

@@ -2,6 +2,8 @@
 //! hash only; the per-request key lookup is group-committed with the event
 //! path's writes (see [`Writes`](super::writes::Writes)).
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use chrono::Utc;
 use sqlx::Row;
@@ -15,14 +17,15 @@ use crate::store::{ApiKeyInfo, NewPartner, Partner, PartnerInfo, PartnerStore, P
 impl PartnerStore for SqlStore {
     async fn create_partner(&self, p: &NewPartner) -> StoreResult<bool> {
         let r = sqlx::query(
-            "INSERT INTO partners (id, name, password_hash, rate_per_minute, burst, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO partners (id, name, password_hash, rate_per_minute, burst, weight, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
         )
         .bind(&p.id)
         .bind(&p.name)
         .bind(&p.password_hash)
         .bind(p.rate_per_minute.map(i64::from))
         .bind(p.burst.map(i64::from))
+        .bind(i64::from(p.weight))
         .bind(ms(Utc::now()))
         .execute(&self.pool)
         .await?;
@@ -73,7 +76,7 @@ impl PartnerStore for SqlStore {
     async fn partners(&self, id: Option<&str>) -> StoreResult<Vec<PartnerInfo>> {
         let filter = if id.is_some() { "WHERE id = $1" } else { "" };
         let sql = format!(
-            "SELECT id, name, rate_per_minute, burst, disabled_at, password_hash, created_at FROM partners \
+            "SELECT id, name, rate_per_minute, burst, weight, disabled_at, password_hash, created_at FROM partners \
              {filter} ORDER BY id"
         );
         let rows = query_filtered(sql, id).fetch_all(&self.pool).await?;
@@ -89,6 +92,7 @@ impl PartnerStore for SqlStore {
                 disabled: p.disabled,
                 rate_per_minute: p.rate_per_minute,
                 burst: p.burst,
+                weight: u32::try_from(r.try_get::<i64, _>("weight")?).unwrap_or(1),
             });
         }
         let key_filter = if id.is_some() { "WHERE partner_id = $1" } else { "" };
@@ -128,7 +132,8 @@ impl PartnerStore for SqlStore {
                rate_per_minute = CASE WHEN $5 = 1 THEN CAST($6 AS BIGINT) ELSE rate_per_minute END, \
                burst = CASE WHEN $7 = 1 THEN CAST($8 AS BIGINT) ELSE burst END, \
                disabled_at = CASE WHEN $9 = 1 THEN COALESCE(disabled_at, $10) \
-                                  WHEN $9 = 0 THEN NULL ELSE disabled_at END \
+                                  WHEN $9 = 0 THEN NULL ELSE disabled_at END, \
+               weight = COALESCE(CAST($11 AS BIGINT), weight) \
              WHERE id = $1",
         )
         .bind(id)
@@ -141,9 +146,22 @@ impl PartnerStore for SqlStore {
         .bind(update.burst.flatten().map(i64::from))
         .bind(disabled)
         .bind(ms(Utc::now()))
+        .bind(update.weight.map(i64::from))
         .execute(&self.pool)
         .await?;
         Ok(r.rows_affected() == 1)
+    }
+
+    async fn partner_weights(&self) -> StoreResult<HashMap<String, u32>> {
+        let rows = sqlx::query("SELECT id, weight FROM partners WHERE weight <> 1")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let w = u32::try_from(r.try_get::<i64, _>("weight")?).unwrap_or(1);
+                Ok((r.try_get("id")?, w.max(1)))
+            })
+            .collect()
     }
 
     async fn revoke_api_keys(
