@@ -34,7 +34,9 @@ use engine::trace::TraceContext;
 use tracing::{Instrument, info, warn};
 
 use crate::queue::{Job, Queue, QueueError, QueueTask};
-use crate::store::{EventRecord, InsertOutcome, NewEvent, Requeue, RetryOutcome, Store, StoreError};
+use crate::store::{
+    DiscardOutcome, EventRecord, InsertOutcome, NewEvent, Requeue, RetryOutcome, Store, StoreError,
+};
 use crate::telemetry::Metrics;
 
 /// How long a push on a request's path may take before it counts as failed.
@@ -45,6 +47,8 @@ pub const SWEEP_PUSH_TIMEOUT: Duration = Duration::from_secs(10);
 const RETRY_CHUNK: usize = 100;
 /// How long pushes are skipped after one failed.
 pub const DOWN_FOR: Duration = Duration::from_secs(2);
+/// Most parked events one release of an ordering key wakes.
+pub const RELEASE_BATCH: u32 = 500;
 /// How long the partners' weights are used before they are read again.
 pub const WEIGHTS_TTL: Duration = Duration::from_secs(5);
 
@@ -266,6 +270,30 @@ impl Dispatcher {
                 }
             }
             Ok(requeued)
+        })
+        .await
+    }
+
+    /// Deletes a dead letter for good and, if it held an ordering key (under
+    /// `block`), queues the events that waited behind it; runs to the end.
+    pub async fn discard(self: &Arc<Self>, id: String) -> Result<DiscardOutcome, StoreError> {
+        let me = self.clone();
+        run_detached(async move {
+            let outcome = me.store.discard_dead_letter(&id).await?;
+            if let DiscardOutcome::Discarded { tipo, order_key } = &outcome {
+                let mut released = 0;
+                if let Some(key) = order_key.as_deref() {
+                    let next = me
+                        .store
+                        .release_order(Some(key), RELEASE_BATCH, Utc::now())
+                        .await?;
+                    let pending: Vec<Pending<'_>> = next.iter().map(Pending::from).collect();
+                    me.queue_now(&pending).await;
+                    released = next.len();
+                }
+                info!(eventId = %id, eventType = %tipo, released, "dead letter discarded");
+            }
+            Ok(outcome)
         })
         .await
     }

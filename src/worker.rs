@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tracing::{Instrument, debug, error, info, warn};
 
-use crate::dispatch::{Dispatcher, Pending, Pushed, queue_name};
+use crate::dispatch::{Dispatcher, Pending, Pushed, RELEASE_BATCH, queue_name};
 use crate::pipelines::{OnInstall, Pipelines};
 use crate::queue::{Queue, QueueTask, TaskHandler};
 use crate::store::{AttemptFinish, EventRecord, FinishWait, LastError, Requeue, Status, Store, Sweep};
@@ -423,9 +423,6 @@ impl Processor {
         Ok(Vec::new())
     }
 }
-
-/// Most parked events one release wakes.
-const RELEASE_BATCH: u32 = 500;
 
 /// A wait that has lasted longer than its destination's `max_wait` ends the
 /// event: dead-lettered as `destination_unavailable`.

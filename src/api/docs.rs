@@ -21,6 +21,7 @@ use super::{admin, auth, destinations, dry_run, error, events, ops, retention};
         events::get_event,
         events::get_status,
         events::retry_event,
+        events::discard_event,
         dry_run::dry_run,
         auth::login,
         ops::health,

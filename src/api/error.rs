@@ -48,6 +48,8 @@ pub enum ApiError {
     InvalidIdempotencyKey(&'static str),
     #[error("event is {0}; only dead_lettered events can be retried")]
     NotRetryable(String),
+    #[error("event is {0}; only dead_lettered events can be discarded")]
+    NotDiscardable(String),
     #[error("invalid query: {0}")]
     InvalidQuery(String),
     #[error("{0}")]
@@ -84,9 +86,10 @@ impl ApiError {
             | ApiError::ValidationFailed { .. }
             | ApiError::InvalidQuery(_)
             | ApiError::InvalidPipelines(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::IdempotencyConflict(_) | ApiError::NotRetryable(_) | ApiError::Busy(_) => {
-                StatusCode::CONFLICT
-            }
+            ApiError::IdempotencyConflict(_)
+            | ApiError::NotRetryable(_)
+            | ApiError::NotDiscardable(_)
+            | ApiError::Busy(_) => StatusCode::CONFLICT,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -112,6 +115,7 @@ impl ApiError {
             ApiError::IdempotencyConflict(_) => "idempotency_conflict",
             ApiError::InvalidIdempotencyKey(_) => "invalid_idempotency_key",
             ApiError::NotRetryable(_) => "not_retryable",
+            ApiError::NotDiscardable(_) => "not_discardable",
             ApiError::InvalidQuery(_) => "invalid_query",
             ApiError::Busy(_) => "busy",
             ApiError::InvalidPipelines(_) => "invalid_pipelines",
@@ -139,6 +143,7 @@ impl ApiError {
             ApiError::IdempotencyConflict(_) => "Idempotency key conflict",
             ApiError::InvalidIdempotencyKey(_) => "Invalid idempotency key",
             ApiError::NotRetryable(_) => "Event cannot be retried",
+            ApiError::NotDiscardable(_) => "Event cannot be discarded",
             ApiError::InvalidQuery(_) => "Invalid query",
             ApiError::Busy(_) => "Busy",
             ApiError::InvalidPipelines(_) => "Invalid pipeline set",

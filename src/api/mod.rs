@@ -53,7 +53,10 @@ pub fn router(state: AppState) -> Router {
         .route("/events", post(events::create_event).get(events::list_events))
         .route("/events/batch", post(events::create_batch))
         .route("/events/stats", get(events::stats))
-        .route("/events/{id}", get(events::get_event))
+        .route(
+            "/events/{id}",
+            get(events::get_event).delete(events::discard_event),
+        )
         .route("/events/{id}/status", get(events::get_status))
         .route("/events/{id}/retry", post(events::retry_event))
         .route("/auth/login", post(auth::login))

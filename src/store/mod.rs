@@ -215,6 +215,19 @@ pub enum RetryOutcome {
     NotFound,
 }
 
+/// What discarding a dead letter did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DiscardOutcome {
+    /// Deleted, with its attempts, deliveries and idempotency key; the
+    /// ordering key it held, if any.
+    Discarded {
+        tipo: String,
+        order_key: Option<String>,
+    },
+    WrongStatus(Status),
+    NotFound,
+}
+
 /// Filters of `GET /events`.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
@@ -348,6 +361,8 @@ pub trait EventStore: Send + Sync {
     async fn finish_attempt(&self, id: &str, attempt: u32, finish: &AttemptFinish) -> StoreResult<bool>;
     /// Manual retry: only from `dead_lettered`; back to `received`.
     async fn manual_retry(&self, id: &str) -> StoreResult<RetryOutcome>;
+    /// Deletes a dead letter for good (only from `dead_lettered`).
+    async fn discard_dead_letter(&self, id: &str) -> StoreResult<DiscardOutcome>;
     /// Events whose queue task may be lost, marked queued now:
     /// * known unqueued (`queued_at = 0`: a push failed; `retrying` ones once
     ///   due) and `processing`

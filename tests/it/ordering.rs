@@ -190,9 +190,52 @@ async fn a_dead_letter_holds_its_key_only_under_block(backend: Backend) {
     }
 }
 
+/// Under `block`, discarding the dead letter (`DELETE /events/{id}`) lets
+/// the events behind it go on, in order, without running it; it is gone
+/// (404), and only a dead letter can be discarded (409 otherwise).
+async fn discarding_a_dead_letter_frees_its_key(backend: Backend) {
+    let rx = Receiver::start().await;
+    rx.set("/wms", Behaviour::Status(400));
+    let app = spawn_app_on(backend, estoque(&rx, "block", 0)).await;
+    let first = accepted_id(app.post_event("ESTOQUE", update("P-7", 0)).await).await;
+    app.wait_for(&first, "dead_lettered", Duration::from_secs(10))
+        .await;
+    rx.set("/wms", Behaviour::Status(200));
+    let mut later = Vec::new();
+    for seq in 1..4 {
+        later.push(accepted_id(app.post_event("ESTOQUE", update("P-7", seq)).await).await);
+    }
+    app.wait_status(&later[0], Duration::from_secs(10), |s| {
+        s["waiting_for"] == first.as_str()
+    })
+    .await;
+    let delete = |id: &str| {
+        app.http
+            .delete(app.url(&format!("/events/{id}")))
+            .header("x-api-key", &app.key)
+            .send()
+    };
+    let resp = delete(&later[0]).await.expect("delete");
+    assert_eq!(resp.status(), 409, "a waiting event is not a dead letter");
+    let resp = delete(&first).await.expect("delete");
+    assert_eq!(resp.status(), 204);
+    for id in &later {
+        app.wait_for(id, "processed", Duration::from_secs(10)).await;
+    }
+    assert_eq!(delivered(&rx, "/wms", "P-7"), vec![1, 2, 3]);
+    let (code, _) = app.get_json(&format!("/events/{first}"), &app.key).await;
+    assert_eq!(code, 404);
+    let resp = delete(&first).await.expect("delete");
+    assert_eq!(resp.status(), 404);
+    let stats = app.get_json("/events/stats", &app.key).await.1;
+    assert_eq!(stats["by_status"]["dead_lettered"], 0, "{stats}");
+    app.stop().await;
+}
+
 crate::both_backends!(
     updates_of_one_product_arrive_in_order_despite_failures,
     a_dead_letter_holds_its_key_only_under_block,
+    discarding_a_dead_letter_frees_its_key,
 );
 
 /// The order holds across worker processes and a SIGKILL of one of them:

@@ -14,8 +14,8 @@ use super::counts::{self, Deltas, Writer};
 use super::statement::{key_holders, placeholders};
 use super::writes::insert_in_key_order;
 use crate::store::{
-    AttemptFinish, DeliveryRow, EventRecord, EventStore, InsertOutcome, ListFilter, NewEvent, Requeue,
-    RetryOutcome, Stats, StatsQuery, Status, StoreResult, Sweep, Waiting,
+    AttemptFinish, DeliveryRow, DiscardOutcome, EventRecord, EventStore, InsertOutcome, ListFilter, NewEvent,
+    Requeue, RetryOutcome, Stats, StatsQuery, Status, StoreResult, Sweep, Waiting,
 };
 
 /// A bound value of a statement built from optional filters.
@@ -181,6 +181,47 @@ impl EventStore for SqlStore {
         Ok(match self.get_event(id).await? {
             Some(e) => RetryOutcome::WrongStatus(e.status),
             None => RetryOutcome::NotFound,
+        })
+    }
+
+    async fn discard_dead_letter(&self, id: &str) -> StoreResult<DiscardOutcome> {
+        // The transaction's first statement writes: SQLite takes its write
+        // lock before reading (as the purge does).
+        let mut tx = self.pool.begin().await?;
+        let gone = sqlx::query(
+            "DELETE FROM events WHERE id = $1 AND status = 'dead_lettered' \
+             RETURNING partner_id, tipo, received_at, order_key",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = gone else {
+            tx.rollback().await?;
+            return Ok(match self.get_event(id).await? {
+                Some(e) => DiscardOutcome::WrongStatus(e.status),
+                None => DiscardOutcome::NotFound,
+            });
+        };
+        for table in ["attempts", "deliveries", "idempotency_keys"] {
+            sqlx::query(AssertSqlSafe(format!("DELETE FROM {table} WHERE event_id = $1")))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let (partner, tipo): (String, String) = (row.try_get("partner_id")?, row.try_get("tipo")?);
+        let mut deltas = Deltas::default();
+        deltas.status(
+            &partner,
+            &tipo,
+            row.try_get("received_at")?,
+            Status::DeadLettered,
+            -1,
+        );
+        deltas.apply(&mut tx, Writer::Other).await?;
+        tx.commit().await?;
+        Ok(DiscardOutcome::Discarded {
+            tipo,
+            order_key: row.try_get("order_key")?,
         })
     }
 
