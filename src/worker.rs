@@ -376,9 +376,9 @@ impl Processor {
         // the event `processing` until its lease expires and then run it (and
         // its deliveries) again, so try a few times before giving up.
         let mut tries = 0;
-        let recorded = loop {
+        let finished = loop {
             match self.store.finish_attempt(event_id, attempt, &finish).await {
-                Ok(recorded) => break recorded,
+                Ok(finished) => break finished,
                 Err(e) if tries < 4 => {
                     tries += 1;
                     warn!(eventId = %event_id, attempt, error = %e, "could not record the outcome; trying again");
@@ -387,7 +387,7 @@ impl Processor {
                 Err(e) => return Err(e.into()),
             }
         };
-        if !recorded {
+        if !finished.recorded {
             warn!(eventId = %event_id, attempt, "outcome not recorded: the claim was lost (lease expired?)");
             return Ok(Vec::new());
         }
@@ -406,8 +406,9 @@ impl Processor {
             self.dispatch.queue_later(pending, delay).await;
         }
         // A finished event lets the next one of its key go (the caller runs
-        // it).
-        if matches!(finish.status, Status::Processed | Status::DeadLettered)
+        // it), when the finish saw one parked (most have none: no release,
+        // no extra round trip).
+        if finished.key_waited_on
             && let Some(key) = event.order_key.as_deref()
         {
             match self

@@ -13,12 +13,12 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use apalis::prelude::WorkerContext;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tracing::{debug, error, info, warn};
 
 use super::wake::Wakers;
@@ -82,6 +82,13 @@ struct Activity {
     done: AtomicU64,
     /// Tasks running now.
     running: AtomicUsize,
+    /// The upkeep sleeps on its idle cadence: the next finished task wakes
+    /// it (`woke`), so a queue that turns busy gets its janitor and planner
+    /// statistics at once, not up to [`IDLE_UPKEEP`] later (measured: a
+    /// 35 s load on the embedded queue ran without either, at twice the CPU
+    /// per event).
+    idle: AtomicBool,
+    woke: Notify,
 }
 
 /// The handler as the worker runs it: counts the tasks, and the backend's
@@ -100,6 +107,9 @@ impl<B: WorkerBackend> TaskHandler for Tended<B> {
         self.handler.handle(task).await;
         self.activity.running.fetch_sub(1, Ordering::Relaxed);
         self.activity.done.fetch_add(1, Ordering::Relaxed);
+        if self.activity.idle.swap(false, Ordering::AcqRel) {
+            self.activity.woke.notify_one();
+        }
         self.backend.wakers().task_finished(&self.queue);
         if let Some(after) = self.backend.clone().task_done(self.queue.clone()) {
             after.await;
@@ -294,9 +304,11 @@ async fn maintenance_loop<B: WorkerBackend>(
         tick = tick.wrapping_add(1);
         let cadence = if busy { BUSY_UPKEEP } else { IDLE_UPKEEP };
         let wait = asked.map_or(cadence, |d| d.min(cadence));
+        activity.idle.store(!busy, Ordering::Release);
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = signal.notified() => {}
+            () = activity.woke.notified(), if !busy => {}
             () = wait_shutdown(&mut shutdown) => return,
         }
         if shutdown_requested(&shutdown) {

@@ -215,6 +215,16 @@ pub enum RetryOutcome {
     NotFound,
 }
 
+/// What recording an attempt's outcome did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    /// False when the attempt no longer held the claim (nothing written).
+    pub recorded: bool,
+    /// The event ended (processed or dead-lettered) and events are parked
+    /// behind its ordering key: release it.
+    pub key_waited_on: bool,
+}
+
 /// What discarding a dead letter did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DiscardOutcome {
@@ -358,7 +368,7 @@ pub trait EventStore: Send + Sync {
         lease_until: DateTime<Utc>,
     ) -> StoreResult<Option<EventRecord>>;
     /// Records an attempt's outcome if this worker still holds the claim.
-    async fn finish_attempt(&self, id: &str, attempt: u32, finish: &AttemptFinish) -> StoreResult<bool>;
+    async fn finish_attempt(&self, id: &str, attempt: u32, finish: &AttemptFinish) -> StoreResult<Finished>;
     /// Manual retry: only from `dead_lettered`; back to `received`.
     async fn manual_retry(&self, id: &str) -> StoreResult<RetryOutcome>;
     /// Deletes a dead letter for good (only from `dead_lettered`).

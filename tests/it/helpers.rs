@@ -875,6 +875,7 @@ pub async fn run(store: &orchestrator::store::SqlStore, id: &str, status: orches
             .finish_attempt(id, ev.attempts, &finish(status))
             .await
             .expect("finish")
+            .recorded
     );
 }
 

@@ -210,8 +210,16 @@ async fn concurrent_writes_each_get_their_own_outcome(backend: Backend) {
                     result: processed.then(|| json!({"dados": {"id": id}, "meta": {"m": 1}, "routes": []})),
                     wait: None,
                 };
-                let stale = store.finish_attempt(&id, 2, &finish).await.expect("finish");
-                let recorded = store.finish_attempt(&id, 1, &finish).await.expect("finish");
+                let stale = store
+                    .finish_attempt(&id, 2, &finish)
+                    .await
+                    .expect("finish")
+                    .recorded;
+                let recorded = store
+                    .finish_attempt(&id, 1, &finish)
+                    .await
+                    .expect("finish")
+                    .recorded;
                 (id, processed, stale, recorded)
             })
         })

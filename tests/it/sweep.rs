@@ -48,6 +48,7 @@ async fn stranded_events_are_found_and_waiting_ones_left_alone(backend: Backend)
             .finish_attempt("01C-retry", 1, &finish)
             .await
             .expect("finish")
+            .recorded
     );
     store.mark_unqueued(&["01C-retry"]).await.expect("mark");
 

@@ -146,14 +146,19 @@ impl Inner {
             return Ok(());
         }
         let now = SystemTime::now();
-        // V: the tag of the first due task, and the newest tag queued. Read
+        // V: the tag of the first due task, and the newest tag queued, each
+        // the first entry of apalis-sqlite's index of pending tasks (the
+        // `lock_by IS NULL` is its predicate: without it SQLite sorted
+        // every pending task on each push, measured 3x the server's CPU per
+        // event with a backlog). Read
         // before the write transaction: a deferred transaction that reads
         // and then writes fails when another writer committed in between.
         let (head, newest): (Option<i64>, Option<i64>) = sqlx::query_as(
             "SELECT (SELECT priority FROM Jobs WHERE job_type = ?1 AND status = 'Pending' \
-                       AND (run_at IS NULL OR run_at <= ?2) ORDER BY priority DESC LIMIT 1), \
+                       AND lock_by IS NULL AND (run_at IS NULL OR run_at <= ?2) \
+                       ORDER BY priority DESC LIMIT 1), \
                     (SELECT priority FROM Jobs WHERE job_type = ?1 AND status = 'Pending' \
-                       ORDER BY priority ASC LIMIT 1)",
+                       AND lock_by IS NULL ORDER BY priority ASC LIMIT 1)",
         )
         .bind(queue)
         .bind(i64::try_from(epoch_secs_ceil(now)).unwrap_or(i64::MAX))

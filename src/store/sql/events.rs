@@ -14,8 +14,8 @@ use super::counts::{self, Deltas, Writer};
 use super::statement::{key_holders, placeholders};
 use super::writes::insert_in_key_order;
 use crate::store::{
-    AttemptFinish, DeliveryRow, DiscardOutcome, EventRecord, EventStore, InsertOutcome, ListFilter, NewEvent,
-    Requeue, RetryOutcome, Stats, StatsQuery, Status, StoreResult, Sweep, Waiting,
+    AttemptFinish, DeliveryRow, DiscardOutcome, EventRecord, EventStore, Finished, InsertOutcome, ListFilter,
+    NewEvent, Requeue, RetryOutcome, Stats, StatsQuery, Status, StoreResult, Sweep, Waiting,
 };
 
 /// A bound value of a statement built from optional filters.
@@ -150,7 +150,7 @@ impl EventStore for SqlStore {
         self.writes.claim(id, now, lease_until).await
     }
 
-    async fn finish_attempt(&self, id: &str, attempt: u32, f: &AttemptFinish) -> StoreResult<bool> {
+    async fn finish_attempt(&self, id: &str, attempt: u32, f: &AttemptFinish) -> StoreResult<Finished> {
         self.writes.finish(id, attempt, f).await
     }
 
@@ -457,7 +457,11 @@ impl EventStore for SqlStore {
             ""
         };
         let sql = format!(
-            "UPDATE events SET queued_at = $1, blocked_by = NULL WHERE blocked_by IS NOT NULL AND id IN (\
+            // A retrying event parked when its task came a little early
+            // is due once released: its claim must not find it early again.
+            "UPDATE events SET queued_at = $1, blocked_by = NULL, \
+             next_attempt_at = CASE WHEN next_attempt_at > $1 THEN $1 ELSE next_attempt_at END \
+             WHERE blocked_by IS NOT NULL AND id IN (\
              SELECT b.id FROM events b WHERE b.blocked_by IS NOT NULL{key} AND NOT EXISTS ({}) \
              ORDER BY b.id LIMIT $2) RETURNING id, partner_id, tipo, pipeline_version",
             key_holders("b", "$1")

@@ -17,14 +17,14 @@ use super::counts::{Deltas, Writer};
 use super::statement::{ROWS_PER_STATEMENT, key_holders, placeholders, values};
 use crate::store::group::{BatchOp, Coalescer};
 use crate::store::{
-    AttemptFinish, EventRecord, InsertOutcome, NewEvent, Partner, Status, StoreError, StoreResult,
+    AttemptFinish, EventRecord, Finished, InsertOutcome, NewEvent, Partner, Status, StoreError, StoreResult,
 };
 
 /// One coalescer per kind of write.
 pub(super) struct Writes {
     insert: Coalescer<PoolOp<NewEvent, InsertOutcome>>,
     claim: Coalescer<PoolOp<ClaimReq, StoreResult<Option<EventRecord>>>>,
-    finish: Coalescer<PoolOp<FinishRow, bool>>,
+    finish: Coalescer<PoolOp<FinishRow, Finished>>,
     key: Coalescer<PoolOp<String, Option<Partner>>>,
 }
 
@@ -61,7 +61,7 @@ impl Writes {
         self.claim.submit(req).await?
     }
 
-    pub(super) async fn finish(&self, id: &str, attempt: u32, f: &AttemptFinish) -> StoreResult<bool> {
+    pub(super) async fn finish(&self, id: &str, attempt: u32, f: &AttemptFinish) -> StoreResult<Finished> {
         self.finish.submit(FinishRow::new(id, attempt, f)?).await
     }
 
@@ -441,8 +441,10 @@ impl FinishRow {
 }
 
 /// Concurrent attempt outcomes in one transaction of three multi-row
-/// statements: deliveries, the events' updates, their attempt rows.
-async fn finish_batch(pool: &AnyPool, items: &[FinishRow]) -> StoreResult<Vec<bool>> {
+/// statements: deliveries, the events' updates, their attempt rows; and,
+/// for the terminal ones of an ordering key, one read of which keys have
+/// events parked behind them (so only those finishes run a release).
+async fn finish_batch(pool: &AnyPool, items: &[FinishRow]) -> StoreResult<Vec<Finished>> {
     let now = ms(Utc::now());
     let mut tx = pool.begin().await?;
 
@@ -470,6 +472,8 @@ async fn finish_batch(pool: &AnyPool, items: &[FinishRow]) -> StoreResult<Vec<bo
 
     // Outcomes, only where the attempt still holds the claim.
     let mut done = HashSet::with_capacity(items.len());
+    // The terminal ones' ordering keys, by event.
+    let mut released: HashMap<String, String> = HashMap::new();
     let mut deltas = Deltas::default();
     for chunk in items.chunks(ROWS_PER_STATEMENT) {
         let mut sql = format!(
@@ -494,7 +498,7 @@ async fn finish_batch(pool: &AnyPool, items: &[FinishRow]) -> StoreResult<Vec<bo
                 processing_ms = CASE WHEN v.prc = 1 THEN $1 - received_at ELSE processing_ms END, \
                 result = COALESCE(v.res, result), meta = COALESCE(v.mta, meta) \
                 FROM v WHERE id = v.eid AND status = 'processing' AND attempts = v.att \
-                RETURNING id, attempts, partner_id, tipo, received_at, status, processing_ms";
+                RETURNING id, attempts, partner_id, tipo, received_at, status, processing_ms, order_key";
         let mut q = sqlx::query(AssertSqlSafe(sql)).bind(now);
         for f in chunk {
             q = q
@@ -522,13 +526,17 @@ async fn finish_batch(pool: &AnyPool, items: &[FinishRow]) -> StoreResult<Vec<bo
             {
                 deltas.processing_ms(&partner, &tipo, received_at, took, 1);
             }
-            done.insert((
-                row.try_get::<String, _>("id")?,
-                row.try_get::<i64, _>("attempts")?,
-            ));
+            let id = row.try_get::<String, _>("id")?;
+            if matches!(status, Status::Processed | Status::DeadLettered)
+                && let Some(key) = row.try_get::<Option<String>, _>("order_key")?
+            {
+                released.insert(id.clone(), key);
+            }
+            done.insert((id, row.try_get::<i64, _>("attempts")?));
         }
     }
     deltas.apply(&mut tx, Writer::Finish).await?;
+    let waited = keys_with_parked(&mut tx, released.values()).await?;
 
     let finished: Vec<&FinishRow> = items
         .iter()
@@ -554,8 +562,36 @@ async fn finish_batch(pool: &AnyPool, items: &[FinishRow]) -> StoreResult<Vec<bo
     tx.commit().await?;
     Ok(items
         .iter()
-        .map(|f| done.contains(&(f.id.clone(), f.attempt)))
+        .map(|f| Finished {
+            recorded: done.contains(&(f.id.clone(), f.attempt)),
+            key_waited_on: released.get(&f.id).is_some_and(|k| waited.contains(k)),
+        })
         .collect())
+}
+
+/// Which of `keys` have events parked behind them (one read of the parked
+/// rows' index). A park that commits after this read is the sweeper's
+/// release's, the backstop for every key.
+async fn keys_with_parked<'a>(
+    tx: &mut sqlx::AnyConnection,
+    keys: impl Iterator<Item = &'a String>,
+) -> StoreResult<HashSet<String>> {
+    let keys: Vec<&String> = keys.collect::<HashSet<_>>().into_iter().collect();
+    let mut out = HashSet::new();
+    for chunk in keys.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "SELECT DISTINCT order_key FROM events WHERE blocked_by IS NOT NULL AND order_key IN ({})",
+            placeholders(1, chunk.len())
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for k in chunk {
+            q = q.bind(k.as_str());
+        }
+        for row in q.fetch_all(&mut *tx).await? {
+            out.insert(row.try_get::<String, _>("order_key")?);
+        }
+    }
+    Ok(out)
 }
 
 /// Concurrent API-key lookups (one per partner request) as one
