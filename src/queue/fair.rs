@@ -12,9 +12,10 @@
 //! V is taken once per push: the tasks of one bulk push start from the same
 //! V, however many the push holds.
 //!
-//! Delayed tasks (scheduled retries) are tagged at V when they are pushed
-//! (SQLite) or promoted (Redis) and charge nobody: they are work the partner
-//! already had its turn for.
+//! Delayed tasks (scheduled retries) charge nobody: they are work the
+//! partner already had its turn for. SQLite tags them at V when they are
+//! pushed; Redis promotes them, once due, straight to the active list,
+//! ahead of every partner's waiting tasks (not through the fair set).
 //!
 //! SQLite keeps the partners' finish tags in the process ([`Flows`]) and
 //! reads V from its queue (the first due task's priority); Redis keeps

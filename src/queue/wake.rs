@@ -15,7 +15,9 @@
 //! sleep until the next due task instead of ticking.
 //!
 //! A lost wake-up (a pub/sub message missed while reconnecting) costs at
-//! most one heartbeat (5 s): the heartbeat fetches too.
+//! most one heartbeat (5 s) for a task a fetch can see (the heartbeat
+//! fetches too); on Redis, a task still in the fair or delayed set waits for
+//! the queue's upkeep (up to 30 s when idle).
 //!
 //! One more wake-up follows each finished task, [`ACK_FLUSH`] later:
 //! apalis writes a task's acknowledgement only when the worker is polled

@@ -40,8 +40,10 @@
 //! process's worker on that queue and publishes the queue's name on
 //! `{prefix}:wake`; every process subscribes to it and wakes its own worker
 //! and upkeep for that queue (see `wake`). A message missed while the
-//! subscription reconnects costs at most a heartbeat: apalis fetches after
-//! each, and every worker is woken once the subscription is back.
+//! subscription reconnects costs at most a heartbeat for ids already in the
+//! active list (apalis fetches after each heartbeat), and up to the idle
+//! upkeep (30 s) for ids still in the fair or delayed set; every worker and
+//! upkeep is woken once the subscription is back.
 //!
 //! Everything else is apalis's stock worker: `.concurrency(n)`,
 //! `.parallelize(tokio::spawn)`, heartbeat 5 s × 3 for orphan recovery, results persisted
