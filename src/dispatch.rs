@@ -153,8 +153,13 @@ impl Dispatcher {
                 w
             }
             Err(e) => {
+                // Tried again after the TTL, not on every push meanwhile.
                 warn!(error = %e, "could not read the partners' weights; using the last known");
-                cached.map(|(_, w)| w).unwrap_or_default()
+                let w = cached.map(|(_, w)| w).unwrap_or_default();
+                if let Ok(mut slot) = self.weights.lock() {
+                    *slot = Some((Instant::now(), w.clone()));
+                }
+                w
             }
         }
     }
@@ -168,8 +173,10 @@ impl Dispatcher {
         }
     }
 
-    /// Stores a new event and, when it was created, queues it; runs to the
-    /// end even if the caller stops waiting. `Created` events are counted
+    /// Stores a new event and, when it was created, queues it (unless the
+    /// store parked it behind an earlier event of its ordering key: the
+    /// key's release queues it); runs to the end even if the caller stops
+    /// waiting. `Created` events are counted
     /// and logged here, whatever becomes of the request.
     pub async fn accept(self: &Arc<Self>, new: NewEvent) -> Result<InsertOutcome, StoreError> {
         let me = self.clone();
@@ -177,7 +184,9 @@ impl Dispatcher {
         run_detached(async move {
             let outcome = me.store.insert_event(new).instrument(store_span).await?;
             if let InsertOutcome::Created(ev) = &outcome {
-                me.queue_now(&[ev.into()]).instrument(queue_span).await;
+                if ev.blocked_by.is_none() {
+                    me.queue_now(&[ev.into()]).instrument(queue_span).await;
+                }
                 me.accepted(ev);
             }
             Ok(outcome)
@@ -202,7 +211,7 @@ impl Dispatcher {
             let created: Vec<Pending<'_>> = outcomes
                 .iter()
                 .filter_map(|o| match o {
-                    InsertOutcome::Created(ev) => Some(ev.into()),
+                    InsertOutcome::Created(ev) if ev.blocked_by.is_none() => Some(ev.into()),
                     _ => None,
                 })
                 .collect();

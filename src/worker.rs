@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tracing::{Instrument, debug, error, info, warn};
 
-use crate::dispatch::{Dispatcher, Pending, Pushed, RELEASE_BATCH, queue_name};
+use crate::dispatch::{Dispatcher, Pending, Pushed, queue_name};
 use crate::pipelines::{OnInstall, Pipelines};
 use crate::queue::{Queue, QueueTask, TaskHandler};
 use crate::store::{AttemptFinish, EventRecord, FinishWait, LastError, Requeue, Status, Store, Sweep};
@@ -405,21 +405,10 @@ impl Processor {
             };
             self.dispatch.queue_later(pending, delay).await;
         }
-        // A finished event lets the next one of its key go (the caller runs
-        // it), when the finish saw one parked (most have none: no release,
-        // no extra round trip).
-        if finished.key_waited_on
-            && let Some(key) = event.order_key.as_deref()
-        {
-            match self
-                .store
-                .release_order(Some(key), RELEASE_BATCH, Utc::now())
-                .await
-            {
-                Ok(next) => return Ok(next),
-                // The sweeper's release wakes it.
-                Err(e) => warn!(eventId = %event_id, error = %e, "could not release the ordering key"),
-            }
+        // A finished event lets the next one of its key go: the finish
+        // released it, and the caller runs it.
+        if !finished.released.is_empty() {
+            return Ok(finished.released);
         }
         Ok(Vec::new())
     }
@@ -583,9 +572,9 @@ async fn sweep_once(s: &Sweeper) {
             }
         }
     }
-    // The backstop of the ordering keys' release: an event parked just as
-    // the event it waited for finished (a race the release at finish can
-    // miss on PostgreSQL) goes within a pass.
+    // The backstop of the ordering keys' release: an event whose release
+    // was lost (a failed read or write after a finish or a park committed)
+    // goes within a pass.
     match s.store.release_order(None, BATCH, now).await {
         Ok(next) if !next.is_empty() => {
             let pending: Vec<Pending<'_>> = next.iter().map(Pending::from).collect();

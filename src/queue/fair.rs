@@ -13,8 +13,9 @@
 //! V, however many the push holds.
 //!
 //! Delayed tasks (scheduled retries) charge nobody: they are work the
-//! partner already had its turn for. SQLite tags them at V when they are
-//! pushed; Redis promotes them, once due, straight to the active list,
+//! partner already had its turn for. SQLite tags them at V when they fall
+//! due (until then they wait at the lowest priority, out of every fetch's
+//! way); Redis promotes them, once due, straight to the active list,
 //! ahead of every partner's waiting tasks (not through the fair set).
 //!
 //! SQLite keeps the partners' finish tags in the process ([`Flows`]) and
@@ -42,6 +43,10 @@ pub(crate) fn cost(weight: u32) -> u64 {
 pub(crate) struct Flows {
     finish: HashMap<String, u64>,
     high: u64,
+    /// The size at which the next prune runs: [`PRUNE_AT`], or twice what
+    /// the last prune kept, so a map of partners that are all ahead of V
+    /// is not scanned again on every task.
+    prune_at: usize,
 }
 
 impl Flows {
@@ -60,8 +65,9 @@ impl Flows {
 
     /// The tag of a task of `partner` pushed at V = `v`.
     pub(crate) fn next(&mut self, v: u64, partner: &str, weight: u32) -> u64 {
-        if self.finish.len() >= PRUNE_AT {
+        if self.finish.len() >= self.prune_at.max(PRUNE_AT) {
             self.finish.retain(|_, f| *f > v);
+            self.prune_at = 2 * self.finish.len();
         }
         let f = self.finish.entry(partner.to_owned()).or_insert(0);
         let start = v.max(*f);
@@ -119,5 +125,20 @@ mod tests {
         }
         f.next(5000, "late", 1);
         assert_eq!(f.finish.len(), 1);
+    }
+
+    #[test]
+    fn a_prune_that_keeps_everyone_waits_for_twice_as_many() {
+        let mut f = Flows::default();
+        for i in 0..PRUNE_AT {
+            f.next(0, &format!("p{i}"), 1);
+        }
+        // Everyone is ahead of V = 0: the prune keeps them all, and the
+        // next one waits until the map has doubled.
+        f.next(0, "x", 1);
+        assert_eq!(f.finish.len(), PRUNE_AT + 1);
+        assert_eq!(f.prune_at, 2 * PRUNE_AT);
+        f.next(0, "y", 1);
+        assert_eq!(f.prune_at, 2 * PRUNE_AT);
     }
 }

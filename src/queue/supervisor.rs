@@ -110,10 +110,11 @@ impl<B: WorkerBackend> TaskHandler for Tended<B> {
         if self.activity.idle.swap(false, Ordering::AcqRel) {
             self.activity.woke.notify_one();
         }
-        self.backend.wakers().task_finished(&self.queue);
         if let Some(after) = self.backend.clone().task_done(self.queue.clone()) {
             after.await;
         }
+        // Last: the follow-up wake-up finds what `task_done` added.
+        self.backend.wakers().task_finished(&self.queue);
     }
 }
 
@@ -291,6 +292,10 @@ async fn maintenance_loop<B: WorkerBackend>(
         let now_done = activity.done.load(Ordering::Relaxed);
         let busy = now_done != seen;
         seen = now_done;
+        // Set before the upkeep runs, so a task finishing during it wakes
+        // the next sleep (set after, that finish would go unnoticed for
+        // up to IDLE_UPKEEP).
+        activity.idle.store(!busy, Ordering::Release);
         let asked = match backend.clone().maintain(queue.clone(), tick, busy).await {
             Ok(next) => {
                 throttle.ok();
@@ -298,13 +303,14 @@ async fn maintenance_loop<B: WorkerBackend>(
             }
             Err(e) => {
                 throttle.report(&queue, "queue maintenance", &e);
-                None
+                // Soon again: a failed upkeep may have left a due task
+                // unpromoted.
+                Some(BUSY_UPKEEP)
             }
         };
         tick = tick.wrapping_add(1);
         let cadence = if busy { BUSY_UPKEEP } else { IDLE_UPKEEP };
         let wait = asked.map_or(cadence, |d| d.min(cadence));
-        activity.idle.store(!busy, Ordering::Release);
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = signal.notified() => {}

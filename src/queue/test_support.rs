@@ -471,3 +471,53 @@ pub async fn idle_wake_scenario(q: &dyn Queue, pusher: &dyn Queue, queue: &str) 
     );
     stop(tx, h).await;
 }
+
+/// Delayed tasks that the worker's own queue object never saw (pushed by
+/// `pusher`) each start within 2 s of falling due, the later ones too: not
+/// at a heartbeat (every 5 s). `while_idle`: pushed once the worker has sat
+/// idle for 1.5 s (another process, on Redis: its schedule message must
+/// reach this one's sleeping upkeep); otherwise before the worker starts (a
+/// restart). A due task pushed meanwhile is not held back by them.
+pub async fn delayed_elsewhere_scenario(q: &dyn Queue, pusher: &dyn Queue, queue: &str, while_idle: bool) {
+    let rec = Arc::new(Recorder::default());
+    let (tx, rx) = watch::channel(false);
+    let mut worker = None;
+    if while_idle {
+        worker = Some(q.spawn_worker(queue, 2, rec.clone(), rx.clone()));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    let pushed = Instant::now();
+    let delays = [1200, 2400, 3600].map(Duration::from_millis);
+    for (i, d) in delays.iter().enumerate() {
+        pusher
+            .push(queue, task(&format!("later{i}")), Some(*d))
+            .await
+            .expect("push delayed");
+    }
+    let h = match worker {
+        Some(h) => h,
+        None => q.spawn_worker(queue, 2, rec.clone(), rx),
+    };
+    q.push(queue, task("now"), None).await.expect("push");
+    assert!(
+        rec.wait_distinct(1, Duration::from_secs(2)).await,
+        "the due task waited behind delayed ones"
+    );
+    assert!(
+        rec.wait_distinct(4, Duration::from_secs(15)).await,
+        "handled {}",
+        rec.distinct()
+    );
+    for (i, d) in delays.iter().enumerate() {
+        let at = rec
+            .handled_at(&format!("later{i}"))
+            .expect("handled")
+            .duration_since(pushed);
+        assert!(*d <= at + Duration::from_millis(20), "later{i} ran early: {at:?}");
+        assert!(
+            at < *d + Duration::from_secs(2),
+            "later{i}, due after {d:?}, ran after {at:?}"
+        );
+    }
+    stop(tx, h).await;
+}

@@ -19,13 +19,20 @@
 //! fetches too); on Redis, a task still in the fair or delayed set waits for
 //! the queue's upkeep (up to 30 s when idle).
 //!
-//! One more wake-up follows each finished task, [`ACK_FLUSH`] later:
-//! apalis writes a task's acknowledgement only when the worker is polled
-//! (it drains its acknowledgement channel without registering a waker), so
-//! with nothing else polling it a finished task would stay unacknowledged
-//! until the next heartbeat (on Redis, in the worker's in-flight set; in
-//! the queue depth on both). Several finishes within that delay share one
-//! wake-up.
+//! Follow-up wake-ups come [`FOLLOW_UP`] after the last of a burst of
+//! wakes and finished tasks (postponed by each new one, up to
+//! [`MAX_POSTPONE`]), and once more [`SECOND_FOLLOW_UP`] after that:
+//!
+//! * apalis consumes a wake-up that arrives while a fetch is in flight
+//!   (its poll strategy is polled, and its answer ignored, on every poll of
+//!   the worker), and that fetch may have read the queue before the push
+//!   committed: without a second wake-up the task would wait for the next
+//!   heartbeat;
+//! * apalis writes a task's acknowledgement only when the worker is polled
+//!   (it drains its acknowledgement channel without registering a waker),
+//!   so with nothing else polling it a finished task would stay
+//!   unacknowledged until the next heartbeat (on Redis, in the worker's
+//!   in-flight set; in the queue depth on both).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -38,9 +45,14 @@ use futures::Stream;
 use futures::channel::mpsc;
 use tokio::sync::Notify;
 
-/// How long after a finished task the worker is woken to write its
-/// acknowledgement.
-const ACK_FLUSH: Duration = Duration::from_millis(10);
+/// How long after a wake-up or a finished task the worker is woken once
+/// more (see the module's documentation); at most how long a burst of them
+/// postpones that; and when the last follow-up comes after the first (a
+/// fetch slower than [`FOLLOW_UP`], on a busy database, may have consumed
+/// the first too).
+const FOLLOW_UP: Duration = Duration::from_millis(20);
+const MAX_POSTPONE: Duration = Duration::from_millis(100);
+const SECOND_FOLLOW_UP: Duration = Duration::from_millis(250);
 
 /// The wake-up signals of every queue with a worker in this process.
 #[derive(Default)]
@@ -53,8 +65,8 @@ struct Signals {
     /// The running worker instance's stream (replaced at each start).
     fetch: Option<mpsc::Sender<()>>,
     upkeep: Arc<Notify>,
-    /// An acknowledgement wake-up is on its way.
-    flushing: Arc<AtomicBool>,
+    /// Follow-up wake-ups are on their way.
+    follow: Arc<FollowUp>,
 }
 
 impl Wakers {
@@ -77,8 +89,14 @@ impl Wakers {
             .unwrap_or_default()
     }
 
-    /// The worker on `queue` (if any here) fetches now.
-    pub(crate) fn wake(&self, queue: &str) {
+    /// The worker on `queue` (if any here) fetches now, and once more
+    /// [`FOLLOW_UP`] later.
+    pub(crate) fn wake(self: &Arc<Self>, queue: &str) {
+        self.fetch_now(queue);
+        self.follow_up(queue);
+    }
+
+    fn fetch_now(&self, queue: &str) {
         if let Ok(mut q) = self.queues.lock()
             && let Some(s) = q.get_mut(queue)
             && let Some(tx) = s.fetch.as_mut()
@@ -88,26 +106,41 @@ impl Wakers {
         }
     }
 
-    /// A task finished: wake the worker [`ACK_FLUSH`] from now, unless a
-    /// wake-up is on its way already.
+    /// A task finished: wake the worker [`FOLLOW_UP`] from now.
     pub(crate) fn task_finished(self: &Arc<Self>, queue: &str) {
-        let Some(flag) = self
+        self.follow_up(queue);
+    }
+
+    /// Wakes the worker [`FOLLOW_UP`] from now and [`SECOND_FOLLOW_UP`]
+    /// after that; a follow-up already on its way is postponed instead.
+    fn follow_up(self: &Arc<Self>, queue: &str) {
+        let Some(follow) = self
             .queues
             .lock()
             .ok()
-            .and_then(|q| q.get(queue).map(|s| s.flushing.clone()))
+            .and_then(|q| q.get(queue).map(|s| s.follow.clone()))
         else {
             return;
         };
-        if flag.swap(true, Ordering::AcqRel) {
+        follow.again.store(true, Ordering::Release);
+        if follow.pending.swap(true, Ordering::AcqRel) {
             return;
         }
         let me = self.clone();
         let queue = queue.to_owned();
         tokio::spawn(async move {
-            tokio::time::sleep(ACK_FLUSH).await;
-            flag.store(false, Ordering::Release);
-            me.wake(&queue);
+            let started = tokio::time::Instant::now();
+            loop {
+                follow.again.store(false, Ordering::Release);
+                tokio::time::sleep(FOLLOW_UP).await;
+                if !follow.again.load(Ordering::Acquire) || started.elapsed() >= MAX_POSTPONE {
+                    break;
+                }
+            }
+            follow.pending.store(false, Ordering::Release);
+            me.fetch_now(&queue);
+            tokio::time::sleep(SECOND_FOLLOW_UP).await;
+            me.fetch_now(&queue);
         });
     }
 
@@ -122,7 +155,7 @@ impl Wakers {
 
     /// Every worker here fetches, and every upkeep looks again (after
     /// wake-ups may have been missed).
-    pub(crate) fn wake_all(&self) {
+    pub(crate) fn wake_all(self: &Arc<Self>) {
         let names: Vec<String> = self
             .queues
             .lock()
@@ -133,6 +166,15 @@ impl Wakers {
             self.reschedule(&name);
         }
     }
+}
+
+/// A queue's follow-up wake-ups.
+#[derive(Default)]
+struct FollowUp {
+    /// A follow-up task is sleeping.
+    pending: AtomicBool,
+    /// A wake came while it slept (it sleeps again).
+    again: AtomicBool,
 }
 
 /// A stream of wake-ups, for apalis's `StreamStrategy` (which needs a
@@ -161,7 +203,7 @@ mod tests {
 
     #[tokio::test]
     async fn wakes_coalesce_and_reach_the_current_instance() {
-        let w = Wakers::default();
+        let w = Arc::new(Wakers::default());
         w.wake("q"); // no worker yet: nothing to wake, nothing kept
         let mut old = w.stream("q");
         let mut s = w.stream("q"); // a restart replaces the instance
@@ -171,9 +213,16 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(1), s.next()).await,
             Ok(Some(()))
         );
-        // Coalesced: the second wake found the first pending.
+        // Coalesced: the second wake found the first pending; the two
+        // follow-ups come for both, then nothing.
+        for _ in 0..2 {
+            assert_eq!(
+                tokio::time::timeout(Duration::from_millis(1000), s.next()).await,
+                Ok(Some(()))
+            );
+        }
         assert!(
-            tokio::time::timeout(Duration::from_millis(50), s.next())
+            tokio::time::timeout(Duration::from_millis(400), s.next())
                 .await
                 .is_err()
         );

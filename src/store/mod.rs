@@ -216,13 +216,14 @@ pub enum RetryOutcome {
 }
 
 /// What recording an attempt's outcome did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Finished {
     /// False when the attempt no longer held the claim (nothing written).
     pub recorded: bool,
-    /// The event ended (processed or dead-lettered) and events are parked
-    /// behind its ordering key: release it.
-    pub key_waited_on: bool,
+    /// The event ended (processed or dead-lettered): the events of its
+    /// ordering key that no event holds any more, released (in acceptance
+    /// order; as a rule the next one). The caller runs or queues them.
+    pub released: Vec<Requeue>,
 }
 
 /// What discarding a dead letter did.

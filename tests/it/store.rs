@@ -255,7 +255,115 @@ async fn concurrent_writes_each_get_their_own_outcome(backend: Backend) {
     }
 }
 
+fn keyed(id: &str, key: &str) -> NewEvent {
+    NewEvent {
+        order_key: Some(key.into()),
+        ..new_event(id)
+    }
+}
+
+/// The holder an insert parked the event behind (`None`: not parked).
+fn parked_behind(o: &InsertOutcome) -> Option<String> {
+    match o {
+        InsertOutcome::Created(ev) => ev.blocked_by.clone(),
+        other => panic!("not created: {other:?}"),
+    }
+}
+
+/// An event whose ordering key another one holds is parked by its insert
+/// (no task needed); the holder's finish reports the key waited on, and
+/// the release frees the next one only.
+async fn an_insert_parks_behind_the_key_holder(backend: Backend) {
+    use orchestrator::store::{AttemptFinish, Status};
+    let (store, _iso, _dir) = test_store(&backend).await;
+    let first = store.insert_event(keyed("01KEY0001", "k")).await.expect("insert");
+    assert_eq!(parked_behind(&first), None);
+    let second = store.insert_event(keyed("01KEY0002", "k")).await.expect("insert");
+    assert_eq!(parked_behind(&second).as_deref(), Some("01KEY0001"));
+    let other = store
+        .insert_event(keyed("01KEY0003", "other"))
+        .await
+        .expect("insert");
+    assert_eq!(parked_behind(&other), None);
+    let unordered = store.insert_event(new_event("01KEY0004")).await.expect("insert");
+    assert_eq!(parked_behind(&unordered), None);
+    // One batch: the first of a key goes, the rest wait behind the
+    // earliest holder.
+    let batch = store
+        .insert_events(vec![
+            keyed("01KEY0005", "b"),
+            keyed("01KEY0006", "b"),
+            keyed("01KEY0007", "k"),
+        ])
+        .await
+        .expect("insert");
+    let behind: Vec<Option<String>> = batch.iter().map(parked_behind).collect();
+    assert_eq!(
+        behind,
+        vec![None, Some("01KEY0005".into()), Some("01KEY0001".into())]
+    );
+    let stored = store.get_event("01KEY0002").await.expect("read").expect("stored");
+    assert_eq!(stored.blocked_by.as_deref(), Some("01KEY0001"));
+
+    // The holder runs and finishes: the next of its key, and only it, is released.
+    let now = Utc::now();
+    let claimed = store
+        .claim("01KEY0001", now, now + chrono::Duration::seconds(30))
+        .await
+        .expect("claim");
+    assert!(claimed.is_some(), "the holder is claimable");
+    let parked = store
+        .claim("01KEY0002", now, now + chrono::Duration::seconds(30))
+        .await
+        .expect("claim");
+    assert!(
+        parked.is_none(),
+        "a parked event is not claimable while its key is held"
+    );
+    let finish = AttemptFinish {
+        status: Status::Processed,
+        next_attempt_at: None,
+        last_error: None,
+        trace: Vec::new(),
+        deliveries: Vec::new(),
+        result: None,
+        wait: None,
+    };
+    let finished = store
+        .finish_attempt("01KEY0001", 1, &finish)
+        .await
+        .expect("finish");
+    assert!(finished.recorded);
+    let ids: Vec<&str> = finished.released.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        vec!["01KEY0002"],
+        "the finish releases the next event of its key, only it"
+    );
+    let again = store
+        .release_order(Some("k"), 500, Utc::now())
+        .await
+        .expect("release");
+    assert!(again.is_empty(), "released once: {again:?}");
+    let next = store.get_event("01KEY0002").await.expect("read").expect("stored");
+    assert_eq!(next.blocked_by, None);
+    let later = store.get_event("01KEY0007").await.expect("read").expect("stored");
+    assert!(
+        later.blocked_by.is_some(),
+        "0007 stays parked: 0002 holds its key now"
+    );
+    assert_eq!(
+        store
+            .key_holder("01KEY0007", Utc::now())
+            .await
+            .expect("holder")
+            .as_deref(),
+        Some("01KEY0002")
+    );
+}
+
 crate::both_backends!(
     batch_insert_resolves_every_key_in_order,
-    concurrent_writes_each_get_their_own_outcome
+    concurrent_writes_each_get_their_own_outcome,
+    an_insert_parks_behind_the_key_holder
 );

@@ -16,9 +16,10 @@ use super::{Inner, RedisQueue};
 use crate::queue::Queue;
 use crate::queue::codec::{encode_task, new_task_id};
 use crate::queue::test_support::{
-    Recorder, bad_tasks_scenario, delayed_push_scenario, fair_sharing_scenario, graceful_shutdown_scenario,
-    idle_wake_scenario, init_tracing, orphan_recovery_scenario, push_handle_restart_scenario,
-    restart_after_backend_error_scenario, task, wait_depth_zero,
+    Recorder, Slow, bad_tasks_scenario, delayed_elsewhere_scenario, delayed_push_scenario,
+    fair_sharing_scenario, graceful_shutdown_scenario, idle_wake_scenario, init_tracing,
+    orphan_recovery_scenario, push_handle_restart_scenario, restart_after_backend_error_scenario, task,
+    wait_depth_zero,
 };
 
 /// Parses a `TaskId` the way apalis does (for tests that push through apalis directly).
@@ -51,6 +52,16 @@ async fn redis_queue() -> Option<(RedisQueue, Cleanup)> {
             None
         }
     }
+}
+
+/// A second queue object on `q`'s prefix: another process, as far as
+/// pub/sub and the keys are concerned.
+async fn another_process(q: &RedisQueue) -> RedisQueue {
+    let url = std::env::var("ORCH_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let client = redis::Client::open(url.as_str()).expect("Redis URL");
+    RedisQueue::connect(&client, &q.inner.prefix)
+        .await
+        .expect("second queue")
 }
 
 /// Every key under the queue's prefix, one `SCAN` page at a time.
@@ -130,15 +141,16 @@ impl RedisQueue {
         purge_prefix(&self.inner).await.expect("purge test keys");
     }
 
-    async fn key_count(&self) -> usize {
-        let mut n = 0;
+    /// Every key left under the prefix.
+    async fn keys_left(&self) -> Vec<String> {
+        let mut left = Vec::new();
         scan_prefix(&self.inner, async |keys| {
-            n += keys.len();
+            left.extend(keys);
             Ok(())
         })
         .await
         .expect("scan");
-        n
+        left
     }
 
     async fn hlen(&self, key: &str) -> u64 {
@@ -181,7 +193,7 @@ async fn redis_push_handle_restart() {
     };
     push_handle_restart_scenario(&q, "events:TEST", &|| q.instance_starts(), 500, 8, async || {}).await;
     q.purge().await;
-    assert_eq!(q.key_count().await, 0);
+    assert_eq!(q.keys_left().await, Vec::<String>::new());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -202,12 +214,55 @@ async fn redis_idle_workers_wake_on_work() {
     let Some((q, _cleanup)) = redis_queue().await else {
         return;
     };
-    let url = std::env::var("ORCH_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-    let client = redis::Client::open(url.as_str()).expect("Redis URL");
-    let other = RedisQueue::connect(&client, &q.inner.prefix)
-        .await
-        .expect("second queue");
+    let other = another_process(&q).await;
     idle_wake_scenario(&q, &other, "events:IDLE").await;
+    q.purge().await;
+}
+
+/// Delayed tasks pushed by another process while this one's worker is
+/// idle start on time here (the schedule message wakes its upkeep).
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_delayed_tasks_from_another_process_start_on_time() {
+    init_tracing();
+    let Some((q, _cleanup)) = redis_queue().await else {
+        return;
+    };
+    let other = another_process(&q).await;
+    delayed_elsewhere_scenario(&q, &other, "events:LATER", true).await;
+    q.purge().await;
+}
+
+/// While a backlog drains from the fair set, the upkeep keeps its
+/// one-second cadence: its own top-ups and their wake-up messages wake
+/// workers, never the upkeep again (which then spun at round-trip speed).
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_upkeep_keeps_its_cadence_under_a_backlog() {
+    init_tracing();
+    let Some((q, _cleanup)) = redis_queue().await else {
+        return;
+    };
+    let queue = "events:CADENCE";
+    let rec = Arc::new(Recorder::default());
+    let slow = Arc::new(Slow {
+        rec: rec.clone(),
+        started: std::sync::atomic::AtomicUsize::new(0),
+        delay: Duration::from_millis(10),
+    });
+    let jobs = (0..2000).map(|i| task(&format!("c{i:04}"))).collect();
+    q.push_bulk(queue, jobs).await.expect("push");
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let h = q.spawn_worker(queue, 2, slow, rx);
+    assert!(
+        rec.wait_distinct(50, Duration::from_secs(10)).await,
+        "the backlog does not drain"
+    );
+    let before = q.inner.upkeeps.load(std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let upkeeps = q.inner.upkeeps.load(std::sync::atomic::Ordering::SeqCst) - before;
+    let handled = rec.distinct();
+    assert!(handled < 2000, "the backlog drained too soon to tell");
+    assert!(upkeeps <= 8, "{upkeeps} upkeep runs in 3 s of a draining backlog");
+    crate::queue::test_support::stop(tx, h).await;
     q.purge().await;
 }
 
@@ -423,5 +478,5 @@ async fn redis_backlog_of_30k_due_jobs() {
         .expect("worker stops")
         .expect("join");
     q.purge().await;
-    assert_eq!(q.key_count().await, 0);
+    assert_eq!(q.keys_left().await, Vec::<String>::new());
 }

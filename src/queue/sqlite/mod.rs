@@ -5,8 +5,6 @@
 //!   migrations are tracked in their own table (`_apalis_migrations`) so they cannot
 //!   clash with the store's `_sqlx_migrations`.
 //! * Tasks get ULID ids and `max_attempts = 1`: apalis never re-runs a finished task.
-//! * Delays are rounded *up* to whole seconds (apalis-sqlite's `run_at` is in seconds),
-//!   so a task never runs before its delay.
 //! * Finished rows are deleted in bounded chunks by the maintenance loop (`maintenance`).
 //! * Workers wake on work (see `wake`): a push here wakes the queue's worker
 //!   at once, and a delayed push tells the queue's upkeep when to wake it.
@@ -17,7 +15,19 @@
 //! * Fair sharing rides on apalis-sqlite's `priority` (its fetch takes the
 //!   highest first, then the oldest): a task's priority is
 //!   `PRIORITY_BASE - tag` (see `fair`); V is read back from the first due
-//!   task's priority in the push's own transaction.
+//!   task's priority before the push's transaction.
+//! * Delayed tasks (retries) wait at priority 0, at the far end of
+//!   apalis-sqlite's index of pending tasks, so a fetch or a push's read of
+//!   V never steps over them, and with their due time in *milliseconds* in
+//!   `run_at`, which apalis-sqlite reads as seconds: a date tens of
+//!   thousands of years ahead, so its fetch never takes them. Once due, the
+//!   queue's upkeep promotes them (priority V, charging nobody; `run_at`
+//!   now, in seconds) and wakes the worker. So a retry starts on time to
+//!   the millisecond, where apalis-sqlite's own `run_at` would round it up
+//!   to a whole second. The upkeep reads when the next delayed task falls
+//!   due from that index (the first entry of priority 0), so every delayed
+//!   task, pushed here or before a restart, starts on time; a `run_at`
+//!   below [`MS_FROM`] is a version-before one's, in seconds.
 
 mod maintenance;
 #[cfg(test)]
@@ -58,8 +68,8 @@ pub struct SqliteQueue {
 struct Inner {
     pool: SqlitePool,
     wakers: Arc<Wakers>,
-    /// Per queue, when its earliest delayed task pushed here falls due.
-    due: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
+    /// Per queue, when its next delayed task falls due.
+    due: std::sync::Mutex<std::collections::HashMap<String, Due>>,
     instance_starts: AtomicUsize,
     /// [`FINISHED_RETENTION_SECS`]; the tests lengthen it.
     retention_secs: std::sync::atomic::AtomicI64,
@@ -140,64 +150,151 @@ impl SqliteQueue {
     }
 }
 
+/// When a queue's next delayed task falls due, as its upkeep knows it.
+#[derive(Debug, Default, Clone, Copy)]
+struct Due {
+    /// What the last read of the table found (`None`: nothing delayed),
+    /// and when it began; `None` until the first read.
+    read: Option<(Option<Instant>, Instant)>,
+    /// The earliest delayed push since that read began.
+    pushed: Option<Instant>,
+}
+
+impl Due {
+    /// The next due time known, or `None` when the table must be read
+    /// (never read, or read longer than [`DUE_READ_TTL`] ago: a task
+    /// handed back, or pushed by another process, is found then).
+    fn known(&self, now: Instant) -> Option<Option<Instant>> {
+        let (read, at) = self.read?;
+        if now.saturating_duration_since(at) >= DUE_READ_TTL {
+            return None;
+        }
+        Some(match (read, self.pushed) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
+    }
+}
+
+/// How long a read of when the next delayed task is due is trusted.
+const DUE_READ_TTL: Duration = Duration::from_secs(30);
+
+/// Priority of delayed tasks until they are due (see the module's
+/// documentation); never a tag's.
+const DELAYED_PRIORITY: i64 = 0;
+
+/// The tag of a stored priority, if it is one.
+fn tag_of(priority: Option<i64>) -> Option<u64> {
+    priority
+        .filter(|p| (1..=PRIORITY_BASE).contains(p))
+        .and_then(|p| u64::try_from(PRIORITY_BASE - p).ok())
+}
+
+/// The priority of a tag.
+fn priority_of(tag: u64) -> i64 {
+    PRIORITY_BASE
+        .saturating_sub(i64::try_from(tag).unwrap_or(i64::MAX))
+        .max(1)
+}
+
+/// A delayed task's `run_at` at or above this is in epoch milliseconds
+/// (below, seconds: up to the year 5138).
+const MS_FROM: i64 = 100_000_000_000;
+
+/// The due time, in epoch milliseconds, of a delayed task's `run_at`.
+fn due_ms(run_at: i64) -> i64 {
+    if run_at < MS_FROM {
+        run_at.saturating_mul(1000)
+    } else {
+        run_at
+    }
+}
+
+fn epoch_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// When a task pushed at `now` with `delay` falls due, in epoch
+/// milliseconds, rounded up: never before its delay.
+fn due_at_ms(now: SystemTime, delay: Duration) -> i64 {
+    epoch_ms(now + delay).saturating_add(1)
+}
+
+/// The instant of an epoch millisecond.
+fn instant_of(ms: i64) -> Instant {
+    let at = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    Instant::now() + at.duration_since(SystemTime::now()).unwrap_or_default()
+}
+
 impl Inner {
+    /// V of `queue` as of `now` (epoch seconds): the tag of the first due
+    /// task, and the newest tag queued (for after a restart), each the
+    /// first entry of apalis-sqlite's index of pending tasks (the
+    /// `lock_by IS NULL` is its predicate: without it SQLite sorted every
+    /// pending task on each push, measured 3x the server's CPU per event
+    /// with a backlog). Read outside any write transaction: a deferred
+    /// transaction that reads and then writes fails when another writer
+    /// committed in between.
+    async fn virtual_time(&self, queue: &str, now: i64) -> Result<u64, QueueError> {
+        let (head, newest): (Option<i64>, Option<i64>) = sqlx::query_as(
+            "SELECT (SELECT priority FROM Jobs WHERE job_type = ?1 AND status = 'Pending' \
+                       AND lock_by IS NULL AND priority > ?3 AND (run_at IS NULL OR run_at <= ?2) \
+                       ORDER BY priority DESC LIMIT 1), \
+                    (SELECT priority FROM Jobs WHERE job_type = ?1 AND status = 'Pending' \
+                       AND lock_by IS NULL AND priority > ?3 ORDER BY priority ASC LIMIT 1)",
+        )
+        .bind(queue)
+        .bind(now)
+        .bind(DELAYED_PRIORITY)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err)?;
+        let mut all = self
+            .flows
+            .lock()
+            .map_err(|_| QueueError::Other("flows lock".into()))?;
+        let flows = all.entry(queue.to_owned()).or_default();
+        if let Some(t) = tag_of(newest) {
+            flows.observe(t);
+        }
+        Ok(flows.v(tag_of(head)))
+    }
+
     async fn insert(&self, queue: &str, jobs: Vec<(Job, Option<Duration>)>) -> Result<(), QueueError> {
         if jobs.is_empty() {
             return Ok(());
         }
         let now = SystemTime::now();
-        // V: the tag of the first due task, and the newest tag queued, each
-        // the first entry of apalis-sqlite's index of pending tasks (the
-        // `lock_by IS NULL` is its predicate: without it SQLite sorted
-        // every pending task on each push, measured 3x the server's CPU per
-        // event with a backlog). Read
-        // before the write transaction: a deferred transaction that reads
-        // and then writes fails when another writer committed in between.
-        let (head, newest): (Option<i64>, Option<i64>) = sqlx::query_as(
-            "SELECT (SELECT priority FROM Jobs WHERE job_type = ?1 AND status = 'Pending' \
-                       AND lock_by IS NULL AND (run_at IS NULL OR run_at <= ?2) \
-                       ORDER BY priority DESC LIMIT 1), \
-                    (SELECT priority FROM Jobs WHERE job_type = ?1 AND status = 'Pending' \
-                       AND lock_by IS NULL ORDER BY priority ASC LIMIT 1)",
-        )
-        .bind(queue)
-        .bind(i64::try_from(epoch_secs_ceil(now)).unwrap_or(i64::MAX))
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db_err)?;
-        let tag_of = |p: Option<i64>| {
-            p.filter(|p| (1..=PRIORITY_BASE).contains(p))
-                .and_then(|p| u64::try_from(PRIORITY_BASE - p).ok())
+        let delay_of = |d: &Option<Duration>| d.filter(|d| !d.is_zero());
+        let v = if jobs.iter().any(|(_, d)| delay_of(d).is_none()) {
+            self.virtual_time(queue, i64::try_from(epoch_secs_ceil(now)).unwrap_or(i64::MAX))
+                .await?
+        } else {
+            0
         };
-        let tags: Vec<u64> = {
+        let priorities: Vec<i64> = {
             let mut all = self
                 .flows
                 .lock()
                 .map_err(|_| QueueError::Other("flows lock".into()))?;
             let flows = all.entry(queue.to_owned()).or_default();
-            if let Some(t) = tag_of(newest) {
-                flows.observe(t);
-            }
-            let v = flows.v(tag_of(head));
             jobs.iter()
-                .map(|(job, delay)| match delay {
-                    Some(d) if !d.is_zero() => v,
-                    _ => flows.next(v, &job.partner, job.weight),
+                .map(|(job, delay)| match delay_of(delay) {
+                    Some(_) => DELAYED_PRIORITY,
+                    None => priority_of(flows.next(v, &job.partner, job.weight)),
                 })
                 .collect()
         };
         let mut rows: Vec<SqliteTask> = Vec::with_capacity(jobs.len());
-        for ((job, delay), tag) in jobs.iter().zip(tags) {
+        for ((job, delay), priority) in jobs.iter().zip(priorities) {
             let id = TaskId::from_str(&new_task_id()).map_err(|e| QueueError::Other(e.to_string()))?;
-            let priority = PRIORITY_BASE
-                .saturating_sub(i64::try_from(tag).unwrap_or(i64::MAX))
-                .max(1);
             let mut b = TaskBuilder::new(encode_task(&job.task)?)
                 .task_id(id)
                 .max_attempts(1)
-                .priority(usize::try_from(priority).unwrap_or(1));
-            if let Some(d) = delay.filter(|d| !d.is_zero()) {
-                b = b.run_at_timestamp(epoch_secs_ceil(now + d));
+                .priority(usize::try_from(priority).unwrap_or(0));
+            if let Some(d) = delay_of(delay) {
+                b = b.run_at_timestamp(u64::try_from(due_at_ms(now, d)).unwrap_or(u64::MAX));
             }
             rows.push(b.build());
         }
@@ -207,40 +304,94 @@ impl Inner {
             .map_err(apalis_err)?;
         tx.commit().await.map_err(db_err)?;
         self.wakers.wake(queue);
-        // The upkeep wakes the worker when the earliest delayed one falls
-        // due (run_at is in whole seconds, rounded up).
+        // The upkeep promotes the earliest delayed one when it falls due.
         let first_due = jobs
             .iter()
-            .filter_map(|(_, d)| d.filter(|d| !d.is_zero()))
+            .filter_map(|(_, d)| delay_of(d))
             .min()
-            .map(|d| {
-                let at = epoch_secs_ceil(now + d);
-                let wait = UNIX_EPOCH + Duration::from_secs(at);
-                Instant::now() + wait.duration_since(SystemTime::now()).unwrap_or_default()
-            });
+            .map(|d| instant_of(due_at_ms(now, d)));
         if let Some(at) = first_due
             && let Ok(mut due) = self.due.lock()
         {
-            let slot = due.entry(queue.to_owned()).or_insert(at);
-            *slot = (*slot).min(at);
+            let slot = due.entry(queue.to_owned()).or_default();
+            slot.pushed = Some(slot.pushed.map_or(at, |p| p.min(at)));
             drop(due);
             self.wakers.reschedule(queue);
         }
         Ok(())
     }
 
-    /// Wakes the worker if a delayed task fell due; how long until the next.
-    fn wake_due(&self, queue: &str) -> Option<Duration> {
-        let mut due = self.due.lock().ok()?;
-        let at = *due.get(queue)?;
-        let now = Instant::now();
-        if at > now {
-            return Some(at - now);
+    /// Tags the delayed tasks that fell due at V and wakes the worker for
+    /// them; how long until the next one is due.
+    async fn promote_due(&self, queue: &str) -> Result<Option<Duration>, QueueError> {
+        let began = Instant::now();
+        {
+            let mut due = self
+                .due
+                .lock()
+                .map_err(|_| QueueError::Other("due lock".into()))?;
+            let slot = due.entry(queue.to_owned()).or_default();
+            match slot.known(began) {
+                Some(None) => return Ok(None),
+                Some(Some(at)) if at > began => return Ok(Some(at - began)),
+                // Read below; pushes from now on are remembered apart.
+                _ => slot.pushed = None,
+            }
         }
-        due.remove(queue);
-        drop(due);
-        self.wakers.wake(queue);
-        None
+        let now_ms = epoch_ms(SystemTime::now());
+        let now_s = now_ms / 1000;
+        let mut next = self.first_delayed(queue).await?;
+        // An UPDATE that changes nothing still takes SQLite's one write
+        // lock: only when something is due.
+        if next.is_some_and(|at| at <= now_ms) {
+            let v = self.virtual_time(queue, now_s).await?;
+            let promoted = sqlx::query(
+                "UPDATE Jobs SET priority = ?3, run_at = ?2 WHERE job_type = ?1 AND status = 'Pending' \
+                 AND lock_by IS NULL AND priority = ?4 AND (run_at IS NULL \
+                   OR (run_at < ?6 AND run_at <= ?2) OR (run_at >= ?6 AND run_at <= ?5))",
+            )
+            .bind(queue)
+            .bind(now_s)
+            .bind(priority_of(v))
+            .bind(DELAYED_PRIORITY)
+            .bind(now_ms)
+            .bind(MS_FROM)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?
+            .rows_affected();
+            if promoted > 0 {
+                self.wakers.wake(queue);
+            }
+            next = self.first_delayed(queue).await?;
+        }
+        let next = next.map(instant_of);
+        let known = match self.due.lock() {
+            Ok(mut due) => {
+                let slot = due.entry(queue.to_owned()).or_default();
+                slot.read = Some((next, began));
+                slot.known(began).flatten()
+            }
+            Err(_) => next,
+        };
+        Ok(known.map(|at| at.saturating_duration_since(Instant::now())))
+    }
+
+    /// When the first delayed task of `queue` falls due (epoch
+    /// milliseconds): the first entry of priority 0 in apalis-sqlite's
+    /// pending index (seconds, from the version before, sort first).
+    async fn first_delayed(&self, queue: &str) -> Result<Option<i64>, QueueError> {
+        let first: Option<Option<i64>> = sqlx::query_scalar(
+            "SELECT run_at FROM Jobs WHERE job_type = ?1 AND status = 'Pending' \
+             AND lock_by IS NULL AND priority = ?2 ORDER BY run_at ASC LIMIT 1",
+        )
+        .bind(queue)
+        .bind(DELAYED_PRIORITY)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        // A row without run_at is due now.
+        Ok(first.map(|r| due_ms(r.unwrap_or(0))))
     }
 }
 
@@ -362,7 +513,7 @@ impl WorkerBackend for Inner {
         busy: bool,
     ) -> BoxFut<Result<Option<Duration>, QueueError>> {
         Box::pin(async move {
-            let next = self.wake_due(&queue);
+            let next = self.promote_due(&queue).await?;
             // Every second while busy, to keep finished rows few (see
             // FINISHED_RETENTION_SECS); idle, once more, then only on the
             // idle cadence's ticks.

@@ -15,9 +15,9 @@ use super::SqliteQueue;
 use crate::queue::Queue;
 use crate::queue::codec::new_task_id;
 use crate::queue::test_support::{
-    bad_tasks_scenario, delayed_push_scenario, fair_sharing_scenario, graceful_shutdown_scenario,
-    idle_wake_scenario, init_tracing, orphan_recovery_scenario, push_handle_restart_scenario,
-    restart_after_backend_error_scenario,
+    bad_tasks_scenario, delayed_elsewhere_scenario, delayed_push_scenario, fair_sharing_scenario,
+    graceful_shutdown_scenario, idle_wake_scenario, init_tracing, orphan_recovery_scenario,
+    push_handle_restart_scenario, restart_after_backend_error_scenario,
 };
 
 async fn open(dir: &std::path::Path) -> SqlitePool {
@@ -206,4 +206,15 @@ async fn sqlite_orphaned_tasks_are_recovered() {
         .expect("claim");
     };
     orphan_recovery_scenario(&q, queue, kill).await;
+}
+
+/// Delayed tasks pushed before a restart (another queue object on the
+/// file) start on time: the upkeep reads when they are due from the table.
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_delayed_tasks_from_before_a_restart_start_on_time() {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (before, pool) = sqlite_queue(&dir).await;
+    let after = SqliteQueue::new(pool).await.expect("queue again");
+    delayed_elsewhere_scenario(&after, &before, "events:LATER", false).await;
 }

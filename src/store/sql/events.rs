@@ -11,7 +11,7 @@ use sqlx::{AssertSqlSafe, Row};
 use super::SqlStore;
 use super::codec::{EVENT_COLUMNS, event_from_row, from_ms, id_floor, ms, requeue_from_row};
 use super::counts::{self, Deltas, Writer};
-use super::statement::{key_holders, placeholders};
+use super::statement::{key_holders, placeholders, release};
 use super::writes::insert_in_key_order;
 use crate::store::{
     AttemptFinish, DeliveryRow, DiscardOutcome, EventRecord, EventStore, Finished, InsertOutcome, ListFilter,
@@ -435,8 +435,8 @@ impl EventStore for SqlStore {
         // Most finished events of a key have no one parked behind them: a
         // read of the parked rows' index answers that, without the write an
         // UPDATE costs even when it changes nothing (on SQLite it takes the
-        // one write lock). A park racing this read is left to the sweeper's
-        // backstop, as a park racing the UPDATE was.
+        // one write lock). A park racing this read checks its holder again
+        // once it has committed (`writes::unpark_freed`).
         if let Some(k) = order_key {
             let parked = sqlx::query(
                 "SELECT 1 AS parked FROM events WHERE blocked_by IS NOT NULL AND order_key = $1 LIMIT 1",
@@ -448,24 +448,12 @@ impl EventStore for SqlStore {
                 return Ok(Vec::new());
             }
         }
-        // As in `unpark`, the outer `blocked_by` is checked again on the
-        // locked row (PostgreSQL): two processes releasing one key wake each
-        // event once.
         let key = if order_key.is_some() {
             " AND b.order_key = $3"
         } else {
             ""
         };
-        let sql = format!(
-            // A retrying event parked when its task came a little early
-            // is due once released: its claim must not find it early again.
-            "UPDATE events SET queued_at = $1, blocked_by = NULL, \
-             next_attempt_at = CASE WHEN next_attempt_at > $1 THEN $1 ELSE next_attempt_at END \
-             WHERE blocked_by IS NOT NULL AND id IN (\
-             SELECT b.id FROM events b WHERE b.blocked_by IS NOT NULL{key} AND NOT EXISTS ({}) \
-             ORDER BY b.id LIMIT $2) RETURNING id, partner_id, tipo, pipeline_version",
-            key_holders("b", "$1")
-        );
+        let sql = release(key);
         let mut q = sqlx::query(AssertSqlSafe(sql))
             .bind(ms(now))
             .bind(i64::from(limit));

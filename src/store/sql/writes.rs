@@ -11,13 +11,17 @@ use chrono::{DateTime, Utc};
 use engine::trace::TraceContext;
 use futures::future::BoxFuture;
 use sqlx::{AnyPool, AssertSqlSafe, Row};
+use tracing::warn;
 
-use super::codec::{EVENT_COLUMNS, corrupt, event_from_row, json_text, ms, partner_from_row};
+use super::codec::{
+    EVENT_COLUMNS, corrupt, event_from_row, json_text, ms, partner_from_row, requeue_from_row,
+};
 use super::counts::{Deltas, Writer};
-use super::statement::{ROWS_PER_STATEMENT, key_holders, placeholders, values};
+use super::statement::{ROWS_PER_STATEMENT, held, key_holders, placeholders, release, values};
 use crate::store::group::{BatchOp, Coalescer};
 use crate::store::{
-    AttemptFinish, EventRecord, Finished, InsertOutcome, NewEvent, Partner, Status, StoreError, StoreResult,
+    AttemptFinish, EventRecord, Finished, InsertOutcome, NewEvent, Partner, Requeue, Status, StoreError,
+    StoreResult,
 };
 
 /// One coalescer per kind of write.
@@ -264,7 +268,30 @@ async fn insert_all(pool: &AnyPool, new: &[&NewEvent], writer: Writer) -> StoreR
         }
     }
     deltas.apply(&mut tx, writer).await?;
+    // An event whose key another one holds is parked now, without a task:
+    // through the queue it would be fetched, refused by its claim and
+    // parked then (measured: most of the cost of an ordered type).
+    let ordered: Vec<&str> = out
+        .iter()
+        .filter_map(|o| match o {
+            InsertOutcome::Created(ev) if ev.order_key.is_some() => Some(ev.id.as_str()),
+            _ => None,
+        })
+        .collect();
+    let now = ms(Utc::now());
+    let mut parked = park_held(&mut tx, &ordered, now).await?;
+    let postgres = is_postgres(&tx);
     tx.commit().await?;
+    if postgres {
+        for id in unpark_freed(pool, &parked, now).await {
+            parked.remove(&id);
+        }
+    }
+    for o in &mut out {
+        if let InsertOutcome::Created(ev) = o {
+            ev.blocked_by = parked.remove(&ev.id);
+        }
+    }
     Ok(out)
 }
 
@@ -297,6 +324,7 @@ async fn insert_batch(pool: &AnyPool, items: &[NewEvent]) -> StoreResult<Vec<Ins
 }
 
 /// A worker's [`EventStore::claim`](crate::store::EventStore::claim).
+#[derive(Clone)]
 struct ClaimReq {
     id: String,
     now: DateTime<Utc>,
@@ -309,6 +337,22 @@ struct ClaimReq {
 async fn claim_batch(
     pool: &AnyPool,
     items: &[ClaimReq],
+) -> StoreResult<Vec<StoreResult<Option<EventRecord>>>> {
+    claim_rows(pool, items, CLAIM_ROUNDS).await
+}
+
+/// How many times one claim call claims events again that it parked and
+/// found freed (PostgreSQL); after the last, they are left queued for the
+/// sweeper.
+const CLAIM_ROUNDS: u32 = 2;
+
+/// [`claim_batch`]; events parked by this claim whose holder finished
+/// meanwhile are unparked and, `rounds` permitting, claimed again
+/// (PostgreSQL).
+async fn claim_rows(
+    pool: &AnyPool,
+    items: &[ClaimReq],
+    rounds: u32,
 ) -> StoreResult<Vec<StoreResult<Option<EventRecord>>>> {
     // Requests of one batch differ by microseconds: the latest clock and
     // lease serve them all.
@@ -327,10 +371,10 @@ async fn claim_batch(
          WHERE id IN ({}) AND (status = 'received' \
            OR (status = 'retrying' AND (next_attempt_at IS NULL OR next_attempt_at <= $3)) \
            OR (status = 'processing' AND lease_until < $2)) \
-           AND (order_key IS NULL OR NOT EXISTS ({})) \
+           AND (order_key IS NULL OR NOT {}) \
          RETURNING {EVENT_COLUMNS}, prior_status",
         placeholders(4, items.len()),
-        key_holders("events", "$2"),
+        held("events", "$2"),
     );
     // A task may arrive a little before its due time; do not make it wait another sweep.
     let due = ms(now) + 250;
@@ -354,42 +398,142 @@ async fn claim_batch(
         claimed.insert(row.try_get::<String, _>("id")?, event_from_row(&row));
     }
     deltas.apply(&mut tx, Writer::Claim).await?;
-    park_held(&mut tx, items, &claimed, now).await?;
-    tx.commit().await?;
-    // The same event twice in a batch (a duplicate task): the first gets it.
-    Ok(items.iter().map(|c| claimed.remove(&c.id).transpose()).collect())
-}
-
-/// Parks the events of a claim batch that an earlier event of their key
-/// holds: no task until the key is released (`release_order`), and
-/// `blocked_by` names the earliest holder, for the status.
-async fn park_held(
-    tx: &mut sqlx::AnyConnection,
-    items: &[ClaimReq],
-    claimed: &HashMap<String, StoreResult<EventRecord>>,
-    now: DateTime<Utc>,
-) -> StoreResult<()> {
     let unclaimed: Vec<&str> = items
         .iter()
         .map(|c| c.id.as_str())
         .filter(|id| !claimed.contains_key(*id))
         .collect();
-    if unclaimed.is_empty() {
-        return Ok(());
+    let parked = park_held(&mut tx, &unclaimed, ms(now)).await?;
+    let postgres = is_postgres(&tx);
+    tx.commit().await?;
+    // A holder that finished while this batch parked behind it (see
+    // `unpark_freed`): its events are unparked and claimed again. Nothing
+    // after the commit may fail the batch (it would be run again).
+    if postgres {
+        let freed: HashSet<String> = unpark_freed(pool, &parked, ms(now)).await.into_iter().collect();
+        let again: Vec<ClaimReq> = items.iter().filter(|c| freed.contains(&c.id)).cloned().collect();
+        if !again.is_empty() && rounds > 0 {
+            match Box::pin(claim_rows(pool, &again, rounds - 1)).await {
+                Ok(outs) => {
+                    for (c, out) in again.iter().zip(outs) {
+                        if let Some(out) = out.transpose() {
+                            claimed.insert(c.id.clone(), out);
+                        }
+                    }
+                }
+                // Unparked and queued as of now: the sweeper queues them.
+                Err(e) => warn!(error = %e, "could not claim unparked events again; the sweeper queues them"),
+            }
+        }
     }
-    let holders = key_holders("events", "$1");
-    let sql = format!(
-        "UPDATE events SET queued_at = -1, blocked_by = ({holders} ORDER BY h.id LIMIT 1) \
-         WHERE id IN ({}) AND order_key IS NOT NULL AND status IN ('received', 'retrying') \
-           AND EXISTS ({holders})",
-        placeholders(2, unclaimed.len())
-    );
-    let mut q = sqlx::query(AssertSqlSafe(sql)).bind(ms(now));
-    for id in unclaimed {
-        q = q.bind(id);
+    // The same event twice in a batch (a duplicate task): the first gets it.
+    Ok(items.iter().map(|c| claimed.remove(&c.id).transpose()).collect())
+}
+
+/// Whether `conn` is a PostgreSQL connection.
+fn is_postgres(conn: &sqlx::AnyConnection) -> bool {
+    conn.backend_name().eq_ignore_ascii_case("postgresql")
+}
+
+/// Parks those of `ids` (events of an ordering key, by the statement's
+/// own check) that an earlier event of their key holds: no task until the
+/// key is released (`release_order`), and `blocked_by` names the earliest
+/// holder, for the status. The parked ones, with their holders.
+async fn park_held(
+    tx: &mut sqlx::AnyConnection,
+    ids: &[&str],
+    now: i64,
+) -> StoreResult<HashMap<String, String>> {
+    let mut parked = HashMap::new();
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        // The holder found once per event (the CTE), not once to decide and
+        // once to name it. The outer status check is the one PostgreSQL
+        // repeats on a row changed meanwhile (claimed: not parked).
+        let sql = format!(
+            "WITH p (pid, holder) AS (SELECT e.id, ({} ORDER BY h.id LIMIT 1) FROM events e \
+               WHERE e.id IN ({}) AND e.order_key IS NOT NULL AND e.status IN ('received', 'retrying')) \
+             UPDATE events SET queued_at = -1, blocked_by = p.holder FROM p \
+             WHERE events.id = p.pid AND p.holder IS NOT NULL AND events.status IN ('received', 'retrying') \
+             RETURNING events.id AS id, events.blocked_by AS blocked_by",
+            key_holders("e", "$1"),
+            placeholders(2, chunk.len()),
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(now);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        for row in q.fetch_all(&mut *tx).await? {
+            parked.insert(row.try_get("id")?, row.try_get("blocked_by")?);
+        }
     }
-    q.execute(&mut *tx).await?;
-    Ok(())
+    Ok(parked)
+}
+
+/// After a park committed on PostgreSQL: those of `parked` that no event
+/// holds any more, unparked (queued again as of `now`); their ids.
+///
+/// Under READ COMMITTED a park and the finish of its holder can each miss
+/// the other: the park's check saw the holder running, and the finish's
+/// release (in its transaction, and again after its commit when it
+/// released nothing of the key) read before the park committed. Of that
+/// read after the finish's commit and this one after the park's, the later
+/// sees the other's write. A parked event whose named holder is still open
+/// needs no more: that holder's own finish is still to commit, and reads
+/// after it. So this reads the named holders first (by id), and runs the
+/// release only for events whose holder is gone. SQLite runs one writer at
+/// a time, so a park and a finish never overlap there.
+///
+/// The park is committed by then: a failed read is logged and leaves its
+/// events to the sweeper's release.
+async fn unpark_freed(pool: &AnyPool, parked: &HashMap<String, String>, now: i64) -> Vec<String> {
+    if parked.is_empty() {
+        return Vec::new();
+    }
+    try_unpark_freed(pool, parked, now).await.unwrap_or_else(|e| {
+        warn!(error = %e, "could not check parked events' holders again; the sweeper releases them");
+        Vec::new()
+    })
+}
+
+async fn try_unpark_freed(
+    pool: &AnyPool,
+    parked: &HashMap<String, String>,
+    now: i64,
+) -> StoreResult<Vec<String>> {
+    let holders: Vec<&String> = parked.values().collect::<HashSet<_>>().into_iter().collect();
+    let mut open = HashSet::new();
+    for chunk in holders.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "SELECT id FROM events WHERE id IN ({}) \
+             AND status IN ('received', 'retrying', 'processing', 'dead_lettered')",
+            placeholders(1, chunk.len())
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for id in chunk {
+            q = q.bind(id.as_str());
+        }
+        for row in q.fetch_all(pool).await? {
+            open.insert(row.try_get::<String, _>("id")?);
+        }
+    }
+    let ids: Vec<&String> = parked
+        .iter()
+        .filter(|(_, holder)| !open.contains(*holder))
+        .map(|(id, _)| id)
+        .collect();
+    let mut freed = Vec::new();
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let sql = release(&format!(" AND b.id IN ({})", placeholders(3, chunk.len())));
+        let limit = i64::try_from(chunk.len()).unwrap_or(i64::MAX);
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(now).bind(limit);
+        for id in chunk {
+            q = q.bind(id.as_str());
+        }
+        for row in q.fetch_all(pool).await? {
+            freed.push(row.try_get("id")?);
+        }
+    }
+    Ok(freed)
 }
 
 /// An [`AttemptFinish`] as bound parameters, serialized by the caller.
@@ -442,8 +586,8 @@ impl FinishRow {
 
 /// Concurrent attempt outcomes in one transaction of three multi-row
 /// statements: deliveries, the events' updates, their attempt rows; and,
-/// for the terminal ones of an ordering key, one read of which keys have
-/// events parked behind them (so only those finishes run a release).
+/// for the terminal ones of an ordering key, one release of the events
+/// parked behind them.
 async fn finish_batch(pool: &AnyPool, items: &[FinishRow]) -> StoreResult<Vec<Finished>> {
     let now = ms(Utc::now());
     let mut tx = pool.begin().await?;
@@ -536,7 +680,6 @@ async fn finish_batch(pool: &AnyPool, items: &[FinishRow]) -> StoreResult<Vec<Fi
         }
     }
     deltas.apply(&mut tx, Writer::Finish).await?;
-    let waited = keys_with_parked(&mut tx, released.values()).await?;
 
     let finished: Vec<&FinishRow> = items
         .iter()
@@ -559,40 +702,90 @@ async fn finish_batch(pool: &AnyPool, items: &[FinishRow]) -> StoreResult<Vec<Fi
         }
         q.execute(&mut *tx).await?;
     }
+    // The terminal events' keys are released in the same transaction: the
+    // next event of each key comes back with the outcome, and the worker
+    // runs it at once (no round trip of its own on the chain of a key).
+    let keys: Vec<&String> = released.values().collect::<HashSet<_>>().into_iter().collect();
+    let mut next = release_keys(&mut tx, &keys, now).await?;
+    let postgres = is_postgres(&tx);
     tx.commit().await?;
+    // Under READ COMMITTED a park that commits after the release above read
+    // may have missed this finish too; of a read after this commit and the
+    // park's own check after its commit (`unpark_freed`), the later sees
+    // the other's write. A key that released an event is held by it, so
+    // nothing parked meanwhile can be free: only the others are read
+    // again. A failed read leaves the release to the sweeper: the outcome
+    // is committed and must not be written again.
+    let freed: HashSet<&str> = next.iter().map(|(k, _)| k.as_str()).collect();
+    let again: Vec<&String> = keys
+        .iter()
+        .copied()
+        .filter(|k| !freed.contains(k.as_str()))
+        .collect();
+    if postgres && !again.is_empty() {
+        match pool.acquire().await {
+            Ok(mut conn) => match release_keys(&mut conn, &again, now).await {
+                Ok(more) => next.extend(more),
+                Err(e) => {
+                    warn!(error = %e, "could not release ordering keys after a finish; the sweeper releases them")
+                }
+            },
+            Err(e) => {
+                warn!(error = %e, "could not release ordering keys after a finish; the sweeper releases them")
+            }
+        }
+    }
+    // Each key's released events go to the first finished event of the key.
+    let mut by_key: HashMap<String, Vec<Requeue>> = HashMap::new();
+    for (key, r) in next {
+        by_key.entry(key).or_default().push(r);
+    }
     Ok(items
         .iter()
-        .map(|f| Finished {
-            recorded: done.contains(&(f.id.clone(), f.attempt)),
-            key_waited_on: released.get(&f.id).is_some_and(|k| waited.contains(k)),
+        .map(|f| {
+            let recorded = done.contains(&(f.id.clone(), f.attempt));
+            let mut next = released
+                .get(&f.id)
+                .filter(|_| recorded)
+                .and_then(|k| by_key.remove(k))
+                .unwrap_or_default();
+            // Woken in acceptance order, so they run in it.
+            next.sort_by(|a, b| a.id.cmp(&b.id));
+            Finished {
+                recorded,
+                released: next,
+            }
         })
         .collect())
 }
 
-/// Which of `keys` have events parked behind them (one read of the parked
-/// rows' index). A park that commits after this read is the sweeper's
-/// release's, the backstop for every key.
-async fn keys_with_parked<'a>(
-    tx: &mut sqlx::AnyConnection,
-    keys: impl Iterator<Item = &'a String>,
-) -> StoreResult<HashSet<String>> {
-    let keys: Vec<&String> = keys.collect::<HashSet<_>>().into_iter().collect();
-    let mut out = HashSet::new();
+/// Releases the parked events of `keys` that no event holds any more (see
+/// [`release`]): each with its key.
+async fn release_keys(
+    conn: &mut sqlx::AnyConnection,
+    keys: &[&String],
+    now: i64,
+) -> StoreResult<Vec<(String, Requeue)>> {
+    let mut out = Vec::new();
     for chunk in keys.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "SELECT DISTINCT order_key FROM events WHERE blocked_by IS NOT NULL AND order_key IN ({})",
-            placeholders(1, chunk.len())
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
+        let sql = release(&format!(" AND b.order_key IN ({})", placeholders(3, chunk.len())));
+        let limit = i64::try_from(chunk.len())
+            .unwrap_or(i64::MAX)
+            .saturating_mul(i64::from(RELEASE_PER_KEY));
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(now).bind(limit);
         for k in chunk {
             q = q.bind(k.as_str());
         }
-        for row in q.fetch_all(&mut *tx).await? {
-            out.insert(row.try_get::<String, _>("order_key")?);
+        for row in q.fetch_all(&mut *conn).await? {
+            out.push((row.try_get::<String, _>("order_key")?, requeue_from_row(&row)?));
         }
     }
     Ok(out)
 }
+
+/// Most parked events a finish releases per key (one, as a rule: the
+/// others wait behind it).
+const RELEASE_PER_KEY: u32 = 500;
 
 /// Concurrent API-key lookups (one per partner request) as one
 /// `… WHERE key_hash IN (…)`: still read per request, so a revoked key or a
