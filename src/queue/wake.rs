@@ -16,8 +16,10 @@
 //!
 //! A lost wake-up (a pub/sub message missed while reconnecting) costs at
 //! most one heartbeat (5 s) for a task a fetch can see (the heartbeat
-//! fetches too); on Redis, a task still in the fair or delayed set waits for
-//! the queue's upkeep (up to 30 s when idle).
+//! fetches too), and on Redis for a task in the fair or delayed set while
+//! the upkeep knows that set is not empty (it then runs every heartbeat);
+//! a lost schedule message for a delayed set the upkeep saw empty costs
+//! up to its idle cadence (30 s).
 //!
 //! Follow-up wake-ups come [`FOLLOW_UP`] after the last of a burst of
 //! wakes and finished tasks (postponed by each new one, up to

@@ -10,8 +10,9 @@
 //!   at once, and a delayed push tells the queue's upkeep when to wake it.
 //!   apalis-sqlite's update-hook callback cannot do this: its one receiver
 //!   is shared by every storage on the pool, so with a worker per type an
-//!   insert wakes one arbitrary worker. Pushes from another process reach
-//!   a worker at its next heartbeat (the embedded mode is one process).
+//!   insert wakes one arbitrary worker. Due pushes from another process
+//!   reach a worker at its next heartbeat, delayed ones within 30 s of
+//!   falling due (the embedded mode is one process).
 //! * Fair sharing rides on apalis-sqlite's `priority` (its fetch takes the
 //!   highest first, then the oldest): a task's priority is
 //!   `PRIORITY_BASE - tag` (see `fair`); V is read back from the first due
@@ -26,8 +27,10 @@
 //!   the millisecond, where apalis-sqlite's own `run_at` would round it up
 //!   to a whole second. The upkeep reads when the next delayed task falls
 //!   due from that index (the first entry of priority 0), so every delayed
-//!   task, pushed here or before a restart, starts on time; a `run_at`
-//!   below [`MS_FROM`] is a version-before one's, in seconds.
+//!   task, pushed here or before a restart, starts on time (one pushed by
+//!   another process on the file: within 30 s, how long a reading is
+//!   trusted); a priority-0 `run_at` below [`MS_FROM`] (none we write) is
+//!   read as seconds.
 
 mod maintenance;
 #[cfg(test)]
@@ -334,8 +337,12 @@ impl Inner {
             match slot.known(began) {
                 Some(None) => return Ok(None),
                 Some(Some(at)) if at > began => return Ok(Some(at - began)),
-                // Read below; pushes from now on are remembered apart.
-                _ => slot.pushed = None,
+                // Read below; pushes from now on are remembered apart,
+                // and a read that fails leaves nothing trusted.
+                _ => {
+                    slot.pushed = None;
+                    slot.read = None;
+                }
             }
         }
         let now_ms = epoch_ms(SystemTime::now());

@@ -409,10 +409,12 @@ async fn claim_rows(
     // A holder that finished while this batch parked behind it (see
     // `unpark_freed`): its events are unparked and claimed again. Nothing
     // after the commit may fail the batch (it would be run again).
-    if postgres {
+    // On the last round they stay parked: the sweeper's release queues
+    // them within a pass.
+    if postgres && rounds > 0 {
         let freed: HashSet<String> = unpark_freed(pool, &parked, ms(now)).await.into_iter().collect();
         let again: Vec<ClaimReq> = items.iter().filter(|c| freed.contains(&c.id)).cloned().collect();
-        if !again.is_empty() && rounds > 0 {
+        if !again.is_empty() {
             match Box::pin(claim_rows(pool, &again, rounds - 1)).await {
                 Ok(outs) => {
                     for (c, out) in again.iter().zip(outs) {
@@ -421,7 +423,8 @@ async fn claim_rows(
                         }
                     }
                 }
-                // Unparked and queued as of now: the sweeper queues them.
+                // Unparked, without a task: the sweeper's stranded pass
+                // queues them (a database error, rare).
                 Err(e) => warn!(error = %e, "could not claim unparked events again; the sweeper queues them"),
             }
         }
@@ -486,26 +489,31 @@ async fn park_held(
 /// The park is committed by then: a failed read is logged and leaves its
 /// events to the sweeper's release.
 async fn unpark_freed(pool: &AnyPool, parked: &HashMap<String, String>, now: i64) -> Vec<String> {
+    let mut freed = Vec::new();
     if parked.is_empty() {
-        return Vec::new();
+        return freed;
     }
-    try_unpark_freed(pool, parked, now).await.unwrap_or_else(|e| {
+    // What was released before an error is kept: those events have no
+    // task and are no longer parked, so their caller must queue them.
+    if let Err(e) = try_unpark_freed(pool, parked, now, &mut freed).await {
         warn!(error = %e, "could not check parked events' holders again; the sweeper releases them");
-        Vec::new()
-    })
+    }
+    freed
 }
 
 async fn try_unpark_freed(
     pool: &AnyPool,
     parked: &HashMap<String, String>,
     now: i64,
-) -> StoreResult<Vec<String>> {
+    freed: &mut Vec<String>,
+) -> StoreResult<()> {
+    // A dead letter holds only events that block on it: it is read as
+    // possibly gone, and the release's own check decides.
     let holders: Vec<&String> = parked.values().collect::<HashSet<_>>().into_iter().collect();
     let mut open = HashSet::new();
     for chunk in holders.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
-            "SELECT id FROM events WHERE id IN ({}) \
-             AND status IN ('received', 'retrying', 'processing', 'dead_lettered')",
+            "SELECT id FROM events WHERE id IN ({}) AND status IN ('received', 'retrying', 'processing')",
             placeholders(1, chunk.len())
         );
         let mut q = sqlx::query(AssertSqlSafe(sql));
@@ -521,7 +529,6 @@ async fn try_unpark_freed(
         .filter(|(_, holder)| !open.contains(*holder))
         .map(|(id, _)| id)
         .collect();
-    let mut freed = Vec::new();
     for chunk in ids.chunks(ROWS_PER_STATEMENT) {
         let sql = release(&format!(" AND b.id IN ({})", placeholders(3, chunk.len())));
         let limit = i64::try_from(chunk.len()).unwrap_or(i64::MAX);
@@ -533,7 +540,7 @@ async fn try_unpark_freed(
             freed.push(row.try_get("id")?);
         }
     }
-    Ok(freed)
+    Ok(())
 }
 
 /// An [`AttemptFinish`] as bound parameters, serialized by the caller.
