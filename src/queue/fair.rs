@@ -117,22 +117,25 @@ mod tests {
         assert_eq!(f.v(Some(3000)), 3000);
     }
 
-    #[test]
-    fn pruning_forgets_partners_behind_the_head() {
+    /// Flows holding [`PRUNE_AT`] partners, all one task ahead of V = 0.
+    fn full_flows() -> Flows {
         let mut f = Flows::default();
         for i in 0..PRUNE_AT {
             f.next(0, &format!("p{i}"), 1);
         }
+        f
+    }
+
+    #[test]
+    fn pruning_forgets_partners_behind_the_head() {
+        let mut f = full_flows();
         f.next(5000, "late", 1);
         assert_eq!(f.finish.len(), 1);
     }
 
     #[test]
     fn a_prune_that_keeps_everyone_waits_for_twice_as_many() {
-        let mut f = Flows::default();
-        for i in 0..PRUNE_AT {
-            f.next(0, &format!("p{i}"), 1);
-        }
+        let mut f = full_flows();
         // Everyone is ahead of V = 0: the prune keeps them all, and the
         // next one waits until the map has doubled.
         f.next(0, "x", 1);

@@ -91,8 +91,8 @@ impl Wakers {
             .unwrap_or_default()
     }
 
-    /// The worker on `queue` (if any here) fetches now, and once more
-    /// [`FOLLOW_UP`] later.
+    /// The worker on `queue` (if any here) fetches now, and again at the
+    /// follow-ups (see [`Self::follow_up`]).
     pub(crate) fn wake(self: &Arc<Self>, queue: &str) {
         self.fetch_now(queue);
         self.follow_up(queue);

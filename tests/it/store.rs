@@ -271,8 +271,8 @@ fn parked_behind(o: &InsertOutcome) -> Option<String> {
 }
 
 /// An event whose ordering key another one holds is parked by its insert
-/// (no task needed); the holder's finish reports the key waited on, and
-/// the release frees the next one only.
+/// (no task needed); the holder's finish releases the next one of its key,
+/// only that one, and only once.
 async fn an_insert_parks_behind_the_key_holder(backend: Backend) {
     use orchestrator::store::{AttemptFinish, Status};
     let (store, _iso, _dir) = test_store(&backend).await;

@@ -69,30 +69,6 @@ mod scripts;
 #[cfg(test)]
 mod tests;
 
-#[cfg(test)]
-mod wake_messages {
-    use super::{Heard, Wake};
-
-    #[test]
-    fn messages_round_trip_and_bare_names_mean_both() {
-        let origin = ulid::Ulid::new().to_string();
-        let m = Wake::Fetch.message(&origin, "events:ATUALIZAÇÃO_ESTOQUE");
-        assert_eq!(
-            Heard::parse(&m),
-            Heard::Tagged(Wake::Fetch, origin.as_str(), "events:ATUALIZAÇÃO_ESTOQUE")
-        );
-        let m = Wake::Schedule.message(&origin, "events:with space");
-        assert_eq!(
-            Heard::parse(&m),
-            Heard::Tagged(Wake::Schedule, origin.as_str(), "events:with space")
-        );
-        // The version before published the bare queue name.
-        assert_eq!(Heard::parse("events:VENDA"), Heard::Bare("events:VENDA"));
-        assert_eq!(Heard::parse("fake origin"), Heard::Bare("fake origin"));
-        assert_eq!(Heard::parse(""), Heard::Bare(""));
-    }
-}
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -663,5 +639,29 @@ impl WorkerBackend for Inner {
 
     fn instance_starts(&self) -> &AtomicUsize {
         &self.instance_starts
+    }
+}
+
+#[cfg(test)]
+mod wake_messages {
+    use super::{Heard, Wake};
+
+    #[test]
+    fn messages_round_trip_and_bare_names_mean_both() {
+        let origin = ulid::Ulid::new().to_string();
+        let m = Wake::Fetch.message(&origin, "events:ATUALIZAÇÃO_ESTOQUE");
+        assert_eq!(
+            Heard::parse(&m),
+            Heard::Tagged(Wake::Fetch, origin.as_str(), "events:ATUALIZAÇÃO_ESTOQUE")
+        );
+        let m = Wake::Schedule.message(&origin, "events:with space");
+        assert_eq!(
+            Heard::parse(&m),
+            Heard::Tagged(Wake::Schedule, origin.as_str(), "events:with space")
+        );
+        // The version before published the bare queue name.
+        assert_eq!(Heard::parse("events:VENDA"), Heard::Bare("events:VENDA"));
+        assert_eq!(Heard::parse("fake origin"), Heard::Bare("fake origin"));
+        assert_eq!(Heard::parse(""), Heard::Bare(""));
     }
 }

@@ -342,8 +342,8 @@ async fn claim_batch(
 }
 
 /// How many times one claim call claims events again that it parked and
-/// found freed (PostgreSQL); after the last, they are left queued for the
-/// sweeper.
+/// found freed (PostgreSQL); the last round's parks stay parked, for the
+/// sweeper's release.
 const CLAIM_ROUNDS: u32 = 2;
 
 /// [`claim_batch`]; events parked by this claim whose holder finished
