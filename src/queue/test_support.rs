@@ -426,8 +426,7 @@ pub async fn fair_sharing_scenario(q: &dyn Queue, queue: &str) {
 /// push, each of five times after 1.5 s of quiet (well below the 5 s
 /// heartbeat, the only other thing that fetches), whether the push comes
 /// from `q` or from `pusher` (another process's queue object, on Redis); a
-/// delayed task runs within 1.5 s of falling due (SQLite rounds delays up
-/// to whole seconds).
+/// delayed task runs within 1.5 s of falling due (the upkeep promotes it).
 pub async fn idle_wake_scenario(q: &dyn Queue, pusher: &dyn Queue, queue: &str) {
     let rec = Arc::new(Recorder::default());
     let (tx, rx) = watch::channel(false);

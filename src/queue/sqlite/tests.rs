@@ -97,7 +97,7 @@ async fn sqlite_delayed_push_waits() {
     init_tracing();
     let dir = tempfile::tempdir().expect("tempdir");
     let (q, _pool) = sqlite_queue(&dir).await;
-    // Delays round up to whole seconds, never down: no slack.
+    // A due time is rounded up to the next millisecond, never down: no slack.
     delayed_push_scenario(
         &q,
         "events:DELAY",
