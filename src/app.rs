@@ -157,6 +157,35 @@ fn watch_pipelines(
     }))
 }
 
+/// The embedded first-run convenience for the console: with no
+/// `ADMIN_API_KEY`, an embedded server that creates the demo partner uses
+/// (and on its first start makes) an admin key kept in
+/// `DATA_DIR/admin-api-key.txt` (mode 0600). Returns that file and whether
+/// this call made it. Production sets `ADMIN_API_KEY`; nothing is made then.
+pub fn local_admin_key(config: &mut Config) -> anyhow::Result<Option<(std::path::PathBuf, bool)>> {
+    if config.admin_api_key.is_some() || !config.is_embedded() || !config.create_demo_partner {
+        return Ok(None);
+    }
+    let path = config.data_dir.join("admin-api-key.txt");
+    let (key, made) = match std::fs::read_to_string(&path) {
+        Ok(text) if text.trim().len() >= 16 => (text.trim().to_owned(), false),
+        _ => {
+            let key = crate::credentials::generate_api_key();
+            std::fs::create_dir_all(&config.data_dir)
+                .and_then(|_| std::fs::write(&path, format!("{key}\n")))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            }
+            (key, true)
+        }
+    };
+    config.admin_api_key = Some(secrecy::SecretString::from(key));
+    Ok(Some((path, made)))
+}
+
 /// Creates the `demo` partner on a store with no partners; returns its key.
 pub async fn ensure_demo_partner(store: &dyn Store) -> anyhow::Result<Option<String>> {
     if store.count_partners().await? > 0 {

@@ -36,6 +36,11 @@ pub enum Command {
         #[command(subcommand)]
         command: PartnerCommand,
     },
+    /// Manage the console's operator accounts.
+    Operator {
+        #[command(subcommand)]
+        command: OperatorCommand,
+    },
     /// Remove the events past their retention now (RETENTION_PROCESSED,
     /// RETENTION_DEAD_LETTERED), or only say what would go.
     Purge {
@@ -131,6 +136,27 @@ pub enum PartnerCommand {
     RevokeKey { id: String, key_id: String },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum OperatorCommand {
+    /// Create an operator who signs in to /console/ with this name and password.
+    Create {
+        name: String,
+        /// At least 12 characters.
+        #[arg(long, env = "OPERATOR_PASSWORD", hide_env_values = true)]
+        password: String,
+    },
+    /// Set an operator's password; its console sessions end.
+    SetPassword {
+        name: String,
+        #[arg(long, env = "OPERATOR_PASSWORD", hide_env_values = true)]
+        password: String,
+    },
+    /// List the operators.
+    List,
+    /// Remove an operator; its console sessions end.
+    Delete { name: String },
+}
+
 pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
     match cli.command.unwrap_or(Command::Serve { role: Role::All }) {
         Command::Serve { role } => serve(config, role).await.map(|_| 0),
@@ -144,6 +170,11 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<i32> {
             let store = crate::app::connect_store(&config).await?;
             store.migrate().await?;
             partner(store.as_ref(), command).await
+        }
+        Command::Operator { command } => {
+            let store = crate::app::connect_store(&config).await?;
+            store.migrate().await?;
+            operator(store.as_ref(), command).await
         }
         Command::Purge { dry_run } => purge(config, dry_run).await,
         Command::Lint { dir, schemas } => lint(&config, dir, schemas),
@@ -195,6 +226,30 @@ async fn purge(config: Config, dry_run: bool) -> anyhow::Result<i32> {
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+async fn operator(store: &dyn Store, command: OperatorCommand) -> anyhow::Result<i32> {
+    use crate::operators;
+    match command {
+        OperatorCommand::Create { name, password } => {
+            operators::create(store, &name, &password).await?;
+            println!("operator {name} created; sign in at /console/");
+        }
+        OperatorCommand::SetPassword { name, password } => {
+            operators::set_password(store, &name, &password).await?;
+            println!("password of operator {name} changed; its sessions ended");
+        }
+        OperatorCommand::List => {
+            for (name, created) in store.operators().await? {
+                println!("{name}\tcreated {}", created.format("%Y-%m-%d %H:%M:%S UTC"));
+            }
+        }
+        OperatorCommand::Delete { name } => {
+            operators::delete(store, &name).await?;
+            println!("operator {name} removed; its sessions ended");
+        }
+    }
+    Ok(0)
 }
 
 async fn partner(store: &dyn Store, command: PartnerCommand) -> anyhow::Result<i32> {
@@ -418,11 +473,21 @@ async fn test(config: &Config, dir: Option<PathBuf>, schemas: Option<PathBuf>) -
     Ok(i32::from(failed > 0 || !errors.is_empty() || results.is_empty()))
 }
 
-async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
+async fn serve(mut config: Config, role: Role) -> anyhow::Result<()> {
     let addr = config.listen_addr;
+    let admin_key_file = crate::app::local_admin_key(&mut config)?;
     let app = App::start(config, role).await?;
     if let Some(key) = &app.demo_key {
         print_demo_banner(&app, key, addr);
+    }
+    if let Some((path, made)) = admin_key_file {
+        let what = if made { "made" } else { "kept" };
+        eprintln!(
+            "  Console: http://localhost:{}/console/ — sign in with the admin key {what} in {} (set ADMIN_API_KEY to choose your own).",
+            addr.port(),
+            path.display()
+        );
+        eprintln!();
     }
     let listener = tokio::net::TcpListener::bind(addr)
         .await

@@ -55,6 +55,10 @@ pub struct Config {
     /// `POST /auth/login` attempts per minute from one client IP.
     pub login_per_ip_per_minute: u32,
     pub request_timeout: Duration,
+    /// A console session unused for this long is signed out.
+    pub console_idle_timeout: Duration,
+    /// A console session ends this long after its sign-in, used or not.
+    pub console_session_lifetime: Duration,
     /// How long a worker holds an event before another may take it over.
     pub processing_lease: Duration,
     /// A `received` event not picked up for this long is queued again.
@@ -297,6 +301,8 @@ impl Config {
                 30,
             )?,
             request_timeout: duration("REQUEST_TIMEOUT", Duration::from_secs(15))?,
+            console_idle_timeout: duration("CONSOLE_IDLE_TIMEOUT", Duration::from_secs(30 * 60))?,
+            console_session_lifetime: duration("CONSOLE_SESSION_LIFETIME", Duration::from_secs(12 * 3600))?,
             processing_lease: duration("PROCESSING_LEASE", Duration::from_secs(20))?,
             requeue_after: duration("REQUEUE_AFTER", Duration::from_secs(60))?,
             sweep_interval: duration("SWEEP_INTERVAL", Duration::from_secs(5))?,

@@ -34,6 +34,14 @@ pub fn generate_api_key() -> String {
     format!("eo_{}", hex::encode(bytes))
 }
 
+/// A random token for a session or a form (256 bits, hex).
+pub fn random_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
 /// Compares two secrets in time that depends only on their lengths.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {

@@ -220,8 +220,15 @@ pub async fn redrive(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<RedriveOut>, ApiError> {
-    use crate::store::{ListFilter, Status};
     let input: RedriveIn = json_body(&state, &headers, body, true).await?;
+    Ok(Json(redrive_dead_letters(&state, &input).await?))
+}
+
+/// The dead letters matching `input`'s filters (newest first, up to its
+/// limit), put back in the queue oldest first unless it is a dry run: what
+/// `POST /admin/dead-letters/redrive` and the console's redrive do.
+pub async fn redrive_dead_letters(state: &AppState, input: &RedriveIn) -> Result<RedriveOut, ApiError> {
+    use crate::store::{ListFilter, Status};
     let limit = input.limit.unwrap_or(1_000);
     if !(1..=10_000).contains(&limit) {
         return Err(ApiError::InvalidRequest("limit must be 1 to 10000".into()));
@@ -273,11 +280,11 @@ pub async fn redrive(
         category = ?input.category,
         "dead letters redriven"
     );
-    Ok(Json(RedriveOut {
+    Ok(RedriveOut {
         dry_run: input.dry_run,
         matched: matched.len(),
         redriven,
         more,
         ids: matched.iter().take(100).map(|e| e.id.clone()).collect(),
-    }))
+    })
 }

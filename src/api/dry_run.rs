@@ -58,12 +58,6 @@ pub async fn dry_run(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<DryRun>, ApiError> {
-    let pipeline = state
-        .pipelines
-        .current()
-        .get(&tipo)
-        .cloned()
-        .ok_or(ApiError::NotFound("pipeline"))?;
     let value = parse_json_body(&headers, body, &state.config, None).await?;
     let invalid = |path: &str, message: &str| {
         ApiError::InvalidEnvelope(vec![FieldError {
@@ -83,10 +77,38 @@ pub async fn dry_run(
         Some(m @ Value::Object(_)) => m,
         Some(_) => return Err(invalid("/meta", "must be an object")),
     };
+    Ok(Json(
+        run(
+            &state,
+            &tipo,
+            dados,
+            meta,
+            caller.partner_scope().unwrap_or("admin"),
+        )
+        .await?,
+    ))
+}
+
+/// Runs every stage of `tipo`'s current pipeline on `dados` and `meta`,
+/// as partner `partner_id`, with no side effects: what
+/// `POST /pipelines/{tipo}/dry-run` and the console's playground do.
+pub async fn run(
+    state: &AppState,
+    tipo: &str,
+    dados: Value,
+    meta: Value,
+    partner_id: &str,
+) -> Result<DryRun, ApiError> {
+    let pipeline = state
+        .pipelines
+        .current()
+        .get(tipo)
+        .cloned()
+        .ok_or(ApiError::NotFound("pipeline"))?;
     let mut cx = EventContext::new(Event::new(
         format!("dry-run-{}", ulid::Ulid::new()),
         pipeline.event_type.clone(),
-        caller.partner_scope().unwrap_or("admin").to_owned(),
+        partner_id.to_owned(),
         Utc::now(),
         dados,
         meta,
@@ -102,7 +124,7 @@ pub async fn dry_run(
         },
     };
     debug_assert!(execution.error.is_some() || execution.trace.iter().all(|t| t.outcome == StageOutcome::Ok));
-    Ok(Json(DryRun {
+    Ok(DryRun {
         tipo: pipeline.event_type.clone(),
         pipeline_version: pipeline.version.clone(),
         outcome: outcome.into(),
@@ -114,5 +136,5 @@ pub async fn dry_run(
             "routes": cx.routes,
         }),
         deliveries: cx.deliveries,
-    }))
+    })
 }

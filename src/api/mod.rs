@@ -88,6 +88,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/openapi.json", get(docs::openapi_json))
         .merge(docs::swagger())
+        .merge(crate::console::router())
         .fallback(ops::not_found)
         .layer(axum::middleware::from_fn(limits::budget_headers))
         .layer(axum::middleware::from_fn_with_state(state.clone(), track))

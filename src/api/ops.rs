@@ -130,31 +130,32 @@ pub struct PipelineList {
     pub pipelines: Vec<PipelineInfo>,
 }
 
+/// What operators see of a loaded pipeline (the admin API and the console).
+pub fn pipeline_info(p: &engine::Pipeline) -> PipelineInfo {
+    PipelineInfo {
+        event_type: p.event_type.clone(),
+        description: p.description.clone(),
+        version: p.version.clone(),
+        source_file: p.source_file.display().to_string(),
+        schema: p.schema_file.clone(),
+        concurrency: p.concurrency,
+        max_retries: p.retry.max_retries,
+        stages: p
+            .stage_names()
+            .map(|(n, plugin)| format!("{n} ({plugin})"))
+            .collect(),
+        destinations: p.destinations.keys().cloned().collect(),
+        tables: p.tables.summary().map(|(n, rows)| (n.to_owned(), rows)).collect(),
+    }
+}
+
 fn pipeline_list(state: &AppState, set: &engine::PipelineSet) -> PipelineList {
     PipelineList {
         version: set.version.clone(),
         loaded_at: set.loaded_at,
         last_reload: state.pipelines.last_reload(),
         last_error: state.pipelines.last_failure(),
-        pipelines: set
-            .pipelines()
-            .into_iter()
-            .map(|p| PipelineInfo {
-                event_type: p.event_type.clone(),
-                description: p.description.clone(),
-                version: p.version.clone(),
-                source_file: p.source_file.display().to_string(),
-                schema: p.schema_file.clone(),
-                concurrency: p.concurrency,
-                max_retries: p.retry.max_retries,
-                stages: p
-                    .stage_names()
-                    .map(|(n, plugin)| format!("{n} ({plugin})"))
-                    .collect(),
-                destinations: p.destinations.keys().cloned().collect(),
-                tables: p.tables.summary().map(|(n, rows)| (n.to_owned(), rows)).collect(),
-            })
-            .collect(),
+        pipelines: set.pipelines().into_iter().map(|p| pipeline_info(p)).collect(),
     }
 }
 

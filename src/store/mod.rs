@@ -310,6 +310,13 @@ pub struct PartnerInfo {
     pub keys: Vec<ApiKeyInfo>,
 }
 
+impl PartnerInfo {
+    /// Keys not revoked.
+    pub fn active_keys(&self) -> usize {
+        self.keys.iter().filter(|k| k.revoked_at.is_none()).count()
+    }
+}
+
 /// A change to a partner; `None` leaves a field as it is.
 #[derive(Debug, Clone, Default)]
 pub struct PartnerUpdate {
@@ -336,7 +343,9 @@ pub struct NewPartner {
 /// Everything the service needs from its database, behind one object
 /// (`Arc<dyn Store>`): the three stores, and the database's own upkeep.
 #[async_trait]
-pub trait Store: EventStore + PartnerStore + VersionStore + MaintenanceStore + Send + Sync + 'static {
+pub trait Store:
+    EventStore + PartnerStore + VersionStore + MaintenanceStore + ConsoleStore + Send + Sync + 'static
+{
     /// Applies pending migrations.
     async fn migrate(&self) -> StoreResult<()>;
     async fn ping(&self) -> StoreResult<()>;
@@ -358,6 +367,14 @@ pub trait EventStore: Send + Sync {
     /// with every status change (never a scan of the events).
     async fn stats(&self, query: &StatsQuery) -> StoreResult<Stats>;
     async fn deliveries(&self, id: &str) -> StoreResult<Vec<DeliveryRow>>;
+    /// The attempts recorded for an event, first first.
+    async fn attempts(&self, id: &str) -> StoreResult<Vec<AttemptRow>>;
+    /// Events received per minute and type since `since` (the counters'
+    /// minute rows, kept for the last two hours): `(minute, tipo, events)`.
+    async fn received_per_minute(
+        &self,
+        since: DateTime<Utc>,
+    ) -> StoreResult<Vec<(DateTime<Utc>, String, i64)>>;
 
     /// Takes the event for one attempt: `received`/`retrying` (due), or
     /// `processing` whose lease expired. Increments `attempts`. `None` when
@@ -469,6 +486,62 @@ pub trait VersionStore: Send + Sync {
         &self,
         version: &str,
     ) -> StoreResult<Option<(String, std::collections::BTreeMap<String, String>)>>;
+}
+
+/// Operator accounts and the console's sessions.
+#[async_trait]
+pub trait ConsoleStore: Send + Sync {
+    /// `false` when the name is taken.
+    async fn create_operator(&self, name: &str, password_hash: &str) -> StoreResult<bool>;
+    /// An operator's password hash.
+    async fn operator_password(&self, name: &str) -> StoreResult<Option<String>>;
+    /// Every operator with when it was created, by name.
+    async fn operators(&self) -> StoreResult<Vec<(String, DateTime<Utc>)>>;
+    /// Sets a password; `false` when there is no such operator.
+    async fn set_operator_password(&self, name: &str, password_hash: &str) -> StoreResult<bool>;
+    /// Removes an operator and its sessions; `false` when there was none.
+    async fn delete_operator(&self, name: &str) -> StoreResult<bool>;
+    async fn create_session(&self, session: &ConsoleSession) -> StoreResult<()>;
+    /// A session by the hash of its token, with the password hash its
+    /// operator has now (`None` for the admin key, or a removed operator).
+    async fn session(&self, token_hash: &str) -> StoreResult<Option<(ConsoleSession, Option<String>)>>;
+    /// Records the session's use now.
+    async fn touch_session(&self, token_hash: &str, at: DateTime<Utc>) -> StoreResult<()>;
+    async fn delete_session(&self, token_hash: &str) -> StoreResult<()>;
+    /// Removes the sessions last used before `idle_before` or made before
+    /// `created_before`; how many.
+    async fn purge_sessions(
+        &self,
+        idle_before: DateTime<Utc>,
+        created_before: DateTime<Utc>,
+    ) -> StoreResult<u64>;
+}
+
+/// A signed-in console session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsoleSession {
+    /// SHA-256 (hex) of the cookie's token.
+    pub token_hash: String,
+    /// `None`: signed in with the admin key.
+    pub operator: Option<String>,
+    /// Fingerprint of the admin key or of the operator's password hash it
+    /// was signed in with.
+    pub credential: String,
+    /// The token every change must carry.
+    pub csrf: String,
+    pub created_at: DateTime<Utc>,
+    pub seen_at: DateTime<Utc>,
+}
+
+/// One recorded attempt of an event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptRow {
+    pub attempt: u32,
+    pub finished_at: DateTime<Utc>,
+    /// The status the attempt left the event in.
+    pub outcome: String,
+    pub error: Option<LastError>,
+    pub trace: Vec<StageTrace>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

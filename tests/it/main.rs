@@ -27,7 +27,9 @@ macro_rules! both_backends {
     };
 }
 
+mod browser;
 mod cluster;
+mod console;
 /// Runs each named `async fn(Backend)` on PostgreSQL + Redis only (as
 /// `production::name`), for topologies the embedded mode does not have.
 #[macro_export]

@@ -358,6 +358,33 @@ pub(super) async fn status_totals(conn: &mut AnyConnection) -> StoreResult<BTree
         .collect()
 }
 
+/// Events received per minute and type from `since` (epoch ms): every
+/// status column of the minute rows, over every partner and writer.
+pub(super) async fn per_minute(
+    conn: &mut AnyConnection,
+    since: i64,
+) -> StoreResult<Vec<(chrono::DateTime<chrono::Utc>, String, i64)>> {
+    let all: Vec<&str> = Status::ALL.iter().map(|s| s.as_str()).collect();
+    let sql = format!(
+        "SELECT bucket, tipo, CAST(SUM({}) AS BIGINT) AS n FROM event_counts \
+         WHERE width = {MINUTE} AND bucket >= $1 GROUP BY bucket, tipo ORDER BY bucket, tipo",
+        all.join(" + ")
+    );
+    let rows = sqlx::query(AssertSqlSafe(sql))
+        .bind(since)
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                super::codec::from_ms(r.try_get("bucket")?),
+                r.try_get("tipo")?,
+                r.try_get::<Option<i64>, _>("n")?.unwrap_or(0),
+            ))
+        })
+        .collect()
+}
+
 /// Per partner with any: events waiting (`received`, or `retrying`
 /// between attempts) and in flight (`processing`), over every type.
 pub(super) async fn partner_activity(conn: &mut AnyConnection) -> StoreResult<Vec<(String, i64, i64)>> {

@@ -9,13 +9,13 @@ use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, Row};
 
 use super::SqlStore;
-use super::codec::{EVENT_COLUMNS, event_from_row, from_ms, id_floor, ms, requeue_from_row};
+use super::codec::{EVENT_COLUMNS, event_from_row, from_ms, id_floor, ms, parse_json, requeue_from_row};
 use super::counts::{self, Deltas, Writer};
 use super::statement::{key_holders, placeholders, release};
 use super::writes::insert_in_key_order;
 use crate::store::{
-    AttemptFinish, DeliveryRow, DiscardOutcome, EventRecord, EventStore, Finished, InsertOutcome, ListFilter,
-    NewEvent, Requeue, RetryOutcome, Stats, StatsQuery, Status, StoreResult, Sweep, Waiting,
+    AttemptFinish, AttemptRow, DeliveryRow, DiscardOutcome, EventRecord, EventStore, Finished, InsertOutcome,
+    ListFilter, NewEvent, Requeue, RetryOutcome, Stats, StatsQuery, Status, StoreResult, Sweep, Waiting,
 };
 
 /// A bound value of a statement built from optional filters.
@@ -139,6 +139,37 @@ impl EventStore for SqlStore {
                 })
             })
             .collect()
+    }
+
+    async fn attempts(&self, id: &str) -> StoreResult<Vec<AttemptRow>> {
+        let rows = sqlx::query(
+            "SELECT attempt, finished_at, outcome, error, trace FROM attempts WHERE event_id = $1 ORDER BY attempt",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AttemptRow {
+                    attempt: u32::try_from(r.try_get::<i64, _>("attempt")?).unwrap_or(0),
+                    finished_at: from_ms(r.try_get("finished_at")?),
+                    outcome: r.try_get("outcome")?,
+                    error: r
+                        .try_get::<Option<String>, _>("error")?
+                        .map(|e| parse_json(&e))
+                        .transpose()?,
+                    trace: parse_json(&r.try_get::<String, _>("trace")?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn received_per_minute(
+        &self,
+        since: DateTime<Utc>,
+    ) -> StoreResult<Vec<(DateTime<Utc>, String, i64)>> {
+        let mut conn = self.pool.acquire().await?;
+        counts::per_minute(&mut conn, ms(since)).await
     }
 
     async fn claim(

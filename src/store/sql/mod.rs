@@ -8,10 +8,11 @@
 //! * `partitions`: PostgreSQL's time partitions;
 //! * `statement`: statements whose text depends on their input;
 //! * `writes`: the group-committed event writes and key lookups;
-//! * `events`, `partners`, `versions`, `maintenance`: one trait of the store each.
+//! * `events`, `partners`, `versions`, `maintenance`, `console`: one trait of the store each.
 
 mod codec;
 mod connect;
+mod console;
 pub(crate) use connect::WAL_SIZE_LIMIT_BYTES;
 mod counts;
 mod events;
