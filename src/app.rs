@@ -158,32 +158,62 @@ fn watch_pipelines(
 }
 
 /// The embedded first-run convenience for the console: with no
-/// `ADMIN_API_KEY`, an embedded server that creates the demo partner uses
-/// (and on its first start makes) an admin key kept in
-/// `DATA_DIR/admin-api-key.txt` (mode 0600). Returns that file and whether
-/// this call made it. Production sets `ADMIN_API_KEY`; nothing is made then.
+/// `ADMIN_API_KEY`, an embedded server that creates the demo partner makes
+/// an admin key on its first start (when its SQLite store does not exist
+/// yet) and keeps it in `DATA_DIR/admin-api-key.txt` (mode 0600, never
+/// overwritten); later starts use that file while it is there. Returns the
+/// file and whether this call made it. A server with an existing store and
+/// no such file, or with `ADMIN_API_KEY` set, gets nothing from here.
 pub fn local_admin_key(config: &mut Config) -> anyhow::Result<Option<(std::path::PathBuf, bool)>> {
     if config.admin_api_key.is_some() || !config.is_embedded() || !config.create_demo_partner {
         return Ok(None);
     }
     let path = config.data_dir.join("admin-api-key.txt");
     let (key, made) = match std::fs::read_to_string(&path) {
-        Ok(text) if text.trim().len() >= 16 => (text.trim().to_owned(), false),
-        _ => {
-            let key = crate::credentials::generate_api_key();
-            std::fs::create_dir_all(&config.data_dir)
-                .and_then(|_| std::fs::write(&path, format!("{key}\n")))
-                .with_context(|| format!("cannot write {}", path.display()))?;
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(text) => {
+            let key = text.trim().to_owned();
+            anyhow::ensure!(
+                key.len() >= 16,
+                "{} holds no usable admin key (16 characters at least); fix or remove it",
+                path.display()
+            );
+            (key, false)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let store = sqlite_file(config.database_url.expose_secret());
+            if store.is_none_or(|f| f.exists()) {
+                return Ok(None);
             }
+            let key = crate::credentials::generate_api_key();
+            write_private(&config.data_dir, &path, &key)
+                .with_context(|| format!("cannot write {}", path.display()))?;
             (key, true)
         }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
     config.admin_api_key = Some(secrecy::SecretString::from(key));
     Ok(Some((path, made)))
+}
+
+/// The file of a `sqlite:` URL (none for an in-memory database).
+fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    (!path.is_empty() && !path.starts_with(':')).then(|| std::path::PathBuf::from(path))
+}
+
+/// Creates `path` holding `text`, readable by its owner only from the
+/// start; fails if it exists.
+fn write_private(dir: &std::path::Path, path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(format!("{text}\n").as_bytes())
 }
 
 /// Creates the `demo` partner on a store with no partners; returns its key.

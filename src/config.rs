@@ -154,6 +154,8 @@ pub const KEYS: &[&str] = &[
     "LOGIN_ATTEMPTS_PER_USER_PER_MINUTE",
     "LOGIN_ATTEMPTS_PER_IP_PER_MINUTE",
     "REQUEST_TIMEOUT",
+    "CONSOLE_IDLE_TIMEOUT",
+    "CONSOLE_SESSION_LIFETIME",
     // Accepted and ignored: workers wake on work instead of polling.
     "QUEUE_POLL_INTERVAL",
     "PROCESSING_LEASE",
@@ -397,6 +399,37 @@ mod tests {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
         )
+    }
+
+    /// `.env.example` documents every key `load()` reads, and `load()` reads
+    /// every key it documents (besides the OpenTelemetry SDK's own, the
+    /// shipped pipelines' variables and docker-compose's).
+    #[test]
+    fn env_example_and_keys_agree() {
+        let documented: std::collections::BTreeSet<&str> = include_str!("../.env.example")
+            .lines()
+            .map(|l| l.trim_start_matches("# "))
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+            .filter(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_uppercase() || b == b'_'))
+            .collect();
+        let foreign = |k: &str| {
+            k.starts_with("OTEL_")
+                || k.ends_with("_WEBHOOK_URL")
+                || k.ends_with("_WEBHOOK_SECRET")
+                || k == "POSTGRES_PASSWORD"
+        };
+        for k in &documented {
+            assert!(
+                foreign(k) || KEYS.contains(k),
+                ".env.example documents {k}, which load() ignores"
+            );
+        }
+        for k in KEYS {
+            assert!(
+                *k == "QUEUE_POLL_INTERVAL" || documented.contains(k),
+                "{k} is read but not in .env.example"
+            );
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ pub const MIN_PASSWORD_LEN: usize = 12;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OperatorError {
-    #[error("an operator name must be 1-64 characters of letters, digits, '-', '_' or '.'")]
+    #[error("an operator name must be 1-64 characters of letters, digits, '-', '_' or '.' (not only dots)")]
     InvalidName,
     #[error("an operator password must have at least {MIN_PASSWORD_LEN} characters")]
     WeakPassword,

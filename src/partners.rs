@@ -14,7 +14,7 @@ pub const MAX_KEY_LEN: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PartnerError {
-    #[error("partner id must be 1-64 characters of letters, digits, '-', '_' or '.'")]
+    #[error("partner id must be 1-64 characters of letters, digits, '-', '_' or '.' (not only dots)")]
     InvalidId,
     #[error("an API key must have {MIN_KEY_LEN}-{MAX_KEY_LEN} printable ASCII characters")]
     InvalidKey,
@@ -131,7 +131,11 @@ pub struct IssuedKey {
 }
 
 pub fn valid_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    // Not only dots: `.` and `..` are no path segment of a link.
+    !id.is_empty()
+        && id.len() <= 64
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && !id.bytes().all(|b| b == b'.')
 }
 
 fn valid_key(key: &str) -> bool {

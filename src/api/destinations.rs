@@ -43,20 +43,7 @@ pub async fn reset_destination(
     State(state): State<AppState>,
     Path((tipo, name)): Path<(String, String)>,
 ) -> Result<Json<DestinationView>, ApiError> {
-    let tipo = engine::normalize_tipo(&tipo);
-    if !destinations::exists(&state.pipelines, &tipo, &name) {
-        return Err(ApiError::NotFound("webhook destination"));
-    }
-    let key = engine::gate::GateKey {
-        tipo: &tipo,
-        destination: &name,
-    };
-    state
-        .gate
-        .reset(key)
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("the destination state ({e})")))?;
-    tracing::info!(destination = %name, eventType = %tipo, "circuit reset by an operator");
+    let tipo = reset(&state, &tipo, &name).await?;
     let all = destinations::overview(state.store.as_ref(), &state.pipelines, state.gate.as_ref())
         .await
         .map_err(|e| ApiError::Unavailable(format!("the destination state ({e})")))?;
@@ -64,4 +51,25 @@ pub async fn reset_destination(
         .find(|d| d.tipo == tipo && d.destination == name)
         .map(Json)
         .ok_or(ApiError::NotFound("webhook destination"))
+}
+
+/// Closes a webhook destination's circuit and forgets its failures and
+/// throttling (the admin API's reset and the console's); the type as
+/// normalised.
+pub async fn reset(state: &AppState, tipo: &str, name: &str) -> Result<String, ApiError> {
+    let tipo = engine::normalize_tipo(tipo);
+    if !destinations::exists(&state.pipelines, &tipo, name) {
+        return Err(ApiError::NotFound("webhook destination"));
+    }
+    let key = engine::gate::GateKey {
+        tipo: &tipo,
+        destination: name,
+    };
+    state
+        .gate
+        .reset(key)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("the destination state ({e})")))?;
+    tracing::info!(destination = %name, eventType = %tipo, "circuit reset by an operator");
+    Ok(tipo)
 }

@@ -44,6 +44,10 @@ pub fn router() -> Router<AppState> {
         .route("/console/signin", get(session::signin_page).post(session::signin))
         .route("/console/signout", post(session::signout).merge(up(1)))
         .route("/console/static/console.css", get(stylesheet))
+        .route(
+            "/console/destinations/reset",
+            post(overview::reset_destination).merge(up(2)),
+        )
         .route("/console/events", get(events::list))
         .route("/console/events/{id}", get(events::detail))
         .route("/console/events/{id}/retry", post(events::retry).merge(up(1)))
@@ -69,7 +73,8 @@ pub fn router() -> Router<AppState> {
             "/console/partners/{id}/keys/{key_id}/revoke",
             post(partners::revoke).merge(up(3)),
         )
-        .fallback(page::not_found)
+        // The API router's fallback would answer problem+json.
+        .route("/console/{*rest}", get(page::not_found))
         .layer(axum::middleware::from_fn(security_headers))
 }
 

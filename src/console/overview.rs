@@ -5,14 +5,15 @@
 
 use askama::Template;
 use axum::extract::State;
+use axum::response::IntoResponse;
 use chrono::{TimeDelta, Utc};
 
 use super::chart::{self, Chart};
-use super::dead_letters::{self, Group};
 use super::page::{Layout, PageResult, render};
 use super::session::Operator;
 use crate::api::AppState;
 use crate::destinations::DestinationView;
+use crate::store::DeadLetterGroup;
 
 /// The page reloads itself this often (a `<meta>` refresh: no script).
 const REFRESH_SECONDS: u32 = 30;
@@ -37,8 +38,8 @@ struct OverviewPage {
     by_status: Vec<(String, i64)>,
     total: i64,
     types: Vec<TypeRow>,
-    dead_letters: Vec<Group>,
-    dead_letters_more: bool,
+    /// Dead-lettered in the last 24 h.
+    dead_letters: Vec<DeadLetterGroup>,
     destinations: Result<Vec<DestinationView>, String>,
 }
 
@@ -65,8 +66,10 @@ pub async fn page(op: Operator, State(state): State<AppState>) -> PageResult {
             tipo: p.event_type.clone(),
         });
     }
-    let (dead_letters, dead_letters_more) =
-        dead_letters::groups(&state, Some(now - TimeDelta::hours(24)), dead_letters::SCAN_LIMIT).await?;
+    let dead_letters = state
+        .store
+        .dead_letter_groups(Some(now - TimeDelta::hours(24)))
+        .await?;
     let destinations =
         crate::destinations::overview(state.store.as_ref(), &state.pipelines, state.gate.as_ref()).await;
     Ok(render(&OverviewPage {
@@ -79,7 +82,6 @@ pub async fn page(op: Operator, State(state): State<AppState>) -> PageResult {
         by_status,
         types,
         dead_letters,
-        dead_letters_more,
         destinations,
     }))
 }
@@ -93,4 +95,22 @@ pub fn age(d: TimeDelta) -> String {
         3600..86_400 => format!("{} h {} min", s / 3600, (s % 3600) / 60),
         _ => format!("{} d {} h", s / 86_400, (s % 86_400) / 3600),
     }
+}
+
+#[derive(serde::Deserialize)]
+pub struct ResetForm {
+    tipo: String,
+    destination: String,
+}
+
+/// Closes a destination's circuit (the admin API's reset); back to the
+/// overview.
+pub async fn reset_destination(
+    State(state): State<AppState>,
+    change: super::page::Change<ResetForm>,
+) -> PageResult {
+    let f = change.form;
+    crate::api::destinations::reset(&state, &f.tipo, &f.destination).await?;
+    tracing::info!(operator = %change.op.display_name(), destination = %f.destination, "circuit reset from the console");
+    Ok(axum::response::Redirect::to("/console/#destinations").into_response())
 }

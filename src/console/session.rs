@@ -60,8 +60,14 @@ impl FromRequestParts<AppState> for Operator {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let jar = CookieJar::from_headers(&parts.headers);
         let token = jar.get(SESSION_COOKIE).map(|c| c.value().to_owned());
+        // The overview's own refresh is not a use: an unattended tab
+        // still signs out after the idle time.
+        let used = !parts
+            .uri
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p == "auto=1"));
         let session = match token {
-            Some(t) if !t.is_empty() && t.len() <= 128 => valid_session(state, &t)
+            Some(t) if !t.is_empty() && t.len() <= 128 => valid_session(state, &t, used)
                 .await
                 .map_err(IntoResponse::into_response)?,
             _ => None,
@@ -73,9 +79,13 @@ impl FromRequestParts<AppState> for Operator {
     }
 }
 
-/// The session of a token, if it is still good (and its use recorded); a
-/// session that is not is removed.
-async fn valid_session(state: &AppState, token: &str) -> Result<Option<ConsoleSession>, ConsoleError> {
+/// The session of a token, if it is still good (and its use recorded when
+/// `used`); a session that is not is removed.
+async fn valid_session(
+    state: &AppState,
+    token: &str,
+    used: bool,
+) -> Result<Option<ConsoleSession>, ConsoleError> {
     let hash = hash_api_key(token);
     let Some((session, password_hash)) = state.store.session(&hash).await? else {
         return Ok(None);
@@ -93,7 +103,7 @@ async fn valid_session(state: &AppState, token: &str) -> Result<Option<ConsoleSe
         state.store.delete_session(&hash).await?;
         return Ok(None);
     }
-    if now - session.seen_at > TOUCH_EVERY.min(idle / 4) {
+    if used && now - session.seen_at > TOUCH_EVERY.min(idle / 4) {
         state.store.touch_session(&hash, now).await?;
     }
     Ok(Some(session))
@@ -136,7 +146,13 @@ pub fn encode_component(s: &str) -> String {
 /// Where to go after signing in: a console path, never another site.
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with("/console/") && !n.contains("//") && !n.contains('\\') => n.to_owned(),
+        Some(n)
+            if n.starts_with("/console/")
+                && !n.contains("//")
+                && n.bytes().all(|b| b.is_ascii_graphic() && b != b'\\') =>
+        {
+            n.to_owned()
+        }
         _ => "/console/".to_owned(),
     }
 }
@@ -258,7 +274,12 @@ pub async fn signin(State(state): State<AppState>, request: Request) -> Response
     }
     let (who, credential) = match (&form.admin_key, &form.operator) {
         (Some(key), _) => {
-            if let Err(e) = state.login_limits.check("console:admin-key", client_ip) {
+            // Per client, so that nobody can lock the admin key out for all.
+            let name = format!(
+                "console:admin-key@{}",
+                client_ip.map(|ip| ip.to_string()).unwrap_or_default()
+            );
+            if let Err(e) = state.login_limits.check(&name, client_ip) {
                 return throttled(&state, e, jar, &retry);
             }
             let ok = state.config.admin_api_key.as_ref().is_some_and(|k| {
@@ -295,8 +316,13 @@ pub async fn signin(State(state): State<AppState>, request: Request) -> Response
             .unwrap_or(false);
             match found {
                 Some(h) if ok => (Some(name), hash_api_key(&h)),
-                _ => {
+                Some(_) => {
                     tracing::info!(operator = %name, clientIp = ?client_ip, "console sign-in failed");
+                    return retry(jar, "Wrong operator name or password.", StatusCode::UNAUTHORIZED);
+                }
+                None => {
+                    // Not the name typed: it may be a password in the wrong field.
+                    tracing::info!(clientIp = ?client_ip, "console sign-in failed (no such operator)");
                     return retry(jar, "Wrong operator name or password.", StatusCode::UNAUTHORIZED);
                 }
             }

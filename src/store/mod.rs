@@ -367,6 +367,10 @@ pub trait EventStore: Send + Sync {
     /// with every status change (never a scan of the events).
     async fn stats(&self, query: &StatsQuery) -> StoreResult<Stats>;
     async fn deliveries(&self, id: &str) -> StoreResult<Vec<DeliveryRow>>;
+    /// Dead letters by type and error category (biggest groups first),
+    /// counted in the database: all retained, or those dead-lettered at or
+    /// after `since`.
+    async fn dead_letter_groups(&self, since: Option<DateTime<Utc>>) -> StoreResult<Vec<DeadLetterGroup>>;
     /// The attempts recorded for an event, first first.
     async fn attempts(&self, id: &str) -> StoreResult<Vec<AttemptRow>>;
     /// Events received per minute and type since `since` (the counters'
@@ -531,6 +535,19 @@ pub struct ConsoleSession {
     pub csrf: String,
     pub created_at: DateTime<Utc>,
     pub seen_at: DateTime<Utc>,
+}
+
+/// Dead letters of one type and error category.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetterGroup {
+    pub tipo: String,
+    /// `last_error.category`; `None` for dead letters without an error.
+    pub category: Option<String>,
+    pub count: i64,
+    /// When the newest of them was dead-lettered.
+    pub newest: DateTime<Utc>,
+    /// One of their error messages.
+    pub example: Option<String>,
 }
 
 /// One recorded attempt of an event.

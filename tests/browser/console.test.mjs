@@ -205,9 +205,14 @@ test('keyboard only: skip link, navigation, a form', async () => {
   const page = await newPage();
   await page.goto(base + '/console/');
   // The key field has the focus on the sign-in page.
+  await page.waitForFunction(() => document.activeElement?.id === 'admin_key');
   await page.keyboard.type(adminKey);
   await page.keyboard.press('Enter');
-  await page.waitForURL(base + '/console/');
+  try {
+    await page.waitForURL(base + '/console/', { timeout: 10000 });
+  } catch {
+    assert.fail(`signing in by keyboard failed: ${await page.locator('main').innerText()}`);
+  }
   await page.keyboard.press('Tab');
   assert.equal(await page.evaluate(() => document.activeElement.textContent), 'Skip to content');
   // Tab to "Events" in the navigation and follow it.

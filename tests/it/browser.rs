@@ -48,7 +48,11 @@ async fn console_in_a_browser(backend: Backend) {
         }
         Err(why) => panic!("ORCH_REQUIRE_BROWSER=1 but {why}"),
     };
-    let app = spawn_app_on(backend, crate::console::pipelines()).await;
+    // Each test signs in once; ten a minute per name would be close.
+    let app = spawn_app_with(backend, crate::console::pipelines(), |v| {
+        v.insert("LOGIN_ATTEMPTS_PER_USER_PER_MINUTE".into(), "100".into());
+    })
+    .await;
     let partner = app.add_partner("acme").await;
     let hostile = json!({
         "produto_id": "<script>window.pwned=1</script>",

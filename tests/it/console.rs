@@ -239,13 +239,22 @@ async fn every_page_needs_a_session(backend: Backend) {
         for attr in ["src=\"", "href=\"", "action=\""] {
             for part in page.body.split(attr).skip(1) {
                 assert!(
-                    part.starts_with('/') || part.starts_with('#') || part.starts_with("data:,\""),
+                    (part.starts_with('/') && !part.starts_with("//"))
+                        || part.starts_with('#')
+                        || part.starts_with("data:,\""),
                     "{path}: {attr}{}",
                     &part[..part.len().min(60)]
                 );
             }
         }
     }
+    let missing = c.get("/console/no-such-page").await;
+    assert_eq!(missing.status, 404);
+    assert!(missing.headers.contains_key("content-security-policy"));
+    assert!(missing.body.contains("There is no such console page."));
+    // A GET of an action's address goes to its page; only a post acts.
+    let back = c.get("/console/partners/demo/keys").await;
+    assert_eq!((back.status, back.location()), (303, "/console/partners/demo"));
     let css = c.get("/console/static/console.css").await;
     assert_eq!(css.status, 200);
     assert_eq!(css.headers["content-type"], "text/css; charset=utf-8");
@@ -350,19 +359,52 @@ async fn sign_in_is_guarded(backend: Backend) {
 
 async fn sessions_expire_when_idle(backend: Backend) {
     let app = spawn_app_with(backend, pipelines(), |v| {
-        v.insert("CONSOLE_IDLE_TIMEOUT".into(), "2s".into());
+        v.insert("CONSOLE_IDLE_TIMEOUT".into(), "3s".into());
     })
     .await;
     let mut c = ConsoleClient::new(&app);
     c.sign_in(ADMIN_KEY).await;
     // Used within the idle time, it lasts longer than the idle time.
-    for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(900)).await;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
         assert_eq!(c.get("/console/").await.status, 200);
     }
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
-    let page = c.get("/console/").await;
-    assert_eq!(page.status, 303, "idle for longer than CONSOLE_IDLE_TIMEOUT");
+    tokio::time::sleep(Duration::from_millis(4_000)).await;
+    assert_eq!(
+        c.get("/console/").await.status,
+        303,
+        "idle for longer than CONSOLE_IDLE_TIMEOUT"
+    );
+    // The overview's own refresh is no use: the tab signs out all the same.
+    c.sign_in(ADMIN_KEY).await;
+    let signed_in = std::time::Instant::now();
+    let mut last = 200;
+    while signed_in.elapsed() < Duration::from_millis(4_500) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        last = c.get("/console/?auto=1").await.status;
+    }
+    assert_eq!(last, 303, "auto-refreshed for longer than the idle time");
+    app.stop().await;
+}
+
+async fn sessions_end_after_their_lifetime(backend: Backend) {
+    let app = spawn_app_with(backend, pipelines(), |v| {
+        v.insert("CONSOLE_SESSION_LIFETIME".into(), "3s".into());
+    })
+    .await;
+    let mut c = ConsoleClient::new(&app);
+    c.sign_in(ADMIN_KEY).await;
+    let signed_in = std::time::Instant::now();
+    while signed_in.elapsed() < Duration::from_millis(2_000) {
+        assert_eq!(c.get("/console/events").await.status, 200);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        c.get("/console/events").await.status,
+        303,
+        "used, but older than its lifetime"
+    );
     app.stop().await;
 }
 
@@ -647,10 +689,158 @@ async fn pages_act_like_the_admin_api(backend: Backend) {
         .post("/console/partners", &[("csrf", &csrf), ("id", "bad id!")])
         .await;
     assert_eq!(page.status, 422, "{}", page.body);
+    // `..` would be no link to its page.
+    let page = c
+        .post("/console/partners", &[("csrf", &csrf), ("id", "..")])
+        .await;
+    assert_eq!(page.status, 422, "{}", page.body);
+    app.stop().await;
+}
+
+/// The embedded first start makes an admin key file (owner-only) and
+/// later starts read it; a store that exists, or `ADMIN_API_KEY`, gets none.
+#[test]
+fn the_first_embedded_start_makes_an_admin_key() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let dir = PipelineDir::shipped();
+    let mut values = base_config(data.path(), &dir);
+    values.remove("ADMIN_API_KEY");
+    let config = || orchestrator::config::Config::from_map(&values).expect("config");
+    let mut first = config();
+    let (path, made) = orchestrator::app::local_admin_key(&mut first)
+        .expect("made")
+        .expect("a key file");
+    assert!(made);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).expect("file").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let key = std::fs::read_to_string(&path).expect("key").trim().to_owned();
+    crate::logcap::secret(&key);
+    use secrecy::ExposeSecret;
+    assert_eq!(
+        first.admin_api_key.as_ref().map(|k| k.expose_secret().to_owned()),
+        Some(key.clone())
+    );
+    let mut again = config();
+    let (_, made) = orchestrator::app::local_admin_key(&mut again)
+        .expect("read")
+        .expect("file");
+    assert!(!made);
+    assert_eq!(
+        again.admin_api_key.as_ref().map(|k| k.expose_secret().to_owned()),
+        Some(key)
+    );
+    // An existing store without the file: nothing is made.
+    std::fs::remove_file(&path).expect("rm");
+    std::fs::write(data.path().join("orchestrator.db"), b"").expect("store");
+    let mut existing = config();
+    assert!(
+        orchestrator::app::local_admin_key(&mut existing)
+            .expect("ok")
+            .is_none()
+    );
+    assert!(existing.admin_api_key.is_none() && !path.exists());
+    // A file that holds no key is an error, not replaced.
+    std::fs::write(&path, "short\n").expect("write");
+    assert!(orchestrator::app::local_admin_key(&mut config()).is_err());
+    assert_eq!(std::fs::read_to_string(&path).expect("kept"), "short\n");
+}
+
+/// `orchestrator operator …` against the running service's store.
+async fn operators_from_the_cli(backend: Backend) {
+    let app = spawn_app_on(backend, pipelines()).await;
+    let cli = |args: &[&str]| app.cli(args);
+    crate::logcap::secret("operator-password-1");
+    let (ok, out) = cli(&["operator", "create", "ana", "--password", "short"]);
+    assert!(!ok && out.contains("at least 12 characters"), "{out}");
+    let (ok, out) = cli(&["operator", "create", "ana", "--password", "operator-password-1"]);
+    assert!(ok, "{out}");
+    let (ok, out) = cli(&["operator", "create", "ana", "--password", "operator-password-1"]);
+    assert!(!ok && out.contains("already exists"), "{out}");
+    let (ok, out) = cli(&["operator", "list"]);
+    assert!(ok && out.starts_with("ana\t"), "{out}");
+    let mut c = ConsoleClient::new(&app);
+    let page = c
+        .submit_sign_in(&[("operator", "ana"), ("password", "operator-password-1")])
+        .await;
+    assert_eq!(page.status, 303, "{}", page.body);
+    assert_eq!(c.get("/console/").await.status, 200);
+    let (ok, out) = cli(&["operator", "delete", "ana"]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        c.get("/console/").await.status,
+        303,
+        "a removed operator's session ends"
+    );
+    let (ok, out) = cli(&["operator", "delete", "ana"]);
+    assert!(!ok && out.contains("not found"), "{out}");
+    app.stop().await;
+}
+
+/// The overview shows a destination's open circuit, and its reset closes it.
+async fn destinations_are_reset_from_the_overview(backend: Backend) {
+    let rx = Receiver::start().await;
+    rx.set("/erp", Behaviour::Status(503));
+    let dir = crate::destinations::pipeline(
+        "GANCHO",
+        &rx.url("/erp"),
+        None,
+        2,
+        "    circuit_breaker:\n      failure_threshold: 1\n      open_for: 60s\n",
+    );
+    let app = spawn_app_on(backend, dir).await;
+    let id = accepted_id(app.post_event("GANCHO", json!({"n": 1})).await).await;
+    let erp_state = || async {
+        let all = crate::destinations::admin_destinations(&app).await;
+        crate::destinations::destination(&all, "GANCHO", "erp")["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while erp_state().await != "open" {
+        assert!(std::time::Instant::now() < deadline, "the circuit did not open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut c = ConsoleClient::new(&app);
+    let csrf = c.sign_in(ADMIN_KEY).await;
+    let page = c.get("/console/").await;
+    assert!(
+        page.body.contains("<span class=\"circuit open\">open</span>"),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("Reset GANCHO erp"), "{}", page.body);
+    // The ERP is back; the reset lets the waiting event go at once (the
+    // circuit would otherwise stay open for a minute).
+    rx.set("/erp", Behaviour::Status(200));
+    let page = c
+        .post(
+            "/console/destinations/reset",
+            &[("csrf", &csrf), ("tipo", "GANCHO"), ("destination", "erp")],
+        )
+        .await;
+    assert_eq!(page.status, 303, "{}", page.body);
+    assert_eq!(page.location(), "/console/#destinations");
+    assert_eq!(erp_state().await, "closed");
+    app.wait_for(&id, "processed", Duration::from_secs(20)).await;
+    let page = c
+        .post(
+            "/console/destinations/reset",
+            &[("csrf", &csrf), ("tipo", "GANCHO"), ("destination", "nope")],
+        )
+        .await;
+    assert_eq!(page.status, 404);
     app.stop().await;
 }
 
 both_backends!(
+    operators_from_the_cli,
+    destinations_are_reset_from_the_overview,
+    sessions_end_after_their_lifetime,
     every_page_needs_a_session,
     sign_in_is_guarded,
     sessions_expire_when_idle,

@@ -14,7 +14,13 @@ use crate::helpers::*;
 /// A pipeline `tipo` delivering to `erp` (and `crm` when given) with the
 /// brief's retry policy (3 retries after 1 s, 4 s, 16 s) and `erp_extra`
 /// (YAML lines of the `erp` destination, indented four spaces).
-fn pipeline(tipo: &str, erp: &str, crm: Option<&str>, concurrency: usize, erp_extra: &str) -> PipelineDir {
+pub(crate) fn pipeline(
+    tipo: &str,
+    erp: &str,
+    crm: Option<&str>,
+    concurrency: usize,
+    erp_extra: &str,
+) -> PipelineDir {
     let dir = PipelineDir::new();
     let crm = crm
         .map(|u| format!("  crm:\n    type: webhook\n    url: {u}\n    timeout: 2s\n"))
@@ -58,13 +64,13 @@ async fn wait_all_terminal(app: &TestApp, ids: &[String], timeout: Duration) -> 
     out
 }
 
-async fn admin_destinations(app: &TestApp) -> Vec<Value> {
+pub(crate) async fn admin_destinations(app: &TestApp) -> Vec<Value> {
     let (status, body) = app.get_json("/admin/destinations", ADMIN_KEY).await;
     assert_eq!(status, 200, "{body}");
     body["destinations"].as_array().expect("destinations").clone()
 }
 
-fn destination<'a>(all: &'a [Value], tipo: &str, name: &str) -> &'a Value {
+pub(crate) fn destination<'a>(all: &'a [Value], tipo: &str, name: &str) -> &'a Value {
     all.iter()
         .find(|d| d["tipo"] == tipo && d["destination"] == name)
         .unwrap_or_else(|| panic!("{tipo}/{name} not listed: {all:?}"))

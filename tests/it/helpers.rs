@@ -472,6 +472,18 @@ impl TestApp {
         self.values.get("DATABASE_URL").map(String::as_str)
     }
 
+    /// Runs `orchestrator ARGS` on this app's store: whether it succeeded,
+    /// and what it printed.
+    pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        use secrecy::ExposeSecret;
+        let config = &self.app.as_ref().expect("running").state.config;
+        let url = config.database_url.expose_secret().to_owned();
+        let mut command = orchestrator_command(&[("DATABASE_URL".to_owned(), url)]);
+        command.args(args);
+        let (code, text) = run_to_end(command);
+        (code == 0, text)
+    }
+
     pub async fn stop(mut self) {
         self.server.abort();
         if let Some(app) = self.app.take() {

@@ -8,14 +8,15 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, Row};
 
-use super::SqlStore;
 use super::codec::{EVENT_COLUMNS, event_from_row, from_ms, id_floor, ms, parse_json, requeue_from_row};
 use super::counts::{self, Deltas, Writer};
 use super::statement::{key_holders, placeholders, release};
 use super::writes::insert_in_key_order;
+use super::{Backend, SqlStore};
 use crate::store::{
-    AttemptFinish, AttemptRow, DeliveryRow, DiscardOutcome, EventRecord, EventStore, Finished, InsertOutcome,
-    ListFilter, NewEvent, Requeue, RetryOutcome, Stats, StatsQuery, Status, StoreResult, Sweep, Waiting,
+    AttemptFinish, AttemptRow, DeadLetterGroup, DeliveryRow, DiscardOutcome, EventRecord, EventStore,
+    Finished, InsertOutcome, ListFilter, NewEvent, Requeue, RetryOutcome, Stats, StatsQuery, Status,
+    StoreResult, Sweep, Waiting,
 };
 
 /// A bound value of a statement built from optional filters.
@@ -136,6 +137,37 @@ impl EventStore for SqlStore {
                     status_code: r
                         .try_get::<Option<i64>, _>("status_code")?
                         .and_then(|c| u16::try_from(c).ok()),
+                })
+            })
+            .collect()
+    }
+
+    async fn dead_letter_groups(&self, since: Option<DateTime<Utc>>) -> StoreResult<Vec<DeadLetterGroup>> {
+        // Terminal events are not updated again: `updated_at` is when it
+        // was dead-lettered, and (status, updated_at) is indexed.
+        let field = |name: &str| match self.backend() {
+            Backend::Postgres => format!("(CAST(last_error AS jsonb) ->> '{name}')"),
+            Backend::Sqlite => format!("json_extract(last_error, '$.{name}')"),
+        };
+        let sql = format!(
+            "SELECT tipo, {category} AS category, COUNT(*) AS n, MAX(updated_at) AS newest, MIN({message}) AS example \
+             FROM events WHERE status = 'dead_lettered' AND updated_at >= $1 \
+             GROUP BY tipo, {category} ORDER BY n DESC, tipo",
+            category = field("category"),
+            message = field("message"),
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(since.map_or(i64::MIN, ms))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(DeadLetterGroup {
+                    tipo: r.try_get("tipo")?,
+                    category: r.try_get("category")?,
+                    count: r.try_get("n")?,
+                    newest: from_ms(r.try_get("newest")?),
+                    example: r.try_get("example")?,
                 })
             })
             .collect()
