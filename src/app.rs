@@ -357,6 +357,7 @@ impl App {
         }
         let state = AppState {
             login_limits: Arc::new(api::limits::LoginLimits::new(&config)),
+            console_limits: Arc::new(api::limits::LoginLimits::new(&config)),
             config,
             store,
             queue,

@@ -329,12 +329,26 @@ impl Config {
             ("RETENTION_DEAD_LETTERED", cfg.retention.dead_lettered),
             ("PURGE_INTERVAL", cfg.purge_interval),
             ("PARTITION_PERIOD", cfg.partition_period),
+            ("CONSOLE_IDLE_TIMEOUT", cfg.console_idle_timeout),
+            ("CONSOLE_SESSION_LIFETIME", cfg.console_session_lifetime),
         ] {
             if d < Duration::from_secs(1) {
                 return Err(ConfigError(format!("{k} must be at least 1s")));
             }
         }
         cfg.check_redis_tls()?;
+        {
+            use secrecy::ExposeSecret;
+            if cfg
+                .admin_api_key
+                .as_ref()
+                .is_some_and(|k| k.expose_secret().trim().len() < 16)
+            {
+                return Err(ConfigError(
+                    "ADMIN_API_KEY must have at least 16 characters".into(),
+                ));
+            }
+        }
         if cfg.max_header_bytes < 1024 {
             return Err(ConfigError("MAX_HEADER_BYTES must be at least 1024".into()));
         }

@@ -45,6 +45,10 @@ pub struct AppState {
     pub gate: Arc<dyn engine::gate::DestinationGate>,
     pub partner_limits: Arc<limits::PartnerLimits>,
     pub login_limits: Arc<limits::LoginLimits>,
+    /// The console's sign-in attempts, with the same limits as
+    /// `POST /auth/login` but buckets of their own (a partner id cannot
+    /// spend an operator's or the admin key's).
+    pub console_limits: Arc<limits::LoginLimits>,
 }
 
 pub fn router(state: AppState) -> Router {

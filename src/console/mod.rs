@@ -74,7 +74,7 @@ pub fn router() -> Router<AppState> {
             post(partners::revoke).merge(up(3)),
         )
         // The API router's fallback would answer problem+json.
-        .route("/console/{*rest}", get(page::not_found))
+        .route("/console/{*rest}", axum::routing::any(page::not_found))
         .layer(axum::middleware::from_fn(security_headers))
 }
 

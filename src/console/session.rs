@@ -274,12 +274,10 @@ pub async fn signin(State(state): State<AppState>, request: Request) -> Response
     }
     let (who, credential) = match (&form.admin_key, &form.operator) {
         (Some(key), _) => {
-            // Per client, so that nobody can lock the admin key out for all.
-            let name = format!(
-                "console:admin-key@{}",
-                client_ip.map(|ip| ip.to_string()).unwrap_or_default()
-            );
-            if let Err(e) = state.login_limits.check(&name, client_ip) {
+            // Per client (an IPv6 client per /64), so that nobody can lock
+            // the admin key out for all. A space is in no operator name.
+            let name = format!("admin key {}", client_network(client_ip));
+            if let Err(e) = state.console_limits.check(&name, client_ip) {
                 return throttled(&state, e, jar, &retry);
             }
             let ok = state.config.admin_api_key.as_ref().is_some_and(|k| {
@@ -295,10 +293,12 @@ pub async fn signin(State(state): State<AppState>, request: Request) -> Response
         }
         (None, Some(name)) => {
             let name = name.trim().to_owned();
-            if let Err(e) = state.login_limits.check(&format!("console:{name}"), client_ip) {
+            let valid = crate::partners::valid_id(&name);
+            let bucket = if valid { name.as_str() } else { "(not a name)" };
+            if let Err(e) = state.console_limits.check(bucket, client_ip) {
                 return throttled(&state, e, jar, &retry);
             }
-            let found = if name.len() <= 64 {
+            let found = if valid {
                 match state.store.operator_password(&name).await {
                     Ok(f) => f,
                     Err(e) => return ConsoleError::from(e).into_response(),
@@ -341,14 +341,11 @@ pub async fn signin(State(state): State<AppState>, request: Request) -> Response
         chrono::TimeDelta::from_std(state.config.console_idle_timeout).unwrap_or(chrono::TimeDelta::MAX);
     let lifetime =
         chrono::TimeDelta::from_std(state.config.console_session_lifetime).unwrap_or(chrono::TimeDelta::MAX);
-    if let Err(e) = state
-        .store
-        .purge_sessions(
-            now.checked_sub_signed(idle).unwrap_or(now),
-            now.checked_sub_signed(lifetime).unwrap_or(now),
-        )
-        .await
-    {
+    let before = |d| {
+        now.checked_sub_signed(d)
+            .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC)
+    };
+    if let Err(e) = state.store.purge_sessions(before(idle), before(lifetime)).await {
         tracing::warn!(error = %e, "cannot remove expired console sessions");
     }
     let token = random_token();
@@ -369,6 +366,19 @@ pub async fn signin(State(state): State<AppState>, request: Request) -> Response
         .remove(removal(SIGNIN_COOKIE))
         .add(cookie(SESSION_COOKIE, token, over_https(&headers)));
     (jar, Redirect::to(&safe_next(form.next.as_deref()))).into_response()
+}
+
+/// A client's address for throttling: an IPv6 client's /64 (one host
+/// usually has the whole network).
+fn client_network(ip: Option<std::net::IpAddr>) -> String {
+    match ip {
+        Some(std::net::IpAddr::V6(v6)) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        Some(v4) => v4.to_string(),
+        None => "unknown".to_owned(),
+    }
 }
 
 /// The sign-in page again, `429` with `Retry-After`.
