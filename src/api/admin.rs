@@ -241,6 +241,7 @@ pub async fn redrive_dead_letters(state: &AppState, input: &RedriveIn) -> Result
         since: super::events::parse_time("since", &input.since).map_err(ApiError::InvalidRequest)?,
         until: super::events::parse_time("until", &input.until).map_err(ApiError::InvalidRequest)?,
         before_id: None,
+        category: input.category.clone(),
         limit: 500,
     };
     // Newest first (the store's order), up to `limit`; redriven oldest first.
@@ -250,15 +251,7 @@ pub async fn redrive_dead_letters(state: &AppState, input: &RedriveIn) -> Result
         let Some(last) = page.last() else { break };
         filter.before_id = Some(last.id.clone());
         let full_page = page.len() == filter.limit as usize;
-        for ev in page {
-            let category_ok = input
-                .category
-                .as_deref()
-                .is_none_or(|c| ev.last_error.as_ref().is_some_and(|e| e.category == c));
-            if category_ok {
-                matched.push(ev);
-            }
-        }
+        matched.extend(page);
         if !full_page {
             break;
         }

@@ -76,6 +76,7 @@ pub async fn list(op: Operator, State(state): State<AppState>, Query(f): Query<F
         })
         .transpose()?;
     let filter = ListFilter {
+        category: None,
         partner_id: given(&f.partner).map(str::to_owned),
         status,
         tipo: given(&f.tipo).map(engine::normalize_tipo),

@@ -249,6 +249,8 @@ pub struct ListFilter {
     pub until: Option<DateTime<Utc>>,
     /// Exclusive upper bound on the id (keyset cursor; ids sort by time).
     pub before_id: Option<String>,
+    /// `last_error.category`, compared in the database.
+    pub category: Option<String>,
     pub limit: u32,
 }
 

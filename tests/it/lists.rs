@@ -53,6 +53,7 @@ async fn lists_page_every_filter_combination(backend: Backend) {
                     expected.sort_unstable_by(|a, b| b.cmp(a));
                     let mut got = Vec::new();
                     let mut filter = ListFilter {
+                        category: None,
                         partner_id: partner.map(str::to_owned),
                         status,
                         tipo: tipo.map(str::to_owned),

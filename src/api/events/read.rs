@@ -217,6 +217,7 @@ pub async fn list_events(
         return Err(ApiError::InvalidQuery("limit must be 1 to 1000".into()));
     }
     let filter = ListFilter {
+        category: None,
         partner_id: caller.scoped_partner(q.partner_id.clone()),
         status,
         tipo: q.tipo.as_deref().map(engine::normalize_tipo),

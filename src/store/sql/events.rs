@@ -25,6 +25,17 @@ enum Arg<'a> {
     Int(i64),
 }
 
+impl SqlStore {
+    /// A SQL expression: the field `name` of the event's `last_error` (JSON
+    /// text), as each backend reads it.
+    fn last_error_field(&self, name: &str) -> String {
+        match self.backend() {
+            Backend::Postgres => format!("(CAST(last_error AS jsonb) ->> '{name}')"),
+            Backend::Sqlite => format!("json_extract(last_error, '$.{name}')"),
+        }
+    }
+}
+
 #[async_trait]
 impl EventStore for SqlStore {
     async fn insert_event(&self, new: NewEvent) -> StoreResult<InsertOutcome> {
@@ -60,6 +71,10 @@ impl EventStore for SqlStore {
             ("id <", until_id.as_deref().map(Arg::Text)),
             ("id <", f.before_id.as_deref().map(Arg::Text)),
         ];
+        let category = format!("{} =", self.last_error_field("category"));
+        let filters = filters
+            .into_iter()
+            .chain([(category.as_str(), f.category.as_deref().map(Arg::Text))]);
         let set: Vec<(&str, Arg)> = filters
             .into_iter()
             .filter_map(|(clause, arg)| Some((clause, arg?)))
@@ -145,10 +160,7 @@ impl EventStore for SqlStore {
     async fn dead_letter_groups(&self, since: Option<DateTime<Utc>>) -> StoreResult<Vec<DeadLetterGroup>> {
         // Terminal events are not updated again: `updated_at` is when it
         // was dead-lettered, and (status, updated_at) is indexed.
-        let field = |name: &str| match self.backend() {
-            Backend::Postgres => format!("(CAST(last_error AS jsonb) ->> '{name}')"),
-            Backend::Sqlite => format!("json_extract(last_error, '$.{name}')"),
-        };
+        let field = |name: &str| self.last_error_field(name);
         let sql = format!(
             "SELECT tipo, {category} AS category, COUNT(*) AS n, MAX(updated_at) AS newest, MIN({message}) AS example \
              FROM events WHERE status = 'dead_lettered' AND updated_at >= $1 \
