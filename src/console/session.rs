@@ -417,3 +417,59 @@ pub async fn signout(State(state): State<AppState>, jar: CookieJar, change: Chan
     )
         .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_stays_in_the_console() {
+        for (asked, went) in [
+            (
+                Some("/console/events?status=processed"),
+                "/console/events?status=processed",
+            ),
+            (Some("/console/partners/acme"), "/console/partners/acme"),
+            (None, "/console/"),
+            (Some("/console"), "/console/"),
+            (Some("https://evil.example/console/"), "/console/"),
+            (Some("//evil.example/console/"), "/console/"),
+            (Some("/console//evil.example"), "/console/"),
+            (Some("/console/\\evil"), "/console/"),
+            (Some("/console/a b"), "/console/"),
+            (Some("/console/\u{1}"), "/console/"),
+            (Some("/console/ação"), "/console/"),
+            (Some("/api/openapi.json"), "/console/"),
+        ] {
+            assert_eq!(safe_next(asked), went, "{asked:?}");
+        }
+    }
+
+    #[test]
+    fn ipv6_clients_count_by_network() {
+        let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().expect("ip"));
+        assert_eq!(client_network(ip("203.0.113.9")), "203.0.113.9");
+        assert_eq!(
+            client_network(ip("2001:db8:1:2:aaaa::1")),
+            client_network(ip("2001:db8:1:2:ffff:ffff:ffff:ffff"))
+        );
+        assert_ne!(
+            client_network(ip("2001:db8:1:2::1")),
+            client_network(ip("2001:db8:1:3::1"))
+        );
+        assert_eq!(client_network(None), "unknown");
+    }
+
+    #[test]
+    fn components_are_percent_encoded() {
+        assert_eq!(
+            encode_component("/console/events?a=b&c"),
+            "%2Fconsole%2Fevents%3Fa%3Db%26c"
+        );
+        assert_eq!(
+            encode_component("ATUALIZAÇÃO_ESTOQUE"),
+            "ATUALIZA%C3%87%C3%83O_ESTOQUE"
+        );
+        assert_eq!(encode_component("a-b_c.d~e"), "a-b_c.d~e");
+    }
+}

@@ -39,6 +39,10 @@ fn runner() -> Result<Runner, String> {
     Ok(Runner { chromium, dir })
 }
 
+/// One browser at a time: two Chromiums at once would load the machine the
+/// other tests' timings share.
+static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn console_in_a_browser(backend: Backend) {
     let runner = match runner() {
         Ok(r) => r,
@@ -48,6 +52,7 @@ async fn console_in_a_browser(backend: Backend) {
         }
         Err(why) => panic!("ORCH_REQUIRE_BROWSER=1 but {why}"),
     };
+    let _browser = ONE_BROWSER.lock().await;
     // Each test signs in once; ten a minute per name would be close.
     let app = spawn_app_with(backend, crate::console::pipelines(), |v| {
         v.insert("LOGIN_ATTEMPTS_PER_USER_PER_MINUTE".into(), "100".into());
