@@ -152,7 +152,7 @@ impl<T: DeserializeOwned + Send> FromRequest<AppState> for Change<T> {
         let req = Request::from_parts(parts, body);
         let axum::Form(pairs) = axum::Form::<Vec<(String, String)>>::from_request(req, state)
             .await
-            .map_err(|e| ConsoleError::new(e.status(), e.body_text()).into_response())?;
+            .map_err(|e| ConsoleError::bad_request(e.body_text()).into_response())?;
         let csrf = pairs.iter().find(|(k, _)| k == "csrf").map(|(_, v)| v.as_str());
         if !csrf.is_some_and(|t| constant_time_eq(t.as_bytes(), op.session.csrf.as_bytes())) {
             tracing::warn!(operator = %op.display_name(), "console change refused: missing or wrong CSRF token");

@@ -247,7 +247,7 @@ pub async fn signin(State(state): State<AppState>, request: Request) -> Response
             Ok(f) => f,
             Err(e) => return ConsoleError::bad_request(e).into_response(),
         },
-        Err(e) => return ConsoleError::new(e.status(), e.body_text()).into_response(),
+        Err(e) => return ConsoleError::bad_request(e.body_text()).into_response(),
     };
     let next = form.next.clone();
     let retry = |jar: CookieJar, message: &str, status: StatusCode| {
