@@ -306,6 +306,130 @@ async fn redis_outage_during_ingest(backend: Backend) {
     redis.stop();
 }
 
+/// The status `port` answers a one-event post with `key`.
+async fn post_status(http: &reqwest::Client, port: u16, key: &str) -> u16 {
+    http.post(format!("http://127.0.0.1:{port}/events"))
+        .header("x-api-key", key)
+        .json(&json!({"tipo": "CARGA", "dados": {"i": 0}}))
+        .send()
+        .await
+        .expect("send")
+        .status()
+        .as_u16()
+}
+
+/// Posts with `key` to every port until each answers `want`; how long the
+/// slowest took, counted from `since`. Fails past 3 s.
+async fn every_process_answers(
+    http: &reqwest::Client,
+    ports: &[u16],
+    key: &str,
+    want: u16,
+    since: Instant,
+) -> Duration {
+    let mut slowest = Duration::ZERO;
+    for &port in ports {
+        loop {
+            if post_status(http, port, key).await == want {
+                slowest = slowest.max(since.elapsed());
+                break;
+            }
+            assert!(
+                since.elapsed() < Duration::from_secs(3),
+                "process on port {port} still does not answer {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    slowest
+}
+
+/// Each process caches credentials; a change made by another process (the
+/// CLI, or another API process's admin route) reaches every one within 1 s.
+async fn credential_changes_reach_every_process_within_a_second(backend: Backend) {
+    let rx = Receiver::start().await;
+    let dir = sink_pipeline(&rx, 1);
+    let Some(cluster) = Cluster::new(&backend, &dir).await else {
+        return;
+    };
+    let (a, port_a) = cluster.start("api").await;
+    let (b, port_b) = cluster.start("api").await;
+    let ports = [port_a, port_b];
+    let http = &cluster.http;
+    // Warm both caches: every request below after the first is a cache hit.
+    for _ in 0..5 {
+        for &port in &ports {
+            assert_eq!(post_status(http, port, KEY).await, 202);
+        }
+    }
+    let cli = |args: &[&str]| {
+        let out = orchestrator_command(&cluster.vars)
+            .args(args)
+            .output()
+            .expect("cli");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        Instant::now()
+    };
+    let mut took = Vec::new();
+    // A third process disables the partner, then enables it.
+    let at = cli(&["partner", "disable", "loadtest"]);
+    took.push(every_process_answers(http, &ports, KEY, 401, at).await);
+    let at = cli(&["partner", "enable", "loadtest"]);
+    took.push(every_process_answers(http, &ports, KEY, 202, at).await);
+    // Process A's admin route rotates the key, revoking the old one: B
+    // refuses it too, and takes the new one.
+    let resp = http
+        .post(format!("http://127.0.0.1:{port_a}/admin/partners/loadtest/keys"))
+        .header("x-api-key", ADMIN_KEY)
+        .json(&json!({"revoke_others": true}))
+        .send()
+        .await
+        .expect("rotate");
+    let at = Instant::now();
+    assert_eq!(resp.status(), 201);
+    let fresh: Value = resp.json().await.expect("json");
+    let fresh = fresh["api_key"].as_str().expect("the new key").to_owned();
+    crate::logcap::secret(&fresh);
+    took.push(every_process_answers(http, &ports, KEY, 401, at).await);
+    took.push(every_process_answers(http, &ports, &fresh, 202, at).await);
+    // A limit changed by the CLI applies everywhere as well.
+    let at = cli(&[
+        "partner",
+        "update",
+        "loadtest",
+        "--rate-per-minute",
+        "1",
+        "--burst",
+        "1",
+    ]);
+    for &port in &ports {
+        let deadline = at + Duration::from_secs(3);
+        loop {
+            let codes = [
+                post_status(http, port, &fresh).await,
+                post_status(http, port, &fresh).await,
+            ];
+            if codes.contains(&429) {
+                took.push(at.elapsed());
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "port {port} ignores the new limit: {codes:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    println!("credential changes seen by every process after {took:?}");
+    for t in &took {
+        assert!(
+            *t < Duration::from_secs(1),
+            "a change took {t:?} to reach every process"
+        );
+    }
+    cluster.finish(vec![a, b]).await;
+}
+
 async fn migrate_is_idempotent(backend: Backend) {
     let dir = PipelineDir::new();
     let data = tempfile::tempdir().expect("tempdir");
@@ -337,6 +461,7 @@ async fn migrate_is_idempotent(backend: Backend) {
 crate::production_only!(
     api_and_three_workers_survive_a_worker_kill,
     backlog_of_30k_drains_with_one_worker,
-    redis_outage_during_ingest
+    redis_outage_during_ingest,
+    credential_changes_reach_every_process_within_a_second
 );
 crate::both_backends!(migrate_is_idempotent);

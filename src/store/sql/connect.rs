@@ -74,6 +74,7 @@ impl SqlStore {
             pool,
             backend,
             writes,
+            key_cache: Arc::default(),
             batch_sizes,
         })
     }

@@ -8,6 +8,8 @@
 //! * `partitions`: PostgreSQL's time partitions;
 //! * `statement`: statements whose text depends on their input;
 //! * `writes`: the group-committed event writes and key lookups;
+//! * `key_cache`: API keys and logins cached in the process, dropped when
+//!   any process changes a partner or a key;
 //! * `events`, `partners`, `versions`, `maintenance`, `console`: one trait of the store each.
 
 mod codec;
@@ -16,6 +18,7 @@ mod console;
 pub(crate) use connect::WAL_SIZE_LIMIT_BYTES;
 mod counts;
 mod events;
+mod key_cache;
 mod maintenance;
 mod partitions;
 mod partners;
@@ -38,6 +41,7 @@ pub struct SqlStore {
     pool: AnyPool,
     backend: Backend,
     writes: Arc<writes::Writes>,
+    key_cache: Arc<key_cache::KeyCache>,
     batch_sizes: prometheus::HistogramVec,
 }
 

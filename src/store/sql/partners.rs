@@ -1,6 +1,9 @@
 //! [`PartnerStore`] on SQL: partners and their API keys. Keys are stored by
-//! hash only; the per-request key lookup is group-committed with the event
-//! path's writes (see [`Writes`](super::writes::Writes)).
+//! hash only; the per-request key lookup is answered from the process's
+//! cache ([`key_cache`](super::key_cache)) or group-committed with the event
+//! path's writes (see [`Writes`](super::writes::Writes)). A change made here
+//! drops this process's cache at once; other processes drop theirs within
+//! [`FRESH`](super::key_cache::FRESH).
 
 use std::collections::HashMap;
 
@@ -29,6 +32,7 @@ impl PartnerStore for SqlStore {
         .bind(ms(Utc::now()))
         .execute(&self.pool)
         .await?;
+        self.key_cache.invalidate();
         Ok(r.rows_affected() == 1)
     }
 
@@ -47,23 +51,40 @@ impl PartnerStore for SqlStore {
     }
 
     async fn partner_by_key_hash(&self, key_hash: &str) -> StoreResult<Option<Partner>> {
-        self.writes.partner_by_key_hash(key_hash).await
+        let ticket = match self.key_cache.key(&self.pool, key_hash) {
+            Ok(p) => return Ok(Some(p)),
+            Err(ticket) => ticket,
+        };
+        let found = self.writes.partner_by_key_hash(key_hash).await?;
+        if let Some(p) = &found {
+            self.key_cache.put_key(ticket, key_hash, p);
+        }
+        Ok(found)
     }
 
     async fn partner_login(&self, id: &str) -> StoreResult<Option<(Partner, Option<String>)>> {
+        let ticket = match self.key_cache.login(&self.pool, id) {
+            Ok(login) => return Ok(Some(login)),
+            Err(ticket) => ticket,
+        };
         let row = sqlx::query(
             "SELECT id, name, rate_per_minute, burst, disabled_at, password_hash FROM partners WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| {
-            Ok((
-                partner_from_row(&r)?,
-                r.try_get::<Option<String>, _>("password_hash")?,
-            ))
-        })
-        .transpose()
+        let login = row
+            .map(|r| -> StoreResult<_> {
+                Ok((
+                    partner_from_row(&r)?,
+                    r.try_get::<Option<String>, _>("password_hash")?,
+                ))
+            })
+            .transpose()?;
+        if let Some(l) = &login {
+            self.key_cache.put_login(ticket, id, l);
+        }
+        Ok(login)
     }
 
     async fn count_partners(&self) -> StoreResult<i64> {
@@ -149,6 +170,7 @@ impl PartnerStore for SqlStore {
         .bind(update.weight.map(i64::from))
         .execute(&self.pool)
         .await?;
+        self.key_cache.invalidate();
         Ok(r.rows_affected() == 1)
     }
 
@@ -181,6 +203,7 @@ impl PartnerStore for SqlStore {
         .bind(keep_hash)
         .execute(&self.pool)
         .await?;
+        self.key_cache.invalidate();
         Ok(r.rows_affected())
     }
 }

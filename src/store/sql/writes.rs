@@ -362,45 +362,39 @@ async fn claim_rows(
     ) else {
         return Ok(Vec::new());
     };
-    // An event of an ordering key is claimed only when no other event holds
-    // the key (all of one batch are judged on the rows as they were before
-    // it, so of two events of a key only the earlier goes).
-    let sql = format!(
-        "UPDATE events SET prior_status = status, status = 'processing', attempts = attempts + 1, \
-         lease_until = $1, updated_at = $2, blocked_by = NULL \
-         WHERE id IN ({}) AND (status = 'received' \
-           OR (status = 'retrying' AND (next_attempt_at IS NULL OR next_attempt_at <= $3)) \
-           OR (status = 'processing' AND lease_until < $2)) \
-           AND (order_key IS NULL OR NOT {}) \
-         RETURNING {EVENT_COLUMNS}, prior_status",
-        placeholders(4, items.len()),
-        held("events", "$2"),
-    );
-    // A task may arrive a little before its due time; do not make it wait another sweep.
-    let due = ms(now) + 250;
-    let mut q = sqlx::query(AssertSqlSafe(sql))
-        .bind(ms(lease_until))
-        .bind(ms(now))
-        .bind(due);
-    for c in items {
-        q = q.bind(&c.id);
-    }
     let mut tx = pool.begin().await?;
     let mut claimed = HashMap::with_capacity(items.len());
     let mut deltas = Deltas::default();
-    for row in q.fetch_all(&mut *tx).await? {
-        let prior: String = row.try_get("prior_status")?;
-        let prior = Status::parse(&prior).ok_or_else(|| corrupt(format!("prior status {prior:?}")))?;
-        let (partner, tipo): (String, String) = (row.try_get("partner_id")?, row.try_get("tipo")?);
-        let received_at: i64 = row.try_get("received_at")?;
-        deltas.status(&partner, &tipo, received_at, prior, -1);
-        deltas.status(&partner, &tipo, received_at, Status::Processing, 1);
-        claimed.insert(row.try_get::<String, _>("id")?, event_from_row(&row));
+    // Unordered events first, in a statement without the key check: that
+    // check's subquery costs PostgreSQL more to plan than the whole claim
+    // does to run, and most types have no ordering. An event of an ordering
+    // key is claimed only when no other event holds the key (all of one
+    // batch are judged on the rows as they were before it, so of two events
+    // of a key only the earlier goes); only the ids left over are tried so.
+    let ids: Vec<&str> = items.iter().map(|c| c.id.as_str()).collect();
+    claim_where(
+        &mut tx,
+        &ids,
+        "order_key IS NULL",
+        now,
+        lease_until,
+        &mut claimed,
+        &mut deltas,
+    )
+    .await?;
+    let left: Vec<&str> = ids
+        .iter()
+        .copied()
+        .filter(|id| !claimed.contains_key(*id))
+        .collect();
+    if !left.is_empty() {
+        let free = format!("order_key IS NOT NULL AND NOT {}", held("events", "$2"));
+        claim_where(&mut tx, &left, &free, now, lease_until, &mut claimed, &mut deltas).await?;
     }
     deltas.apply(&mut tx, Writer::Claim).await?;
-    let unclaimed: Vec<&str> = items
+    let unclaimed: Vec<&str> = ids
         .iter()
-        .map(|c| c.id.as_str())
+        .copied()
         .filter(|id| !claimed.contains_key(*id))
         .collect();
     let parked = park_held(&mut tx, &unclaimed, ms(now)).await?;
@@ -431,6 +425,50 @@ async fn claim_rows(
     }
     // The same event twice in a batch (a duplicate task): the first gets it.
     Ok(items.iter().map(|c| claimed.remove(&c.id).transpose()).collect())
+}
+
+/// Claims those of `ids` that are due and match `condition` (whose
+/// parameters may be `$1`, the lease, and `$2`, the time): each claimed
+/// event, or the error decoding its row, goes to `claimed`, its status
+/// change to `deltas`.
+async fn claim_where(
+    tx: &mut sqlx::AnyConnection,
+    ids: &[&str],
+    condition: &str,
+    now: DateTime<Utc>,
+    lease_until: DateTime<Utc>,
+    claimed: &mut HashMap<String, StoreResult<EventRecord>>,
+    deltas: &mut Deltas,
+) -> StoreResult<()> {
+    let sql = format!(
+        "UPDATE events SET prior_status = status, status = 'processing', attempts = attempts + 1, \
+         lease_until = $1, updated_at = $2, blocked_by = NULL \
+         WHERE id IN ({}) AND (status = 'received' \
+           OR (status = 'retrying' AND (next_attempt_at IS NULL OR next_attempt_at <= $3)) \
+           OR (status = 'processing' AND lease_until < $2)) \
+           AND {condition} \
+         RETURNING {EVENT_COLUMNS}, prior_status",
+        placeholders(4, ids.len()),
+    );
+    // A task may arrive a little before its due time; do not make it wait another sweep.
+    let due = ms(now) + 250;
+    let mut q = sqlx::query(AssertSqlSafe(sql))
+        .bind(ms(lease_until))
+        .bind(ms(now))
+        .bind(due);
+    for id in ids {
+        q = q.bind(*id);
+    }
+    for row in q.fetch_all(&mut *tx).await? {
+        let prior: String = row.try_get("prior_status")?;
+        let prior = Status::parse(&prior).ok_or_else(|| corrupt(format!("prior status {prior:?}")))?;
+        let (partner, tipo): (String, String) = (row.try_get("partner_id")?, row.try_get("tipo")?);
+        let received_at: i64 = row.try_get("received_at")?;
+        deltas.status(&partner, &tipo, received_at, prior, -1);
+        deltas.status(&partner, &tipo, received_at, Status::Processing, 1);
+        claimed.insert(row.try_get::<String, _>("id")?, event_from_row(&row));
+    }
+    Ok(())
 }
 
 /// Whether `conn` is a PostgreSQL connection.
@@ -794,9 +832,8 @@ async fn release_keys(
 /// others wait behind it).
 const RELEASE_PER_KEY: u32 = 500;
 
-/// Concurrent API-key lookups (one per partner request) as one
-/// `… WHERE key_hash IN (…)`: still read per request, so a revoked key or a
-/// disabled partner is refused from the next request on.
+/// Concurrent API-key lookups (those the process's cache could not answer)
+/// as one `… WHERE key_hash IN (…)`.
 async fn key_batch(pool: &AnyPool, items: &[String]) -> StoreResult<Vec<Option<Partner>>> {
     let sql = format!(
         "SELECT k.key_hash, p.id, p.name, p.rate_per_minute, p.burst, p.disabled_at FROM api_keys k \
