@@ -10,8 +10,8 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::codec::{EVENT_COLUMNS, event_from_row, from_ms, id_floor, ms, parse_json, requeue_from_row};
 use super::counts::{self, Deltas, Writer};
-use super::statement::{key_holders, placeholders, release};
-use super::writes::insert_in_key_order;
+use super::statement::{key_holders, placeholders};
+use super::writes::{insert_in_key_order, release_parked};
 use super::{Backend, SqlStore};
 use crate::store::{
     AttemptFinish, AttemptRow, DeadLetterGroup, DeliveryRow, DiscardOutcome, EventRecord, EventStore,
@@ -523,19 +523,12 @@ impl EventStore for SqlStore {
                 return Ok(Vec::new());
             }
         }
-        let key = if order_key.is_some() {
-            " AND b.order_key = $3"
-        } else {
-            ""
+        let (filter, args) = match order_key {
+            Some(k) => (" AND b.order_key = $3", vec![k]),
+            None => ("", Vec::new()),
         };
-        let sql = release(key);
-        let mut q = sqlx::query(AssertSqlSafe(sql))
-            .bind(ms(now))
-            .bind(i64::from(limit));
-        if let Some(k) = order_key {
-            q = q.bind(k);
-        }
-        let rows = q.fetch_all(&self.pool).await?;
+        let mut conn = self.pool.acquire().await?;
+        let rows = release_parked(&mut conn, filter, &args, ms(now), i64::from(limit)).await?;
         let mut out = rows
             .iter()
             .map(requeue_from_row)

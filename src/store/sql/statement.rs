@@ -90,22 +90,32 @@ pub(super) fn held(outer: &str, now: &str) -> String {
     format!("EXISTS ({} LIMIT 1 OFFSET 0)", key_holders(outer, now))
 }
 
-/// Releases parked events that no event holds any more: they get
-/// `queued_at` = `$1` (and, if a retrying one's task came a little early
-/// and it was parked then, `next_attempt_at` = `$1`, so its claim does not
-/// find it early again), at most `$2` of them, oldest first, narrowed by
-/// `filter` (conditions on the parked event `b`, with parameters from `$3`
-/// on). The outer `blocked_by` is checked again
-/// on the locked row (PostgreSQL), so two releases racing wake each event
-/// once.
-pub(super) fn release(filter: &str) -> String {
+/// The parked events that no event holds any more, oldest first, at most
+/// `$2` of them, narrowed by `filter` (conditions on the parked event `b`,
+/// with parameters from `$3` on); `$1` is the time leases are compared
+/// with. [`unpark`] then wakes them.
+pub(super) fn releasable(filter: &str) -> String {
+    format!(
+        "SELECT b.id FROM events b WHERE b.blocked_by IS NOT NULL{filter} AND NOT {} ORDER BY b.id LIMIT $2",
+        held("b", "$1")
+    )
+}
+
+/// Wakes the `n` events `$2…` if still parked: `queued_at` = `$1` (and, if
+/// a retrying one's task came a little early and it was parked then,
+/// `next_attempt_at` = `$1`, so its claim does not find it early again).
+/// `blocked_by` is checked again on the locked row (PostgreSQL), so two
+/// releases racing wake each event once. The ids are a list of values, not
+/// the subquery of [`releasable`]: without statistics PostgreSQL ran
+/// `UPDATE events … WHERE id IN (subquery)` as a hash join over a scan of
+/// every partition (seen: 1.3 ms a release, growing with the table).
+pub(super) fn unpark(n: usize) -> String {
     format!(
         "UPDATE events SET queued_at = $1, blocked_by = NULL, \
          next_attempt_at = CASE WHEN next_attempt_at > $1 THEN $1 ELSE next_attempt_at END \
-         WHERE blocked_by IS NOT NULL AND id IN (\
-         SELECT b.id FROM events b WHERE b.blocked_by IS NOT NULL{filter} AND NOT {} \
-         ORDER BY b.id LIMIT $2) RETURNING id, partner_id, tipo, pipeline_version, order_key",
-        held("b", "$1")
+         WHERE blocked_by IS NOT NULL AND id IN ({}) \
+         RETURNING id, partner_id, tipo, pipeline_version, order_key",
+        placeholders(2, n)
     )
 }
 

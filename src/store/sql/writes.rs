@@ -17,7 +17,7 @@ use super::codec::{
     EVENT_COLUMNS, corrupt, event_from_row, json_text, ms, partner_from_row, requeue_from_row,
 };
 use super::counts::{Deltas, Writer};
-use super::statement::{ROWS_PER_STATEMENT, held, key_holders, placeholders, release, values};
+use super::statement::{ROWS_PER_STATEMENT, held, key_holders, placeholders, releasable, unpark, values};
 use crate::store::group::{BatchOp, Coalescer};
 use crate::store::{
     AttemptFinish, EventRecord, Finished, InsertOutcome, NewEvent, Partner, Requeue, Status, StoreError,
@@ -490,14 +490,18 @@ async fn park_held(
         // The holder found once per event (the CTE), not once to decide and
         // once to name it. The outer status check is the one PostgreSQL
         // repeats on a row changed meanwhile (claimed: not parked).
+        // The updated rows are named by the same id list as the CTE's, so
+        // the update reads them by key (without statistics PostgreSQL
+        // joined the CTE against a scan of every partition).
+        let list = placeholders(2, chunk.len());
         let sql = format!(
             "WITH p (pid, holder) AS (SELECT e.id, ({} ORDER BY h.id LIMIT 1) FROM events e \
-               WHERE e.id IN ({}) AND e.order_key IS NOT NULL AND e.status IN ('received', 'retrying')) \
+               WHERE e.id IN ({list}) AND e.order_key IS NOT NULL AND e.status IN ('received', 'retrying')) \
              UPDATE events SET queued_at = -1, blocked_by = p.holder FROM p \
-             WHERE events.id = p.pid AND p.holder IS NOT NULL AND events.status IN ('received', 'retrying') \
+             WHERE events.id = p.pid AND events.id IN ({list}) AND p.holder IS NOT NULL \
+               AND events.status IN ('received', 'retrying') \
              RETURNING events.id AS id, events.blocked_by AS blocked_by",
             key_holders("e", "$1"),
-            placeholders(2, chunk.len()),
         );
         let mut q = sqlx::query(AssertSqlSafe(sql)).bind(now);
         for id in chunk {
@@ -567,18 +571,49 @@ async fn try_unpark_freed(
         .filter(|(_, holder)| !open.contains(*holder))
         .map(|(id, _)| id)
         .collect();
+    let mut conn = pool.acquire().await?;
     for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-        let sql = release(&format!(" AND b.id IN ({})", placeholders(3, chunk.len())));
+        let filter = format!(" AND b.id IN ({})", placeholders(3, chunk.len()));
+        let args: Vec<&str> = chunk.iter().map(|id| id.as_str()).collect();
         let limit = i64::try_from(chunk.len()).unwrap_or(i64::MAX);
-        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(now).bind(limit);
-        for id in chunk {
-            q = q.bind(id.as_str());
-        }
-        for row in q.fetch_all(pool).await? {
+        for row in release_parked(&mut conn, &filter, &args, now, limit).await? {
             freed.push(row.try_get("id")?);
         }
     }
     Ok(())
+}
+
+/// Releases the parked events no event holds any more (those of
+/// [`releasable`] with `filter` and `args`, at most `limit`): the rows
+/// [`unpark`] woke.
+pub(super) async fn release_parked(
+    conn: &mut sqlx::AnyConnection,
+    filter: &str,
+    args: &[&str],
+    now: i64,
+    limit: i64,
+) -> StoreResult<Vec<sqlx::any::AnyRow>> {
+    let mut q = sqlx::query(AssertSqlSafe(releasable(filter)))
+        .bind(now)
+        .bind(limit);
+    for a in args {
+        q = q.bind(*a);
+    }
+    let ids = q
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<String, _>("id"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let mut q = sqlx::query(AssertSqlSafe(unpark(chunk.len()))).bind(now);
+        for id in chunk {
+            q = q.bind(id.as_str());
+        }
+        out.extend(q.fetch_all(&mut *conn).await?);
+    }
+    Ok(out)
 }
 
 /// An [`AttemptFinish`] as bound parameters, serialized by the caller.
@@ -813,15 +848,12 @@ async fn release_keys(
 ) -> StoreResult<Vec<(String, Requeue)>> {
     let mut out = Vec::new();
     for chunk in keys.chunks(ROWS_PER_STATEMENT) {
-        let sql = release(&format!(" AND b.order_key IN ({})", placeholders(3, chunk.len())));
+        let filter = format!(" AND b.order_key IN ({})", placeholders(3, chunk.len()));
+        let args: Vec<&str> = chunk.iter().map(|k| k.as_str()).collect();
         let limit = i64::try_from(chunk.len())
             .unwrap_or(i64::MAX)
             .saturating_mul(i64::from(RELEASE_PER_KEY));
-        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(now).bind(limit);
-        for k in chunk {
-            q = q.bind(k.as_str());
-        }
-        for row in q.fetch_all(&mut *conn).await? {
+        for row in release_parked(conn, &filter, &args, now, limit).await? {
             out.push((row.try_get::<String, _>("order_key")?, requeue_from_row(&row)?));
         }
     }
