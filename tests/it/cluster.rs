@@ -318,8 +318,11 @@ async fn post_status(http: &reqwest::Client, port: u16, key: &str) -> u16 {
         .as_u16()
 }
 
-/// Posts with `key` to every port until each answers `want`; how long the
-/// slowest took, counted from `since`. Fails past 3 s.
+/// Posts with `key` to every port until each answers `want`; for each, a
+/// request counts by when it was sent (since the change at `since`), so a
+/// slow answer on a loaded machine is not a stale one. Returns the latest
+/// send time of a first right answer; fails when a request sent 1 s after
+/// the change still gets the old answer, or a refusal turns back.
 async fn every_process_answers(
     http: &reqwest::Client,
     ports: &[u16],
@@ -330,15 +333,26 @@ async fn every_process_answers(
     let mut slowest = Duration::ZERO;
     for &port in ports {
         loop {
-            if post_status(http, port, key).await == want {
-                slowest = slowest.max(since.elapsed());
+            let sent = since.elapsed();
+            let got = post_status(http, port, key).await;
+            if got == want {
+                slowest = slowest.max(sent);
                 break;
             }
             assert!(
-                since.elapsed() < Duration::from_secs(3),
-                "process on port {port} still does not answer {want}"
+                sent < Duration::from_secs(1),
+                "process on port {port}: a request sent {sent:?} after the change got {got}, not {want}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    if want == 401 {
+        for &port in ports {
+            assert_eq!(
+                post_status(http, port, key).await,
+                401,
+                "port {port} accepted a refused key again"
+            );
         }
     }
     slowest
@@ -403,30 +417,24 @@ async fn credential_changes_reach_every_process_within_a_second(backend: Backend
         "1",
     ]);
     for &port in &ports {
-        let deadline = at + Duration::from_secs(3);
         loop {
+            let sent = at.elapsed();
             let codes = [
                 post_status(http, port, &fresh).await,
                 post_status(http, port, &fresh).await,
             ];
             if codes.contains(&429) {
-                took.push(at.elapsed());
+                took.push(sent);
                 break;
             }
             assert!(
-                Instant::now() < deadline,
-                "port {port} ignores the new limit: {codes:?}"
+                sent < Duration::from_secs(1),
+                "port {port}: requests sent {sent:?} after the change ignore the new limit: {codes:?}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    println!("credential changes seen by every process after {took:?}");
-    for t in &took {
-        assert!(
-            *t < Duration::from_secs(1),
-            "a change took {t:?} to reach every process"
-        );
-    }
+    println!("credential changes seen by every process, by send time: {took:?}");
     cluster.finish(vec![a, b]).await;
 }
 

@@ -527,8 +527,22 @@ impl EventStore for SqlStore {
             Some(k) => (" AND b.order_key = $3", vec![k]),
             None => ("", Vec::new()),
         };
-        let mut conn = self.pool.acquire().await?;
-        let rows = release_parked(&mut conn, filter, &args, ms(now), i64::from(limit)).await?;
+        // On PostgreSQL one transaction: more than a hundred events are
+        // woken by several statements, and a failure half-way must not leave
+        // some woken without the caller queueing them. Not on SQLite, where
+        // a transaction that reads and then writes fails outright when
+        // another connection wrote in between (its one writer makes a
+        // failure half-way an I/O error, not a race).
+        let limit = i64::from(limit);
+        let rows = if self.backend == Backend::Postgres {
+            let mut tx = self.pool.begin().await?;
+            let rows = release_parked(&mut tx, filter, &args, ms(now), limit).await?;
+            tx.commit().await?;
+            rows
+        } else {
+            let mut conn = self.pool.acquire().await?;
+            release_parked(&mut conn, filter, &args, ms(now), limit).await?
+        };
         let mut out = rows
             .iter()
             .map(requeue_from_row)

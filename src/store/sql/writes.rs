@@ -571,6 +571,11 @@ async fn try_unpark_freed(
         .filter(|(_, holder)| !open.contains(*holder))
         .map(|(id, _)| id)
         .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    // Each chunk wakes at most its own hundred ids, one `unpark` statement:
+    // it commits whole or not at all.
     let mut conn = pool.acquire().await?;
     for chunk in ids.chunks(ROWS_PER_STATEMENT) {
         let filter = format!(" AND b.id IN ({})", placeholders(3, chunk.len()));
@@ -803,13 +808,17 @@ async fn finish_batch(pool: &AnyPool, items: &[FinishRow]) -> StoreResult<Vec<Fi
         .filter(|k| !freed.contains(k.as_str()))
         .collect();
     if postgres && !again.is_empty() {
-        match pool.acquire().await {
-            Ok(mut conn) => match release_keys(&mut conn, &again, now).await {
-                Ok(more) => next.extend(more),
-                Err(e) => {
-                    warn!(error = %e, "could not release ordering keys after a finish; the sweeper releases them")
-                }
-            },
+        // In a transaction of its own: a release is a read and then one
+        // update per hundred events, and a failure half-way must not leave
+        // events woken that nobody queues.
+        let released = async {
+            let mut tx = pool.begin().await?;
+            let more = release_keys(&mut tx, &again, now).await?;
+            tx.commit().await?;
+            Ok::<_, StoreError>(more)
+        };
+        match released.await {
+            Ok(more) => next.extend(more),
             Err(e) => {
                 warn!(error = %e, "could not release ordering keys after a finish; the sweeper releases them")
             }
@@ -840,7 +849,7 @@ async fn finish_batch(pool: &AnyPool, items: &[FinishRow]) -> StoreResult<Vec<Fi
 }
 
 /// Releases the parked events of `keys` that no event holds any more (see
-/// [`release`]): each with its key.
+/// [`release_parked`]): each with its key.
 async fn release_keys(
     conn: &mut sqlx::AnyConnection,
     keys: &[&String],
