@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::any::AnyPoolOptions;
 
+use super::key_cache::KeyCache;
 use super::writes::Writes;
 use super::{Backend, SqlStore};
 use crate::store::group::batch_size_histogram;
@@ -83,7 +84,7 @@ impl SqlStore {
             pool,
             backend,
             writes,
-            key_cache: Arc::default(),
+            key_cache: Arc::new(KeyCache::new(url)),
             batch_sizes,
         })
     }

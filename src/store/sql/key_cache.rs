@@ -20,7 +20,8 @@
 //! across processes, and the embedded server shares its file with the
 //! CLI), nothing to lose when a listening connection drops (a missed
 //! notification would keep a revoked key alive until some other change),
-//! and the cost is one primary-key read per process every 250 ms.
+//! and the cost is one primary-key read per process every 250 ms, over one
+//! connection of its own per process.
 //!
 //! A read that raced an invalidation is not cached: each read notes the
 //! cache's generation before asking the database and stores its answer
@@ -32,7 +33,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use sqlx::{AnyPool, Row};
+use sqlx::{AnyConnection, AnyPool, Connection, Row};
 
 use crate::store::Partner;
 
@@ -50,6 +51,11 @@ pub(super) type Login = (Partner, Option<String>);
 pub(super) struct KeyCache {
     state: Mutex<State>,
     started: std::sync::OnceLock<()>,
+    /// The database the version is read from, over a connection of the
+    /// poll's own: through the store's pool it would queue behind the
+    /// data path when the pool is busy, and the cache would switch itself
+    /// off exactly when it saves most.
+    url: String,
 }
 
 #[derive(Default)]
@@ -81,13 +87,19 @@ impl State {
 pub(super) struct Ticket(u64);
 
 impl KeyCache {
+    pub(super) fn new(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            ..Self::default()
+        }
+    }
+
     /// Starts the version reads on first use (a process that never
     /// authenticates a partner, such as most CLI commands, never polls).
     fn start(self: &Arc<Self>, pool: &AnyPool) {
         self.started.get_or_init(|| {
             let weak = Arc::downgrade(self);
-            let pool = pool.clone();
-            tokio::spawn(poll(weak, pool));
+            tokio::spawn(poll(weak, pool.clone(), self.url.clone()));
         });
     }
 
@@ -171,32 +183,46 @@ impl KeyCache {
     }
 }
 
-/// Reads the version every [`POLL`] while the cache is alive.
-async fn poll(cache: Weak<KeyCache>, pool: AnyPool) {
+/// Reads the version every [`POLL`] while the cache is alive and the
+/// store's pool open, over a connection of its own (made again after any
+/// failure).
+async fn poll(cache: Weak<KeyCache>, pool: AnyPool, url: String) {
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut conn: Option<AnyConnection> = None;
     loop {
         tick.tick().await;
         if pool.is_closed() {
-            return;
+            break;
         }
         let began = Instant::now();
-        let read = tokio::time::timeout(FRESH, version(&pool)).await;
-        let Some(cache) = cache.upgrade() else { return };
+        let read = tokio::time::timeout(FRESH, version(&mut conn, &url)).await;
+        let Some(cache) = cache.upgrade() else { break };
         match read {
             Ok(Ok(v)) => cache.observe(began, Some(v)),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "could not read credentials_version; cached credentials are not used");
+                conn = None;
                 cache.observe(began, None);
             }
-            Err(_) => cache.observe(began, None),
+            Err(_) => {
+                conn = None;
+                cache.observe(began, None);
+            }
         }
+    }
+    if let Some(c) = conn {
+        let _ = c.close().await;
     }
 }
 
-async fn version(pool: &AnyPool) -> Result<i64, sqlx::Error> {
+async fn version(conn: &mut Option<AnyConnection>, url: &str) -> Result<i64, sqlx::Error> {
+    let c = match conn {
+        Some(c) => c,
+        None => conn.insert(AnyConnection::connect(url).await?),
+    };
     sqlx::query("SELECT version FROM credentials_version WHERE id = 1")
-        .fetch_one(pool)
+        .fetch_one(c)
         .await?
         .try_get(0)
 }
