@@ -279,6 +279,10 @@ impl App {
             .registry
             .register(Box::new(sql.batch_size_metric()))
             .context("store_write_batch_size")?;
+        metrics
+            .registry
+            .register(Box::new(sql.credential_lookup_metric()))
+            .context("credential_lookups_total")?;
         metrics.reloads.with_label_values(&["startup", "ok"]).inc();
         metrics.init_types(&pipelines.current());
         let demo_key = if config.create_demo_partner {

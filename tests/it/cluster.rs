@@ -318,6 +318,22 @@ async fn post_status(http: &reqwest::Client, port: u16, key: &str) -> u16 {
         .as_u16()
 }
 
+/// `credential_lookups_total{source="cache"}` of the process on `port`.
+async fn cache_hits(http: &reqwest::Client, port: u16) -> f64 {
+    let text = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix("credential_lookups_total{source=\"cache\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no credential_lookups_total{{source=\"cache\"}} in {text}"))
+}
+
 /// Posts with `key` to every port until each answers `want`; for each, a
 /// request counts by when it was sent (since the change at `since`), so a
 /// slow answer on a loaded machine is not a stale one. Returns the latest
@@ -370,10 +386,20 @@ async fn credential_changes_reach_every_process_within_a_second(backend: Backend
     let (b, port_b) = cluster.start("api").await;
     let ports = [port_a, port_b];
     let http = &cluster.http;
-    // Warm both caches: every request below after the first is a cache hit.
-    for _ in 0..5 {
-        for &port in &ports {
+    // Warm both caches until each process answers the key from memory
+    // (its first version read must be in before it keeps anything).
+    for &port in &ports {
+        let since = Instant::now();
+        loop {
             assert_eq!(post_status(http, port, KEY).await, 202);
+            if cache_hits(http, port).await >= 1.0 {
+                break;
+            }
+            assert!(
+                since.elapsed() < Duration::from_secs(3),
+                "port {port} never answered a key from its cache"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
     let cli = |args: &[&str]| {

@@ -47,10 +47,12 @@ const CAPACITY: usize = 100_000;
 /// A partner as its login reads it: the partner and its password hash.
 pub(super) type Login = (Partner, Option<String>);
 
-#[derive(Default)]
 pub(super) struct KeyCache {
     state: Mutex<State>,
     started: std::sync::OnceLock<()>,
+    /// `credential_lookups_total{source}`: answered from the cache, or read
+    /// from the store.
+    lookups: prometheus::IntCounterVec,
     /// The database the version is read from, over a connection of the
     /// poll's own: through the store's pool it would queue behind the
     /// data path when the pool is busy, and the cache would switch itself
@@ -88,10 +90,26 @@ pub(super) struct Ticket(u64);
 
 impl KeyCache {
     pub(super) fn new(url: &str) -> Self {
-        Self {
-            url: url.to_owned(),
-            ..Self::default()
+        let opts = prometheus::Opts::new(
+            "credential_lookups_total",
+            "API-key and login lookups of partner requests, by source (cache, store).",
+        );
+        let lookups = prometheus::IntCounterVec::new(opts, &["source"])
+            .unwrap_or_else(|e| panic!("credential_lookups_total: {e}"));
+        for source in ["cache", "store"] {
+            lookups.with_label_values(&[source]);
         }
+        Self {
+            state: Mutex::default(),
+            started: std::sync::OnceLock::new(),
+            lookups,
+            url: url.to_owned(),
+        }
+    }
+
+    /// `credential_lookups_total`, for the metrics registry.
+    pub(super) fn lookup_metric(&self) -> prometheus::IntCounterVec {
+        self.lookups.clone()
     }
 
     /// Starts the version reads on first use (a process that never
@@ -130,10 +148,13 @@ impl KeyCache {
     ) -> Result<V, Ticket> {
         self.start(pool);
         let st = self.lock();
-        match map(&st).get(id) {
+        let found = match map(&st).get(id) {
             Some(v) if st.fresh() => Ok(v.clone()),
             _ => Err(Ticket(st.generation)),
-        }
+        };
+        let source = if found.is_ok() { "cache" } else { "store" };
+        self.lookups.with_label_values(&[source]).inc();
+        found
     }
 
     /// Keeps `value` unless an invalidation came since `ticket` was taken or
@@ -243,7 +264,7 @@ mod tests {
 
     #[test]
     fn entries_are_served_only_while_the_version_is_fresh() {
-        let cache = KeyCache::default();
+        let cache = KeyCache::new("");
         cache.observe(Instant::now(), Some(1));
         let t = Ticket(cache.lock().generation);
         cache.put_key(t, "h", &partner("a"));
@@ -255,7 +276,7 @@ mod tests {
 
     #[test]
     fn a_moved_version_drops_everything_and_a_racing_read_is_not_kept() {
-        let cache = KeyCache::default();
+        let cache = KeyCache::new("");
         cache.observe(Instant::now(), Some(1));
         let before = Ticket(cache.lock().generation);
         cache.put_key(before, "h", &partner("a"));
@@ -276,7 +297,7 @@ mod tests {
 
     #[test]
     fn a_failed_read_is_not_a_fresh_one() {
-        let cache = KeyCache::default();
+        let cache = KeyCache::new("");
         cache.observe(Instant::now(), None);
         assert!(!cache.lock().fresh(), "never read: nothing served");
         let t = Ticket(cache.lock().generation);

@@ -55,6 +55,11 @@ impl SqlStore {
         self.batch_sizes.clone()
     }
 
+    /// `credential_lookups_total`, for the metrics registry.
+    pub fn credential_lookup_metric(&self) -> prometheus::IntCounterVec {
+        self.key_cache.lookup_metric()
+    }
+
     pub fn pool(&self) -> &AnyPool {
         &self.pool
     }

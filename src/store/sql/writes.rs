@@ -388,8 +388,17 @@ async fn claim_rows(
         .filter(|id| !claimed.contains_key(*id))
         .collect();
     if !left.is_empty() {
-        let free = format!("order_key IS NOT NULL AND NOT {}", held("events", "$2"));
-        claim_where(&mut tx, &left, &free, now, lease_until, &mut claimed, &mut deltas).await?;
+        let unheld = format!("order_key IS NOT NULL AND NOT {}", held("events", "$2"));
+        claim_where(
+            &mut tx,
+            &left,
+            &unheld,
+            now,
+            lease_until,
+            &mut claimed,
+            &mut deltas,
+        )
+        .await?;
     }
     deltas.apply(&mut tx, Writer::Claim).await?;
     let unclaimed: Vec<&str> = ids
