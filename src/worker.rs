@@ -33,6 +33,14 @@ pub struct Processor {
     pub shutdown: watch::Receiver<bool>,
 }
 
+/// What an attempt leaves to its task: the next event of its ordering key,
+/// claimed for it, and other released events, to queue.
+#[derive(Default)]
+struct Next {
+    claimed: Option<EventRecord>,
+    released: Vec<Requeue>,
+}
+
 #[async_trait]
 impl TaskHandler for Processor {
     async fn handle(&self, task: QueueTask) {
@@ -42,18 +50,19 @@ impl TaskHandler for Processor {
         } = task;
         let mut next = self.process(&event_id, &pipeline_version).await;
         // The event a finished one released (the next of its ordering key)
-        // runs here at once: through the queue it would cost a round trip,
-        // and on the embedded queue up to a second (its fetch heartbeat),
-        // per event of the key. Any others released with it, or all once
-        // the process is stopping, go through the queue.
-        while !next.is_empty() {
-            let here = (!*self.shutdown.borrow()).then(|| next.remove(0));
-            if !next.is_empty() {
-                let rest: Vec<Pending<'_>> = next.iter().map(Pending::from).collect();
+        // was claimed for this task by the finish, and runs here at once:
+        // through the queue it would cost a round trip, and on the embedded
+        // queue up to a second (its fetch heartbeat), per event of the key.
+        // Any others released with it, or all once the process is stopping
+        // (the finish then claims none), go through the queue.
+        loop {
+            if !next.released.is_empty() {
+                let rest: Vec<Pending<'_>> = next.released.iter().map(Pending::from).collect();
                 self.dispatch.queue_now(&rest).await;
             }
-            let Some(first) = here else { break };
-            next = self.process(&first.id, &first.pipeline_version).await;
+            let Some(event) = next.claimed.take() else { break };
+            let version = event.pipeline_version.clone();
+            next = self.run(event, &version, Utc::now()).await;
         }
     }
 }
@@ -62,23 +71,46 @@ impl Processor {
     /// Claims the event and runs an attempt. A failure before the outcome
     /// is recorded is logged (in the attempt's span, once there is one) and
     /// leaves the event claimable: the sweeper queues it again.
-    async fn process(&self, event_id: &str, version: &str) -> Vec<Requeue> {
-        let failed = |e: anyhow::Error| {
-            error!(eventId = %event_id, error = %e, "processing failed before an outcome was recorded");
-            Vec::new()
-        };
+    async fn process(&self, event_id: &str, version: &str) -> Next {
         let now = Utc::now();
-        let lease = match chrono::Duration::from_std(self.lease) {
-            Ok(lease) => lease,
-            Err(e) => return failed(e.into()),
+        let claimed = match self.lease_until(now) {
+            Ok(until) => self
+                .store
+                .claim(event_id, now, until)
+                .await
+                .map_err(anyhow::Error::from),
+            Err(e) => Err(e),
         };
-        let event = match self.store.claim(event_id, now, now + lease).await {
+        let event = match claimed {
             Ok(Some(event)) => event,
             Ok(None) => {
                 debug!(eventId = %event_id, "task skipped: event not claimable");
-                return Vec::new();
+                return Next::default();
             }
-            Err(e) => return failed(e.into()),
+            Err(e) => {
+                error!(eventId = %event_id, error = %e, "processing failed before an outcome was recorded");
+                return Next::default();
+            }
+        };
+        self.run(event, version, now).await
+    }
+
+    /// When a claim made at `now` expires.
+    fn lease_until(&self, now: DateTime<Utc>) -> anyhow::Result<DateTime<Utc>> {
+        chrono::Duration::from_std(self.lease)
+            .ok()
+            .and_then(|lease| now.checked_add_signed(lease))
+            .ok_or_else(|| anyhow::anyhow!("lease {:?} out of range", self.lease))
+    }
+
+    /// Runs an attempt of a claimed event, in its span. A failure before
+    /// the outcome is recorded is logged and leaves the event to its lease:
+    /// the sweeper queues it again once the lease has expired.
+    async fn run(&self, event: EventRecord, version: &str, now: DateTime<Utc>) -> Next {
+        let event_id = event.id.clone();
+        let failed = |e: anyhow::Error| {
+            error!(eventId = %event_id, error = %e, "processing failed before an outcome was recorded");
+            Next::default()
         };
         // The attempt's span continues the event's trace (the request's).
         let span = tracing::info_span!(
@@ -112,7 +144,7 @@ impl Processor {
         trace: TraceContext,
         version: &str,
         now: DateTime<Utc>,
-    ) -> anyhow::Result<Vec<Requeue>> {
+    ) -> anyhow::Result<Next> {
         let event_id = event.id.as_str();
         let attempt = event.attempts;
         let tipo = event.tipo.clone();
@@ -219,6 +251,7 @@ impl Processor {
                 deliveries: Vec::new(),
                 result: None,
                 wait: None,
+                claim_next: None,
             },
             Some(err) => {
                 let max_wait = err
@@ -361,6 +394,7 @@ impl Processor {
             deliveries: Vec::new(),
             result: None,
             wait,
+            claim_next: None,
         }
     }
 
@@ -369,14 +403,21 @@ impl Processor {
         event: &EventRecord,
         version: &str,
         attempt: u32,
-        finish: AttemptFinish,
-    ) -> anyhow::Result<Vec<Requeue>> {
+        mut finish: AttemptFinish,
+    ) -> anyhow::Result<Next> {
         let (event_id, tipo) = (event.id.as_str(), event.tipo.as_str());
         // The attempt's calls have happened: a store hiccup here would leave
         // the event `processing` until its lease expires and then run it (and
         // its deliveries) again, so try a few times before giving up.
         let mut tries = 0;
         let finished = loop {
+            // The key's next event is claimed for this task unless the
+            // process is stopping; its lease starts with this try.
+            finish.claim_next = if *self.shutdown.borrow() {
+                None
+            } else {
+                self.lease_until(Utc::now()).ok()
+            };
             match self.store.finish_attempt(event_id, attempt, &finish).await {
                 Ok(finished) => break finished,
                 Err(e) if tries < 4 => {
@@ -389,7 +430,7 @@ impl Processor {
         };
         if !finished.recorded {
             warn!(eventId = %event_id, attempt, "outcome not recorded: the claim was lost (lease expired?)");
-            return Ok(Vec::new());
+            return Ok(Next::default());
         }
         // A parked event has no task: the destination waker wakes it.
         if finish.status == Status::Retrying && !finish.wait.as_ref().is_some_and(|w| w.park) {
@@ -406,8 +447,12 @@ impl Processor {
             self.dispatch.queue_later(pending, delay).await;
         }
         // A finished event lets the next one of its key go: the finish
-        // released it, and the caller runs it.
-        Ok(finished.released)
+        // claimed it for this task (or released it), and the caller runs
+        // (or queues) it.
+        Ok(Next {
+            claimed: finished.next,
+            released: finished.released,
+        })
     }
 }
 

@@ -186,6 +186,12 @@ pub struct AttemptFinish {
     /// The attempt ended waiting for a destination: it does not count
     /// against the retry budget (`attempt_base` moves with `attempts`).
     pub wait: Option<FinishWait>,
+    /// Set when the caller will run the next event of the ordering key
+    /// itself: if the attempt ends its event, the first event the key
+    /// releases is claimed for the caller in the same transaction, leased
+    /// until then, and comes back as [`Finished::next`]. `None`: every
+    /// released event comes back in [`Finished::released`], unclaimed.
+    pub claim_next: Option<DateTime<Utc>>,
 }
 
 /// What a waiting event waits on.
@@ -220,9 +226,13 @@ pub enum RetryOutcome {
 pub struct Finished {
     /// False when the attempt no longer held the claim (nothing written).
     pub recorded: bool,
-    /// The event ended (processed or dead-lettered): the events of its
-    /// ordering key that no event holds any more, released (in acceptance
-    /// order; as a rule the next one). The caller runs or queues them.
+    /// The event ended (processed or dead-lettered): the next event of its
+    /// ordering key, claimed for the caller (see
+    /// [`AttemptFinish::claim_next`]), which runs its attempt at once.
+    pub next: Option<EventRecord>,
+    /// The events of its ordering key that no event holds any more,
+    /// released without a claim (in acceptance order; as a rule the next
+    /// one, when it was not claimed as `next`). The caller queues them.
     pub released: Vec<Requeue>,
 }
 

@@ -870,6 +870,7 @@ pub fn finish(status: orchestrator::store::Status) -> orchestrator::store::Attem
         deliveries: Vec::new(),
         result: None,
         wait: None,
+        claim_next: None,
     }
 }
 

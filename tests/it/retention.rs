@@ -508,7 +508,7 @@ async fn partitions_go_whole_and_keep_what_must_stay(backend: Backend) {
     let t0 = now - minute * 10;
     assert_eq!(
         store
-            .prepare(t0, Duration::from_secs(60), Duration::ZERO)
+            .prepare(t0, Duration::from_secs(60), Duration::from_secs(200))
             .await
             .expect("prepare"),
         4
@@ -644,13 +644,21 @@ async fn partitions_go_whole_and_keep_what_must_stay(backend: Backend) {
     assert!(store.get_event(&ids[3]).await.expect("get").is_none());
     let counts = store.status_counts().await.expect("counts");
     assert_eq!((counts["received"], counts["processed"]), (3, 0), "{counts:?}");
-    // New partitions ahead of the clock.
+    // A new partition, a period ahead of the clock; more when the caller
+    // asks for more.
     assert_eq!(
         store
             .prepare(Utc::now(), Duration::from_secs(60), Duration::ZERO)
             .await
             .expect("prepare"),
-        4
+        1
+    );
+    assert_eq!(
+        store
+            .prepare(Utc::now(), Duration::from_secs(60), Duration::from_secs(150))
+            .await
+            .expect("prepare"),
+        2
     );
     assert_eq!(
         store
@@ -772,7 +780,7 @@ async fn partitions_start_after_ids_already_kept(backend: Backend) {
         .await
         .expect("insert");
     let made = store
-        .prepare(Utc::now(), Duration::from_secs(1), Duration::ZERO)
+        .prepare(Utc::now(), Duration::from_secs(1), Duration::from_secs(5))
         .await
         .expect("partitions after the kept id");
     assert!(made >= 1);

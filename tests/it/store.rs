@@ -209,6 +209,7 @@ async fn concurrent_writes_each_get_their_own_outcome(backend: Backend) {
                     },
                     result: processed.then(|| json!({"dados": {"id": id}, "meta": {"m": 1}, "routes": []})),
                     wait: None,
+                    claim_next: None,
                 };
                 let stale = store
                     .finish_attempt(&id, 2, &finish)
@@ -328,6 +329,7 @@ async fn an_insert_parks_behind_the_key_holder(backend: Backend) {
         deliveries: Vec::new(),
         result: None,
         wait: None,
+        claim_next: None,
     };
     let finished = store
         .finish_attempt("01KEY0001", 1, &finish)
@@ -362,8 +364,110 @@ async fn an_insert_parks_behind_the_key_holder(backend: Backend) {
     );
 }
 
+/// A finish that asks for it claims the next event of its key for its
+/// worker, in its own transaction: leased, one attempt more, counted as
+/// processing; the events behind that one stay parked, and a key's dead
+/// letter under `skip` lets its next event go the same way.
+async fn a_finish_claims_the_next_event_of_its_key(backend: Backend) {
+    use orchestrator::store::Status;
+    let (store, _iso, _dir) = test_store(&backend).await;
+    let batch = store
+        .insert_events(vec![
+            keyed("01NXT0001", "k"),
+            keyed("01NXT0002", "k"),
+            keyed("01NXT0003", "k"),
+            keyed("01NXT0004", "j"),
+        ])
+        .await
+        .expect("insert");
+    let behind: Vec<Option<String>> = batch.iter().map(parked_behind).collect();
+    assert_eq!(
+        behind,
+        vec![None, Some("01NXT0001".into()), Some("01NXT0001".into()), None]
+    );
+    let now = Utc::now();
+    let lease = now + chrono::Duration::seconds(30);
+    assert!(
+        store
+            .claim("01NXT0001", now, lease)
+            .await
+            .expect("claim")
+            .is_some()
+    );
+    let finished = store
+        .finish_attempt(
+            "01NXT0001",
+            1,
+            &orchestrator::store::AttemptFinish {
+                claim_next: Some(lease),
+                ..finish(Status::Processed)
+            },
+        )
+        .await
+        .expect("finish");
+    assert!(finished.recorded);
+    assert!(finished.released.is_empty(), "{:?}", finished.released);
+    let next = finished.next.expect("the next event of the key, claimed");
+    assert_eq!(next.id, "01NXT0002");
+    assert_eq!(next.status, Status::Processing);
+    assert_eq!(next.attempts, 1);
+    assert_eq!(next.blocked_by, None);
+    assert!(
+        store
+            .claim("01NXT0002", Utc::now(), lease)
+            .await
+            .expect("claim")
+            .is_none(),
+        "claimed once: its lease holds it"
+    );
+    let third = store.get_event("01NXT0003").await.expect("read").expect("stored");
+    assert!(third.blocked_by.is_some(), "0003 stays parked behind 0002");
+    assert!(
+        store
+            .release_order(Some("k"), 500, Utc::now())
+            .await
+            .expect("release")
+            .is_empty()
+    );
+    let counts = store.status_counts().await.expect("counts");
+    assert_eq!(counts.get("processing").copied(), Some(1), "{counts:?}");
+    assert_eq!(counts.get("processed").copied(), Some(1), "{counts:?}");
+    assert_eq!(counts.get("received").copied(), Some(2), "{counts:?}");
+
+    // Dead-lettered (the store's default is `skip`): the next one goes.
+    let finished = store
+        .finish_attempt(
+            "01NXT0002",
+            1,
+            &orchestrator::store::AttemptFinish {
+                claim_next: Some(lease),
+                ..finish(Status::DeadLettered)
+            },
+        )
+        .await
+        .expect("finish");
+    assert_eq!(finished.next.map(|e| e.id).as_deref(), Some("01NXT0003"));
+    // Without the ask, the next one is woken for a task, not claimed.
+    let finished = store
+        .finish_attempt("01NXT0003", 1, &finish(Status::Processed))
+        .await
+        .expect("finish");
+    assert!(finished.next.is_none() && finished.released.is_empty());
+    assert_eq!(
+        store
+            .status_counts()
+            .await
+            .expect("counts")
+            .get("processing")
+            .copied()
+            .unwrap_or(0),
+        0
+    );
+}
+
 crate::both_backends!(
     batch_insert_resolves_every_key_in_order,
     concurrent_writes_each_get_their_own_outcome,
-    an_insert_parks_behind_the_key_holder
+    an_insert_parks_behind_the_key_holder,
+    a_finish_claims_the_next_event_of_its_key
 );

@@ -42,6 +42,7 @@ async fn stranded_events_are_found_and_waiting_ones_left_alone(backend: Backend)
         deliveries: Vec::new(),
         result: None,
         wait: None,
+        claim_next: None,
     };
     assert!(
         store

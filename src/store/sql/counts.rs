@@ -20,6 +20,7 @@ use std::fmt::Write as _;
 
 use sqlx::{AnyConnection, AssertSqlSafe, Row};
 
+use super::codec::corrupt;
 use super::statement::{ROWS_PER_STATEMENT, values};
 use crate::store::stats::{Counts, MS_BOUNDS, MS_BUCKETS, ms_bucket};
 use crate::store::{Status, StoreResult};
@@ -123,6 +124,19 @@ impl Deltas {
     /// leave (`n < 0`) `status`.
     pub(super) fn status(&mut self, partner: &str, tipo: &str, received_at: i64, status: Status, n: i64) {
         self.count(partner, tipo, received_at, |row| row[status_index(status)] += n);
+    }
+
+    /// An event a claim took (a row of a statement setting
+    /// `statement.rs::claim_set`, returning `prior_status`): it leaves its
+    /// prior status for `processing`.
+    pub(super) fn claimed(&mut self, row: &sqlx::any::AnyRow) -> StoreResult<()> {
+        let prior: String = row.try_get("prior_status")?;
+        let prior = Status::parse(&prior).ok_or_else(|| corrupt(format!("prior status {prior:?}")))?;
+        let (partner, tipo): (String, String) = (row.try_get("partner_id")?, row.try_get("tipo")?);
+        let received_at: i64 = row.try_get("received_at")?;
+        self.status(&partner, &tipo, received_at, prior, -1);
+        self.status(&partner, &tipo, received_at, Status::Processing, 1);
+        Ok(())
     }
 
     /// A processed event's processing time enters (`n = 1`) or leaves

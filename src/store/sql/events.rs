@@ -10,8 +10,9 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::codec::{EVENT_COLUMNS, event_from_row, from_ms, id_floor, ms, parse_json, requeue_from_row};
 use super::counts::{self, Deltas, Writer};
+use super::ordering::release_parked;
 use super::statement::{key_holders, placeholders};
-use super::writes::{insert_in_key_order, release_parked};
+use super::writes::insert_in_key_order;
 use super::{Backend, SqlStore};
 use crate::store::{
     AttemptFinish, AttemptRow, DeadLetterGroup, DeliveryRow, DiscardOutcome, EventRecord, EventStore,
@@ -536,12 +537,14 @@ impl EventStore for SqlStore {
         let limit = i64::from(limit);
         let rows = if self.backend == Backend::Postgres {
             let mut tx = self.pool.begin().await?;
-            let rows = release_parked(&mut tx, filter, &args, ms(now), limit).await?;
+            let rows = release_parked(&mut tx, filter, &args, ms(now), limit, None).await?;
             tx.commit().await?;
-            rows
+            rows.woken
         } else {
             let mut conn = self.pool.acquire().await?;
-            release_parked(&mut conn, filter, &args, ms(now), limit).await?
+            release_parked(&mut conn, filter, &args, ms(now), limit, None)
+                .await?
+                .woken
         };
         let mut out = rows
             .iter()

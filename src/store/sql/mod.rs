@@ -8,6 +8,8 @@
 //! * `partitions`: PostgreSQL's time partitions;
 //! * `statement`: statements whose text depends on their input;
 //! * `writes`: the group-committed event writes and key lookups;
+//! * `ordering`: parking events behind their ordering key's holder, and
+//!   releasing (or claiming) them once it is free;
 //! * `key_cache`: API keys and logins cached in the process, dropped when
 //!   any process changes a partner or a key;
 //! * `events`, `partners`, `versions`, `maintenance`, `console`: one trait of the store each.
@@ -20,6 +22,7 @@ mod counts;
 mod events;
 mod key_cache;
 mod maintenance;
+mod ordering;
 mod partitions;
 mod partners;
 mod statement;

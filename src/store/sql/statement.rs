@@ -8,7 +8,9 @@ use sqlx::any::AnyArguments;
 use sqlx::query::Query;
 use sqlx::{Any, AssertSqlSafe};
 
-/// Rows per multi-row statement: 100 rows × at most 12 parameters stays far
+use super::codec::EVENT_COLUMNS;
+
+/// Rows per multi-row statement: 100 rows × at most 13 parameters stays far
 /// below every backend's parameter limit.
 pub(super) const ROWS_PER_STATEMENT: usize = 100;
 
@@ -37,6 +39,33 @@ pub(super) fn values(row: &str, per_row: usize, first: usize, n: usize) -> Strin
         out.push_str(rest);
     }
     out
+}
+
+/// What a claim sets: `processing`, one more attempt, leased until
+/// `lease`, not parked (`now` is the time of the change).
+pub(super) fn claim_set(lease: &str, now: &str) -> String {
+    format!(
+        "prior_status = status, status = 'processing', attempts = attempts + 1, \
+         lease_until = {lease}, updated_at = {now}, blocked_by = NULL"
+    )
+}
+
+/// Claims the `n` parked events `$3…` for the worker that finished their
+/// key's holder (leased until `$2`, at `$1`): [`claim_set`], queued as of
+/// `$1` (a parked event has no task, `queued_at` -1). Like [`unpark`], it
+/// checks on the locked row that the event is still parked (two releases
+/// racing claim or wake it once); whether its key is free was read by
+/// [`releasable`] a moment before in the same transaction, and the
+/// post-commit reads (see `ordering.rs::unpark_freed`) cover what commits
+/// in between.
+pub(super) fn claim_parked(n: usize) -> String {
+    format!(
+        "UPDATE events SET {}, queued_at = $1 \
+         WHERE blocked_by IS NOT NULL AND status IN ('received', 'retrying') AND id IN ({}) \
+         RETURNING {EVENT_COLUMNS}, prior_status",
+        claim_set("$2", "$1"),
+        placeholders(3, n)
+    )
 }
 
 /// `n` numbered parameters from `$first` on, comma-separated (for `IN (…)`).
@@ -93,10 +122,10 @@ pub(super) fn held(outer: &str, now: &str) -> String {
 /// The parked events that no event holds any more, oldest first, at most
 /// `$2` of them, narrowed by `filter` (conditions on the parked event `b`,
 /// with parameters from `$3` on); `$1` is the time leases are compared
-/// with. [`unpark`] then wakes them.
+/// with. [`unpark`] then wakes them, or [`claim_parked`] claims them.
 pub(super) fn releasable(filter: &str) -> String {
     format!(
-        "SELECT b.id FROM events b WHERE b.blocked_by IS NOT NULL{filter} AND NOT {} ORDER BY b.id LIMIT $2",
+        "SELECT b.id, b.order_key FROM events b WHERE b.blocked_by IS NOT NULL{filter} AND NOT {} ORDER BY b.id LIMIT $2",
         held("b", "$1")
     )
 }

@@ -13,11 +13,10 @@ use futures::future::BoxFuture;
 use sqlx::{AnyPool, AssertSqlSafe, Row};
 use tracing::warn;
 
-use super::codec::{
-    EVENT_COLUMNS, corrupt, event_from_row, json_text, ms, partner_from_row, requeue_from_row,
-};
+use super::codec::{EVENT_COLUMNS, corrupt, event_from_row, json_text, ms, partner_from_row};
 use super::counts::{Deltas, Writer};
-use super::statement::{ROWS_PER_STATEMENT, held, key_holders, placeholders, releasable, unpark, values};
+use super::ordering::{ClaimNext, Freed, keys_with_parked, park_held, release_keys, unpark_freed};
+use super::statement::{ROWS_PER_STATEMENT, claim_set, held, key_holders, placeholders, values};
 use crate::store::group::{BatchOp, Coalescer};
 use crate::store::{
     AttemptFinish, EventRecord, Finished, InsertOutcome, NewEvent, Partner, Requeue, Status, StoreError,
@@ -142,26 +141,73 @@ async fn take_keys(conn: &mut sqlx::AnyConnection, rows: &[&NewEvent]) -> StoreR
 }
 
 /// One multi-row `INSERT … RETURNING`: the stored events, by id.
+///
+/// An event of an ordering key that another event holds is parked as it
+/// is inserted (`queued_at` -1, `blocked_by` its holder, no task): an
+/// earlier event of its key in the database (see
+/// [`key_holders`]), or else an earlier one of this statement, which the
+/// statement's own check cannot see. Rows without a key take a statement
+/// without the check, whose subquery over every partition costs more to
+/// plan than the insert does to run.
 async fn insert_rows(
     conn: &mut sqlx::AnyConnection,
     rows: &[&NewEvent],
+    now: i64,
 ) -> StoreResult<HashMap<String, EventRecord>> {
     if rows.is_empty() {
         return Ok(HashMap::new());
     }
-    let sql = format!(
-        "INSERT INTO events (id, partner_id, tipo, dados, meta, pipeline_version, status, attempts, \
+    const COLUMNS: &str = "id, partner_id, tipo, dados, meta, pipeline_version, status, attempts, \
          received_at, updated_at, queued_at, idempotency_key, request_id, traceparent, tracestate, \
-         order_key, order_block) VALUES {} \
-         RETURNING {EVENT_COLUMNS}",
-        values(
-            "(#1, #2, #3, #4, '{}', #5, 'received', 0, #6, #6, #6, #7, #8, #9, #10, #11, #12)",
-            12,
-            1,
-            rows.len()
+         order_key, order_block";
+    let ordered = rows.iter().any(|n| n.order_key.is_some());
+    // `p` is MATERIALIZED so the holder is read once per row: inlined,
+    // both planners copied the subquery into each of its two uses.
+    let sql = if ordered {
+        format!(
+            "WITH v (id, partner_id, tipo, dados, pipeline_version, received_at, idempotency_key, request_id, \
+               traceparent, tracestate, order_key, order_block, before) AS (VALUES {}), \
+             p AS MATERIALIZED (SELECT v.*, CASE WHEN v.order_key IS NULL THEN NULL \
+               ELSE COALESCE(({} ORDER BY h.id LIMIT 1), v.before) END AS holder FROM v) \
+             INSERT INTO events ({COLUMNS}, blocked_by) \
+             SELECT id, partner_id, tipo, dados, '{{}}', pipeline_version, 'received', 0, received_at, received_at, \
+               CASE WHEN holder IS NULL THEN received_at ELSE -1 END, idempotency_key, request_id, \
+               traceparent, tracestate, order_key, order_block, holder FROM p \
+             RETURNING {EVENT_COLUMNS}",
+            values(
+                "(#1, #2, #3, #4, #5, #6, #7, #8, #9, #10, #11, #12, #13)",
+                13,
+                2,
+                rows.len()
+            ),
+            key_holders("v", "$1"),
         )
-    );
+    } else {
+        format!(
+            "INSERT INTO events ({COLUMNS}) VALUES {} RETURNING {EVENT_COLUMNS}",
+            values(
+                "(#1, #2, #3, #4, '{}', #5, 'received', 0, #6, #6, #6, #7, #8, #9, #10, #11, #12)",
+                12,
+                1,
+                rows.len()
+            )
+        )
+    };
+    // The earliest event of each key in this statement holds the key for
+    // the others.
+    let mut first: HashMap<&str, &str> = HashMap::new();
+    for n in rows {
+        if let Some(k) = n.order_key.as_deref() {
+            let f = first.entry(k).or_insert(n.id.as_str());
+            if n.id.as_str() < *f {
+                *f = n.id.as_str();
+            }
+        }
+    }
     let mut q = sqlx::query(AssertSqlSafe(sql));
+    if ordered {
+        q = q.bind(now);
+    }
     for new in rows {
         q = q
             .bind(&new.id)
@@ -176,6 +222,14 @@ async fn insert_rows(
             .bind(new.trace.as_ref().and_then(|t| t.state.clone()))
             .bind(&new.order_key)
             .bind(i64::from(new.order_block));
+        if ordered {
+            let before = new
+                .order_key
+                .as_deref()
+                .and_then(|k| first.get(k))
+                .filter(|f| **f != new.id.as_str());
+            q = q.bind(before.map(|f| (*f).to_owned()));
+        }
     }
     let mut created = HashMap::with_capacity(rows.len());
     for row in q.fetch_all(&mut *conn).await? {
@@ -227,12 +281,13 @@ async fn resolve_taken(
     conn: &mut sqlx::AnyConnection,
     new: &NewEvent,
     deltas: &mut Deltas,
+    now: i64,
 ) -> StoreResult<InsertOutcome> {
     if let Some(o) = existing_outcome(conn, new).await? {
         return Ok(o);
     }
     if take_keys(conn, &[new]).await?.contains(&new.id)
-        && let Some(ev) = insert_rows(conn, &[new]).await?.remove(&new.id)
+        && let Some(ev) = insert_rows(conn, &[new], now).await?.remove(&new.id)
     {
         deltas.status(&ev.partner_id, &ev.tipo, ms(ev.received_at), Status::Received, 1);
         return Ok(InsertOutcome::Created(ev));
@@ -246,9 +301,12 @@ async fn resolve_taken(
 /// order (the first of two equal keys is created, the second replays or
 /// conflicts with it), and counts the new events as `writer`.
 async fn insert_all(pool: &AnyPool, new: &[&NewEvent], writer: Writer) -> StoreResult<Vec<InsertOutcome>> {
+    let now = ms(Utc::now());
     let mut tx = pool.begin().await?;
     let mut out = Vec::with_capacity(new.len());
     let mut deltas = Deltas::default();
+    // Rows inserted by more than one statement: see the park below.
+    let mut late = new.len() > ROWS_PER_STATEMENT;
     for chunk in new.chunks(ROWS_PER_STATEMENT) {
         let took = take_keys(&mut tx, chunk).await?;
         let fresh: Vec<&NewEvent> = chunk
@@ -256,40 +314,66 @@ async fn insert_all(pool: &AnyPool, new: &[&NewEvent], writer: Writer) -> StoreR
             .filter(|n| n.idempotency_key.is_none() || took.contains(&n.id))
             .copied()
             .collect();
-        let mut created = insert_rows(&mut tx, &fresh).await?;
+        let mut created = insert_rows(&mut tx, &fresh, now).await?;
         for n in chunk {
             out.push(match created.remove(&n.id) {
                 Some(ev) => {
                     deltas.status(&ev.partner_id, &ev.tipo, ms(ev.received_at), Status::Received, 1);
                     InsertOutcome::Created(ev)
                 }
-                None => resolve_taken(&mut tx, n, &mut deltas).await?,
+                None => {
+                    let o = resolve_taken(&mut tx, n, &mut deltas, now).await?;
+                    late |= matches!(o, InsertOutcome::Created(_));
+                    o
+                }
             });
         }
     }
     deltas.apply(&mut tx, writer).await?;
-    // An event whose key another one holds is parked now, without a task:
-    // through the queue it would be fetched, refused by its claim and
-    // parked then (measured: most of the cost of an ordered type).
-    let ordered: Vec<&str> = out
+    // A statement's rows see the keys of the rows before them and of each
+    // other (`insert_rows`), not those of a later statement of this
+    // transaction, whose ids may be earlier (the rows are in idempotency
+    // key order): the rows not parked look again once all are in.
+    if late {
+        let open: Vec<&str> = out
+            .iter()
+            .filter_map(|o| match o {
+                InsertOutcome::Created(ev) if ev.order_key.is_some() && ev.blocked_by.is_none() => {
+                    Some(ev.id.as_str())
+                }
+                _ => None,
+            })
+            .collect();
+        let mut more = park_held(&mut tx, &open, now).await?;
+        for o in &mut out {
+            if let InsertOutcome::Created(ev) = o
+                && let Some(holder) = more.remove(&ev.id)
+            {
+                ev.blocked_by = Some(holder);
+            }
+        }
+    }
+    // An event whose key another one holds was parked as it was inserted,
+    // without a task: through the queue it would be fetched, refused by
+    // its claim and parked then (measured: most of the cost of an ordered
+    // type), and parked by a second update it would cost a row version.
+    let parked: HashMap<String, String> = out
         .iter()
         .filter_map(|o| match o {
-            InsertOutcome::Created(ev) if ev.order_key.is_some() => Some(ev.id.as_str()),
+            InsertOutcome::Created(ev) => Some((ev.id.clone(), ev.blocked_by.clone()?)),
             _ => None,
         })
         .collect();
-    let now = ms(Utc::now());
-    let mut parked = park_held(&mut tx, &ordered, now).await?;
     let postgres = is_postgres(&tx);
     tx.commit().await?;
     if postgres {
-        for id in unpark_freed(pool, &parked, now).await {
-            parked.remove(&id);
-        }
-    }
-    for o in &mut out {
-        if let InsertOutcome::Created(ev) = o {
-            ev.blocked_by = parked.remove(&ev.id);
+        let freed: HashSet<String> = unpark_freed(pool, &parked, now).await.into_iter().collect();
+        for o in &mut out {
+            if let InsertOutcome::Created(ev) = o
+                && freed.contains(&ev.id)
+            {
+                ev.blocked_by = None;
+            }
         }
     }
     Ok(out)
@@ -450,13 +534,13 @@ async fn claim_where(
     deltas: &mut Deltas,
 ) -> StoreResult<()> {
     let sql = format!(
-        "UPDATE events SET prior_status = status, status = 'processing', attempts = attempts + 1, \
-         lease_until = $1, updated_at = $2, blocked_by = NULL \
+        "UPDATE events SET {} \
          WHERE id IN ({}) AND (status = 'received' \
            OR (status = 'retrying' AND (next_attempt_at IS NULL OR next_attempt_at <= $3)) \
            OR (status = 'processing' AND lease_until < $2)) \
            AND {condition} \
          RETURNING {EVENT_COLUMNS}, prior_status",
+        claim_set("$1", "$2"),
         placeholders(4, ids.len()),
     );
     // A task may arrive a little before its due time; do not make it wait another sweep.
@@ -469,12 +553,7 @@ async fn claim_where(
         q = q.bind(*id);
     }
     for row in q.fetch_all(&mut *tx).await? {
-        let prior: String = row.try_get("prior_status")?;
-        let prior = Status::parse(&prior).ok_or_else(|| corrupt(format!("prior status {prior:?}")))?;
-        let (partner, tipo): (String, String) = (row.try_get("partner_id")?, row.try_get("tipo")?);
-        let received_at: i64 = row.try_get("received_at")?;
-        deltas.status(&partner, &tipo, received_at, prior, -1);
-        deltas.status(&partner, &tipo, received_at, Status::Processing, 1);
+        deltas.claimed(&row)?;
         claimed.insert(row.try_get::<String, _>("id")?, event_from_row(&row));
     }
     Ok(())
@@ -483,151 +562,6 @@ async fn claim_where(
 /// Whether `conn` is a PostgreSQL connection.
 fn is_postgres(conn: &sqlx::AnyConnection) -> bool {
     conn.backend_name().eq_ignore_ascii_case("postgresql")
-}
-
-/// Parks those of `ids` (events of an ordering key, by the statement's
-/// own check) that an earlier event of their key holds: no task until the
-/// key is released (`release_order`), and `blocked_by` names the earliest
-/// holder, for the status. The parked ones, with their holders.
-async fn park_held(
-    tx: &mut sqlx::AnyConnection,
-    ids: &[&str],
-    now: i64,
-) -> StoreResult<HashMap<String, String>> {
-    let mut parked = HashMap::new();
-    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-        // The holder found once per event (the CTE), not once to decide and
-        // once to name it. The outer status check is the one PostgreSQL
-        // repeats on a row changed meanwhile (claimed: not parked).
-        // The updated rows are named by the same id list as the CTE's, so
-        // the update reads them by key (without statistics PostgreSQL
-        // joined the CTE against a scan of every partition).
-        let list = placeholders(2, chunk.len());
-        let sql = format!(
-            "WITH p (pid, holder) AS (SELECT e.id, ({} ORDER BY h.id LIMIT 1) FROM events e \
-               WHERE e.id IN ({list}) AND e.order_key IS NOT NULL AND e.status IN ('received', 'retrying')) \
-             UPDATE events SET queued_at = -1, blocked_by = p.holder FROM p \
-             WHERE events.id = p.pid AND events.id IN ({list}) AND p.holder IS NOT NULL \
-               AND events.status IN ('received', 'retrying') \
-             RETURNING events.id AS id, events.blocked_by AS blocked_by",
-            key_holders("e", "$1"),
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(now);
-        for id in chunk {
-            q = q.bind(*id);
-        }
-        for row in q.fetch_all(&mut *tx).await? {
-            parked.insert(row.try_get("id")?, row.try_get("blocked_by")?);
-        }
-    }
-    Ok(parked)
-}
-
-/// After a park committed on PostgreSQL: those of `parked` that no event
-/// holds any more, unparked (queued again as of `now`); their ids.
-///
-/// Under READ COMMITTED a park and the finish of its holder can each miss
-/// the other: the park's check saw the holder running, and the finish's
-/// release (in its transaction, and again after its commit when it
-/// released nothing of the key) read before the park committed. Of that
-/// read after the finish's commit and this one after the park's, the later
-/// sees the other's write. A parked event whose named holder is still open
-/// needs no more: that holder's own finish is still to commit, and reads
-/// after it. So this reads the named holders first (by id), and runs the
-/// release only for events whose holder is gone. SQLite runs one writer at
-/// a time, so a park and a finish never overlap there.
-///
-/// The park is committed by then: a failed read is logged and leaves its
-/// events to the sweeper's release.
-async fn unpark_freed(pool: &AnyPool, parked: &HashMap<String, String>, now: i64) -> Vec<String> {
-    let mut freed = Vec::new();
-    if parked.is_empty() {
-        return freed;
-    }
-    // What was released before an error is kept: those events have no
-    // task and are no longer parked, so their caller must queue them.
-    if let Err(e) = try_unpark_freed(pool, parked, now, &mut freed).await {
-        warn!(error = %e, "could not check parked events' holders again; the sweeper releases them");
-    }
-    freed
-}
-
-async fn try_unpark_freed(
-    pool: &AnyPool,
-    parked: &HashMap<String, String>,
-    now: i64,
-    freed: &mut Vec<String>,
-) -> StoreResult<()> {
-    // A dead letter holds only events that block on it: it is read as
-    // possibly gone, and the release's own check decides.
-    let holders: Vec<&String> = parked.values().collect::<HashSet<_>>().into_iter().collect();
-    let mut open = HashSet::new();
-    for chunk in holders.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "SELECT id FROM events WHERE id IN ({}) AND status IN ('received', 'retrying', 'processing')",
-            placeholders(1, chunk.len())
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for id in chunk {
-            q = q.bind(id.as_str());
-        }
-        for row in q.fetch_all(pool).await? {
-            open.insert(row.try_get::<String, _>("id")?);
-        }
-    }
-    let ids: Vec<&String> = parked
-        .iter()
-        .filter(|(_, holder)| !open.contains(*holder))
-        .map(|(id, _)| id)
-        .collect();
-    if ids.is_empty() {
-        return Ok(());
-    }
-    // Each chunk wakes at most its own hundred ids, one `unpark` statement:
-    // it commits whole or not at all.
-    let mut conn = pool.acquire().await?;
-    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-        let filter = format!(" AND b.id IN ({})", placeholders(3, chunk.len()));
-        let args: Vec<&str> = chunk.iter().map(|id| id.as_str()).collect();
-        let limit = i64::try_from(chunk.len()).unwrap_or(i64::MAX);
-        for row in release_parked(&mut conn, &filter, &args, now, limit).await? {
-            freed.push(row.try_get("id")?);
-        }
-    }
-    Ok(())
-}
-
-/// Releases the parked events no event holds any more (those of
-/// [`releasable`] with `filter` and `args`, at most `limit`): the rows
-/// [`unpark`] woke.
-pub(super) async fn release_parked(
-    conn: &mut sqlx::AnyConnection,
-    filter: &str,
-    args: &[&str],
-    now: i64,
-    limit: i64,
-) -> StoreResult<Vec<sqlx::any::AnyRow>> {
-    let mut q = sqlx::query(AssertSqlSafe(releasable(filter)))
-        .bind(now)
-        .bind(limit);
-    for a in args {
-        q = q.bind(*a);
-    }
-    let ids = q
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(|r| r.try_get::<String, _>("id"))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut out = Vec::with_capacity(ids.len());
-    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-        let mut q = sqlx::query(AssertSqlSafe(unpark(chunk.len()))).bind(now);
-        for id in chunk {
-            q = q.bind(id.as_str());
-        }
-        out.extend(q.fetch_all(&mut *conn).await?);
-    }
-    Ok(out)
 }
 
 /// An [`AttemptFinish`] as bound parameters, serialized by the caller.
@@ -645,6 +579,8 @@ struct FinishRow {
     /// The destination it waits on; `park` 1 when parked.
     waiting_on: Option<String>,
     park: i64,
+    /// The lease of the key's next event, claimed for the caller.
+    claim_next: Option<i64>,
 }
 
 impl FinishRow {
@@ -674,6 +610,7 @@ impl FinishRow {
                 .collect(),
             waiting_on: f.wait.as_ref().map(|w| w.destination.clone()),
             park: i64::from(f.wait.as_ref().is_some_and(|w| w.park)),
+            claim_next: f.claim_next.map(ms),
         })
     }
 }
@@ -681,7 +618,8 @@ impl FinishRow {
 /// Concurrent attempt outcomes in one transaction of three multi-row
 /// statements: deliveries, the events' updates, their attempt rows; and,
 /// for the terminal ones of an ordering key, one release of the events
-/// parked behind them.
+/// parked behind them (the first of a key claimed for its finisher when it
+/// asks, see [`AttemptFinish::claim_next`]).
 async fn finish_batch(pool: &AnyPool, items: &[FinishRow]) -> StoreResult<Vec<Finished>> {
     let now = ms(Utc::now());
     let mut tx = pool.begin().await?;
@@ -773,8 +711,6 @@ async fn finish_batch(pool: &AnyPool, items: &[FinishRow]) -> StoreResult<Vec<Fi
             done.insert((id, row.try_get::<i64, _>("attempts")?));
         }
     }
-    deltas.apply(&mut tx, Writer::Finish).await?;
-
     let finished: Vec<&FinishRow> = items
         .iter()
         .filter(|f| done.contains(&(f.id.clone(), f.attempt)))
@@ -797,10 +733,25 @@ async fn finish_batch(pool: &AnyPool, items: &[FinishRow]) -> StoreResult<Vec<Fi
         q.execute(&mut *tx).await?;
     }
     // The terminal events' keys are released in the same transaction: the
-    // next event of each key comes back with the outcome, and the worker
-    // runs it at once (no round trip of its own on the chain of a key).
+    // next event of each key comes back with the outcome, claimed for the
+    // worker that asked for it, which runs it at once (no round trip of its
+    // own on the chain of a key, and no row version to wake it).
     let keys: Vec<&String> = released.values().collect::<HashSet<_>>().into_iter().collect();
-    let mut next = release_keys(&mut tx, &keys, now).await?;
+    let claim_keys: HashSet<&str> = finished
+        .iter()
+        .filter(|f| f.claim_next.is_some())
+        .filter_map(|f| released.get(&f.id).map(String::as_str))
+        .collect();
+    let claim = finished
+        .iter()
+        .filter_map(|f| f.claim_next)
+        .max()
+        .map(|lease| ClaimNext {
+            keys: &claim_keys,
+            lease,
+        });
+    let mut next = release_keys(&mut tx, &keys, now, claim.as_ref(), &mut deltas).await?;
+    deltas.apply(&mut tx, Writer::Finish).await?;
     let postgres = is_postgres(&tx);
     tx.commit().await?;
     // Under READ COMMITTED a park that commits after the release above read
@@ -808,8 +759,9 @@ async fn finish_batch(pool: &AnyPool, items: &[FinishRow]) -> StoreResult<Vec<Fi
     // park's own check after its commit (`unpark_freed`), the later sees
     // the other's write. A key that released an event is held by it, so
     // nothing parked meanwhile can be free: only the others are read
-    // again. A failed read leaves the release to the sweeper: the outcome
-    // is committed and must not be written again.
+    // again, and what they free is woken, not claimed. A failed read
+    // leaves the release to the sweeper: the outcome is committed and must
+    // not be written again.
     let freed: HashSet<&str> = next.iter().map(|(k, _)| k.as_str()).collect();
     let again: Vec<&String> = keys
         .iter()
@@ -820,9 +772,17 @@ async fn finish_batch(pool: &AnyPool, items: &[FinishRow]) -> StoreResult<Vec<Fi
         // In a transaction of its own: a release is a read and then one
         // update per hundred events, and a failure half-way must not leave
         // events woken that nobody queues.
+        // Only the keys with a parked event at all: as a rule a key that
+        // released nothing has none (the end of its chain), and the probe
+        // costs a fraction of a release to plan.
         let released = async {
+            let parked = keys_with_parked(pool, &again).await?;
+            if parked.is_empty() {
+                return Ok(Vec::new());
+            }
+            let parked: Vec<&String> = parked.iter().collect();
             let mut tx = pool.begin().await?;
-            let more = release_keys(&mut tx, &again, now).await?;
+            let more = release_keys(&mut tx, &parked, now, None, &mut Deltas::default()).await?;
             tx.commit().await?;
             Ok::<_, StoreError>(more)
         };
@@ -833,54 +793,36 @@ async fn finish_batch(pool: &AnyPool, items: &[FinishRow]) -> StoreResult<Vec<Fi
             }
         }
     }
-    // Each key's released events go to the first finished event of the key.
-    let mut by_key: HashMap<String, Vec<Requeue>> = HashMap::new();
-    for (key, r) in next {
-        by_key.entry(key).or_default().push(r);
+    // Each key's released events go to the first finished event of the
+    // key; its claimed one to the first that asked for one.
+    let mut woken: HashMap<String, Vec<Requeue>> = HashMap::new();
+    let mut claimed: HashMap<String, EventRecord> = HashMap::new();
+    for (key, freed) in next {
+        match freed {
+            Freed::Woken(r) => woken.entry(key).or_default().push(r),
+            Freed::Claimed(ev) => {
+                claimed.insert(key, ev);
+            }
+        }
     }
     Ok(items
         .iter()
         .map(|f| {
             let recorded = done.contains(&(f.id.clone(), f.attempt));
-            let mut next = released
-                .get(&f.id)
-                .filter(|_| recorded)
-                .and_then(|k| by_key.remove(k))
-                .unwrap_or_default();
+            let key = released.get(&f.id).filter(|_| recorded);
+            let mut queue = key.and_then(|k| woken.remove(k)).unwrap_or_default();
             // Woken in acceptance order, so they run in it.
-            next.sort_by(|a, b| a.id.cmp(&b.id));
+            queue.sort_by(|a, b| a.id.cmp(&b.id));
             Finished {
                 recorded,
-                released: next,
+                next: key
+                    .filter(|_| f.claim_next.is_some())
+                    .and_then(|k| claimed.remove(k)),
+                released: queue,
             }
         })
         .collect())
 }
-
-/// Releases the parked events of `keys` that no event holds any more (see
-/// [`release_parked`]): each with its key.
-async fn release_keys(
-    conn: &mut sqlx::AnyConnection,
-    keys: &[&String],
-    now: i64,
-) -> StoreResult<Vec<(String, Requeue)>> {
-    let mut out = Vec::new();
-    for chunk in keys.chunks(ROWS_PER_STATEMENT) {
-        let filter = format!(" AND b.order_key IN ({})", placeholders(3, chunk.len()));
-        let args: Vec<&str> = chunk.iter().map(|k| k.as_str()).collect();
-        let limit = i64::try_from(chunk.len())
-            .unwrap_or(i64::MAX)
-            .saturating_mul(i64::from(RELEASE_PER_KEY));
-        for row in release_parked(conn, &filter, &args, now, limit).await? {
-            out.push((row.try_get::<String, _>("order_key")?, requeue_from_row(&row)?));
-        }
-    }
-    Ok(out)
-}
-
-/// Most parked events a finish releases per key (one, as a rule: the
-/// others wait behind it).
-const RELEASE_PER_KEY: u32 = 500;
 
 /// Concurrent API-key lookups (those the process's cache could not answer)
 /// as one `… WHERE key_hash IN (…)`.
