@@ -13,7 +13,26 @@ use tracing::warn;
 use super::codec::{event_from_row, requeue_from_row};
 use super::counts::Deltas;
 use super::statement::{ROWS_PER_STATEMENT, claim_parked, key_holders, placeholders, releasable, unpark};
+use super::writes::is_postgres;
 use crate::store::{EventRecord, Requeue, StoreResult};
+
+/// On PostgreSQL, the rest of the transaction runs generic plans: each
+/// statement is planned once per connection (the driver keeps it
+/// prepared), not for each run's values. For the insert of keyed events:
+/// its holder subquery reads every partition whatever the values (a key is
+/// not the partition key, so there is nothing to prune), and planning it
+/// for each run cost more than running it (`log_min_duration_statement`,
+/// 20,000 stock updates: 1.16 s planning and 1.08 s running, generic 0.43
+/// and 1.00 s). Not for the releases: their generic plan ran four times
+/// longer than the custom one saved (1.5 → 5.9 s).
+pub(super) async fn plan_once(tx: &mut sqlx::AnyConnection) -> StoreResult<()> {
+    if is_postgres(tx) {
+        sqlx::raw_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
+}
 
 /// Parks those of `ids` (events of an ordering key, by the statement's
 /// own check) that an earlier event of their key holds: no task until the

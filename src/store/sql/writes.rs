@@ -15,7 +15,7 @@ use tracing::warn;
 
 use super::codec::{EVENT_COLUMNS, corrupt, event_from_row, json_text, ms, partner_from_row};
 use super::counts::{Deltas, Writer};
-use super::ordering::{ClaimNext, Freed, keys_with_parked, park_held, release_keys, unpark_freed};
+use super::ordering::{ClaimNext, Freed, keys_with_parked, park_held, plan_once, release_keys, unpark_freed};
 use super::statement::{ROWS_PER_STATEMENT, claim_set, held, key_holders, placeholders, values};
 use crate::store::group::{BatchOp, Coalescer};
 use crate::store::{
@@ -303,6 +303,9 @@ async fn resolve_taken(
 async fn insert_all(pool: &AnyPool, new: &[&NewEvent], writer: Writer) -> StoreResult<Vec<InsertOutcome>> {
     let now = ms(Utc::now());
     let mut tx = pool.begin().await?;
+    if new.iter().any(|n| n.order_key.is_some()) {
+        plan_once(&mut tx).await?;
+    }
     let mut out = Vec::with_capacity(new.len());
     let mut deltas = Deltas::default();
     // Rows inserted by more than one statement: see the park below.
@@ -560,7 +563,7 @@ async fn claim_where(
 }
 
 /// Whether `conn` is a PostgreSQL connection.
-fn is_postgres(conn: &sqlx::AnyConnection) -> bool {
+pub(super) fn is_postgres(conn: &sqlx::AnyConnection) -> bool {
     conn.backend_name().eq_ignore_ascii_case("postgresql")
 }
 
