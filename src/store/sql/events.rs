@@ -37,6 +37,39 @@ impl SqlStore {
     }
 }
 
+/// PostgreSQL: the rest of the transaction reads through an index wherever
+/// one serves (`enable_seqscan = off`). For the periodic reads of the few
+/// waiting, parked or stranded events through their partial indexes: a
+/// partition without statistics yet (a young one; autovacuum analyzes it
+/// within a minute or so of its first rows) looks to the planner as if
+/// nearly every row matched `waiting_on IS NOT NULL`, and it read the whole
+/// partition instead, twice a second (measured in a fresh 30,000-event
+/// database: 19 ms a destinations read, 40 ms a count of parked events,
+/// together 7% of PostgreSQL's CPU during the run).
+async fn prefer_indexes(tx: &mut sqlx::AnyConnection) -> StoreResult<()> {
+    sqlx::raw_sql("SET LOCAL enable_seqscan = off")
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+impl SqlStore {
+    /// The rows of `q`, read on PostgreSQL under [`prefer_indexes`].
+    async fn fetch_indexed(
+        &self,
+        q: sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments>,
+    ) -> StoreResult<Vec<sqlx::any::AnyRow>> {
+        if self.backend != Backend::Postgres {
+            return Ok(q.fetch_all(&self.pool).await?);
+        }
+        let mut tx = self.pool.begin().await?;
+        prefer_indexes(&mut tx).await?;
+        let rows = q.fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(rows)
+    }
+}
+
 #[async_trait]
 impl EventStore for SqlStore {
     async fn insert_event(&self, new: NewEvent) -> StoreResult<InsertOutcome> {
@@ -359,7 +392,7 @@ impl EventStore for SqlStore {
         for t in sweep.idle_types {
             q = q.bind(t);
         }
-        let rows = q.fetch_all(&self.pool).await?;
+        let rows = self.fetch_indexed(q).await?;
         let out = rows
             .iter()
             .map(requeue_from_row)
@@ -411,12 +444,12 @@ impl EventStore for SqlStore {
     }
 
     async fn waiting(&self) -> StoreResult<Vec<Waiting>> {
-        let rows = sqlx::query(
-            "SELECT tipo, waiting_on, COUNT(*) AS events, COUNT(CASE WHEN queued_at = -1 THEN 1 END) AS parked, \
-             MIN(waiting_since) AS oldest FROM events WHERE waiting_on IS NOT NULL GROUP BY tipo, waiting_on",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = self
+            .fetch_indexed(sqlx::query(
+                "SELECT tipo, waiting_on, COUNT(*) AS events, COUNT(CASE WHEN queued_at = -1 THEN 1 END) AS parked, \
+                 MIN(waiting_since) AS oldest FROM events WHERE waiting_on IS NOT NULL GROUP BY tipo, waiting_on",
+            ))
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(Waiting {
@@ -463,7 +496,7 @@ impl EventStore for SqlStore {
         if let Some(before) = since_before {
             q = q.bind(ms(before));
         }
-        let rows = q.fetch_all(&self.pool).await?;
+        let rows = self.fetch_indexed(q).await?;
         let mut out = rows
             .iter()
             .map(requeue_from_row)
@@ -537,6 +570,7 @@ impl EventStore for SqlStore {
         let limit = i64::from(limit);
         let rows = if self.backend == Backend::Postgres {
             let mut tx = self.pool.begin().await?;
+            prefer_indexes(&mut tx).await?;
             let rows = release_parked(&mut tx, filter, &args, ms(now), limit, None).await?;
             tx.commit().await?;
             rows.woken
@@ -572,10 +606,11 @@ impl EventStore for SqlStore {
     }
 
     async fn blocked_counts(&self) -> StoreResult<BTreeMap<String, i64>> {
-        let rows =
-            sqlx::query("SELECT tipo, COUNT(*) AS n FROM events WHERE blocked_by IS NOT NULL GROUP BY tipo")
-                .fetch_all(&self.pool)
-                .await?;
+        let rows = self
+            .fetch_indexed(sqlx::query(
+                "SELECT tipo, COUNT(*) AS n FROM events WHERE blocked_by IS NOT NULL GROUP BY tipo",
+            ))
+            .await?;
         rows.iter()
             .map(|r| Ok((r.try_get("tipo")?, r.try_get("n")?)))
             .collect()
