@@ -465,7 +465,42 @@ async fn a_finish_claims_the_next_event_of_its_key(backend: Backend) {
     );
 }
 
+/// A batch of more than one statement's rows, whose earliest event of a
+/// key is stored by a later statement (rows go in idempotency key order):
+/// only that earliest one is left to run, every other one of its key is
+/// parked.
+async fn a_long_batch_parks_behind_its_earliest_event(backend: Backend) {
+    let (store, _iso, _dir) = test_store(&backend).await;
+    let mut batch: Vec<NewEvent> = (1..=150).map(|i| keyed(&format!("01LONG{i:04}"), "k")).collect();
+    // The earliest, with an idempotency key: it sorts after the 149
+    // without one, into the second statement.
+    batch.insert(
+        0,
+        NewEvent {
+            idempotency_key: Some("first".into()),
+            ..keyed("01LONG0000", "k")
+        },
+    );
+    let out = store.insert_events(batch).await.expect("insert");
+    let free: Vec<String> = out
+        .iter()
+        .filter(|o| parked_behind(o).is_none())
+        .map(|o| match o {
+            InsertOutcome::Created(ev) => ev.id.clone(),
+            other => panic!("not created: {other:?}"),
+        })
+        .collect();
+    assert_eq!(free, vec!["01LONG0000".to_owned()]);
+    let stored = store
+        .get_event("01LONG0001")
+        .await
+        .expect("read")
+        .expect("stored");
+    assert!(stored.blocked_by.is_some(), "0001 waits for 0000");
+}
+
 crate::both_backends!(
+    a_long_batch_parks_behind_its_earliest_event,
     batch_insert_resolves_every_key_in_order,
     concurrent_writes_each_get_their_own_outcome,
     an_insert_parks_behind_the_key_holder,

@@ -54,7 +54,8 @@ async fn prefer_indexes(tx: &mut sqlx::AnyConnection) -> StoreResult<()> {
 }
 
 impl SqlStore {
-    /// The rows of `q`, read on PostgreSQL under [`prefer_indexes`].
+    /// The rows of `q` (a read, or an update that returns its rows), run
+    /// on PostgreSQL in a transaction of its own under [`prefer_indexes`].
     async fn fetch_indexed(
         &self,
         q: sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments>,

@@ -16,18 +16,21 @@ use super::statement::{ROWS_PER_STATEMENT, claim_parked, key_holders, placeholde
 use super::writes::is_postgres;
 use crate::store::{EventRecord, Requeue, StoreResult};
 
-/// On PostgreSQL, the rest of the transaction runs generic plans: each
-/// statement is planned once per connection (the driver keeps it
-/// prepared), not for each run's values. For the insert of keyed events:
-/// its holder subquery reads every partition whatever the values (a key is
-/// not the partition key, so there is nothing to prune), and planning it
-/// for each run cost more than running it (`log_min_duration_statement`,
-/// 20,000 stock updates: 1.16 s planning and 1.08 s running, generic 0.43
-/// and 1.00 s). Not for the releases: their generic plan ran four times
-/// longer than the custom one saved (1.5 → 5.9 s).
-pub(super) async fn plan_once(tx: &mut sqlx::AnyConnection) -> StoreResult<()> {
+/// On PostgreSQL, the rest of the transaction runs generic plans
+/// (`generic`) or plans made for each run's values (the default). Generic
+/// plans are made once per prepared statement, and the driver keeps a
+/// statement prepared while its per-connection cache holds it. For the
+/// insert of keyed events: its holder subquery reads every partition
+/// whatever the values (a key is not the partition key, so there is
+/// nothing to prune), and planning it for each run cost more than running
+/// it (`log_min_duration_statement`, 20,000 stock updates: 1.16 s planning
+/// and 1.08 s running, generic 0.43 and 1.00 s). Not for the releases and
+/// parks: their generic plan ran four times longer than the custom one
+/// saved (1.5 → 5.9 s).
+pub(super) async fn plan_mode(tx: &mut sqlx::AnyConnection, generic: bool) -> StoreResult<()> {
     if is_postgres(tx) {
-        sqlx::raw_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+        let mode = if generic { "force_generic_plan" } else { "auto" };
+        sqlx::raw_sql(AssertSqlSafe(format!("SET LOCAL plan_cache_mode = {mode}")))
             .execute(&mut *tx)
             .await?;
     }

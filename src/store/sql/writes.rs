@@ -15,7 +15,7 @@ use tracing::warn;
 
 use super::codec::{EVENT_COLUMNS, corrupt, event_from_row, json_text, ms, partner_from_row};
 use super::counts::{Deltas, Writer};
-use super::ordering::{ClaimNext, Freed, keys_with_parked, park_held, plan_once, release_keys, unpark_freed};
+use super::ordering::{ClaimNext, Freed, keys_with_parked, park_held, plan_mode, release_keys, unpark_freed};
 use super::statement::{ROWS_PER_STATEMENT, claim_set, held, key_holders, placeholders, values};
 use crate::store::group::{BatchOp, Coalescer};
 use crate::store::{
@@ -303,8 +303,9 @@ async fn resolve_taken(
 async fn insert_all(pool: &AnyPool, new: &[&NewEvent], writer: Writer) -> StoreResult<Vec<InsertOutcome>> {
     let now = ms(Utc::now());
     let mut tx = pool.begin().await?;
-    if new.iter().any(|n| n.order_key.is_some()) {
-        plan_once(&mut tx).await?;
+    let keyed = new.iter().any(|n| n.order_key.is_some());
+    if keyed {
+        plan_mode(&mut tx, true).await?;
     }
     let mut out = Vec::with_capacity(new.len());
     let mut deltas = Deltas::default();
@@ -338,6 +339,9 @@ async fn insert_all(pool: &AnyPool, new: &[&NewEvent], writer: Writer) -> StoreR
     // transaction, whose ids may be earlier (the rows are in idempotency
     // key order): the rows not parked look again once all are in.
     if late {
+        if keyed {
+            plan_mode(&mut tx, false).await?;
+        }
         let open: Vec<&str> = out
             .iter()
             .filter_map(|o| match o {
