@@ -73,15 +73,8 @@ impl Processor {
     /// leaves the event claimable: the sweeper queues it again.
     async fn process(&self, event_id: &str, version: &str) -> Next {
         let now = Utc::now();
-        let claimed = match self.lease_until(now) {
-            Ok(until) => self
-                .store
-                .claim(event_id, now, until)
-                .await
-                .map_err(anyhow::Error::from),
-            Err(e) => Err(e),
-        };
-        let event = match claimed {
+        let claimed = async { anyhow::Ok(self.store.claim(event_id, now, self.lease_until(now)?).await?) };
+        let event = match claimed.await {
             Ok(Some(event)) => event,
             Ok(None) => {
                 debug!(eventId = %event_id, "task skipped: event not claimable");

@@ -318,22 +318,6 @@ async fn post_status(http: &reqwest::Client, port: u16, key: &str) -> u16 {
         .as_u16()
 }
 
-/// `credential_lookups_total{source="cache"}` of the process on `port`.
-async fn cache_hits(http: &reqwest::Client, port: u16) -> f64 {
-    let text = http
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .find_map(|l| l.strip_prefix("credential_lookups_total{source=\"cache\"} "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no credential_lookups_total{{source=\"cache\"}} in {text}"))
-}
-
 /// Posts with `key` to every port until each answers `want`; for each, a
 /// request counts by when it was sent (since the change at `since`), so a
 /// slow answer on a loaded machine is not a stale one. Returns the latest
@@ -348,19 +332,14 @@ async fn every_process_answers(
 ) -> Duration {
     let mut slowest = Duration::ZERO;
     for &port in ports {
-        loop {
-            let sent = since.elapsed();
+        let sent = within_a_second(since, || async move {
             let got = post_status(http, port, key).await;
-            if got == want {
-                slowest = slowest.max(sent);
-                break;
-            }
-            assert!(
-                sent < Duration::from_secs(1),
-                "process on port {port}: a request sent {sent:?} after the change got {got}, not {want}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            (got == want)
+                .then_some(())
+                .ok_or_else(|| format!("got {got} from port {port}, not {want}"))
+        })
+        .await;
+        slowest = slowest.max(sent);
     }
     if want == 401 {
         for &port in ports {
@@ -386,21 +365,12 @@ async fn credential_changes_reach_every_process_within_a_second(backend: Backend
     let (b, port_b) = cluster.start("api").await;
     let ports = [port_a, port_b];
     let http = &cluster.http;
-    // Warm both caches until each process answers the key from memory
-    // (its first version read must be in before it keeps anything).
+    // Warm both caches until each process answers the key from memory.
     for &port in &ports {
-        let since = Instant::now();
-        loop {
-            assert_eq!(post_status(http, port, KEY).await, 202);
-            if cache_hits(http, port).await >= 1.0 {
-                break;
-            }
-            assert!(
-                since.elapsed() < Duration::from_secs(3),
-                "port {port} never answered a key from its cache"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        until_cached(http, &format!("http://127.0.0.1:{port}"), || async {
+            post_status(http, port, KEY).await == 202
+        })
+        .await;
     }
     let cli = |args: &[&str]| {
         let out = orchestrator_command(&cluster.vars)
@@ -443,22 +413,20 @@ async fn credential_changes_reach_every_process_within_a_second(backend: Backend
         "1",
     ]);
     for &port in &ports {
-        loop {
-            let sent = at.elapsed();
-            let codes = [
-                post_status(http, port, &fresh).await,
-                post_status(http, port, &fresh).await,
-            ];
-            if codes.contains(&429) {
-                took.push(sent);
-                break;
-            }
-            assert!(
-                sent < Duration::from_secs(1),
-                "port {port}: requests sent {sent:?} after the change ignore the new limit: {codes:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let fresh = fresh.as_str();
+        took.push(
+            within_a_second(at, || async move {
+                let codes = [
+                    post_status(http, port, fresh).await,
+                    post_status(http, port, fresh).await,
+                ];
+                codes
+                    .contains(&429)
+                    .then_some(())
+                    .ok_or_else(|| format!("ignored the new limit on port {port}: {codes:?}"))
+            })
+            .await,
+        );
     }
     println!("credential changes seen by every process, by send time: {took:?}");
     cluster.finish(vec![a, b]).await;

@@ -957,3 +957,70 @@ impl Drop for PrivateRedis {
         self.stop();
     }
 }
+
+/// `credential_lookups_total{source="cache"}` of the server at `base`
+/// (`http://host:port`).
+pub async fn cache_hits(http: &reqwest::Client, base: &str) -> f64 {
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix("credential_lookups_total{source=\"cache\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no credential_lookups_total{{source=\"cache\"}} in {text}"))
+}
+
+/// Sends `post` (true when accepted) until the server at `base` answers it
+/// from its credentials cache (its cache hits move across the request),
+/// within 3 s: its first version read must be in before it keeps anything.
+pub async fn until_cached<F, Fut>(http: &reqwest::Client, base: &str, mut post: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let since = Instant::now();
+    loop {
+        let before = cache_hits(http, base).await;
+        assert!(
+            post().await,
+            "{base}: the key was refused while warming the cache"
+        );
+        if cache_hits(http, base).await > before {
+            return;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(3),
+            "{base} never answered the key from its cache"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs `probe` (one request, sent now: `Ok` when its answer is the new
+/// one, else what it got) until it passes, every 20 ms; the send time of
+/// the first that passed, counted from the change at `since`. A request
+/// counts by when it was sent, so a slow answer on a loaded machine is not
+/// a stale one; fails when one sent 1 s or more after the change still
+/// gets the old answer.
+pub async fn within_a_second<F, Fut>(since: Instant, mut probe: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    loop {
+        let sent = since.elapsed();
+        match probe().await {
+            Ok(()) => return sent,
+            Err(got) => assert!(
+                sent < Duration::from_secs(1),
+                "a request sent {sent:?} after the change {got}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

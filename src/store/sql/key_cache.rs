@@ -53,6 +53,9 @@ pub(super) struct KeyCache {
     /// `credential_lookups_total{source}`: answered from the cache, or read
     /// from the store.
     lookups: prometheus::IntCounterVec,
+    /// Its two counters, looked up once (not per request).
+    hits: prometheus::IntCounter,
+    misses: prometheus::IntCounter,
     /// The database the version is read from, over a connection of the
     /// poll's own: through the store's pool it would queue behind the
     /// data path when the pool is busy, and the cache would switch itself
@@ -96,12 +99,11 @@ impl KeyCache {
         );
         let lookups = prometheus::IntCounterVec::new(opts, &["source"])
             .unwrap_or_else(|e| panic!("credential_lookups_total: {e}"));
-        for source in ["cache", "store"] {
-            lookups.with_label_values(&[source]);
-        }
         Self {
             state: Mutex::default(),
             started: std::sync::OnceLock::new(),
+            hits: lookups.with_label_values(&["cache"]),
+            misses: lookups.with_label_values(&["store"]),
             lookups,
             url: url.to_owned(),
         }
@@ -124,7 +126,8 @@ impl KeyCache {
     /// The cached partner of `key_hash`, if fresh; else a ticket for the
     /// read that follows.
     pub(super) fn key(self: &Arc<Self>, pool: &AnyPool, key_hash: &str) -> Result<Partner, Ticket> {
-        self.get(pool, |st| &st.keys, key_hash)
+        self.start(pool);
+        self.get(|st| &st.keys, key_hash)
     }
 
     pub(super) fn put_key(&self, ticket: Ticket, key_hash: &str, partner: &Partner) {
@@ -133,27 +136,26 @@ impl KeyCache {
 
     /// The cached login of partner `id`, if fresh; else a ticket.
     pub(super) fn login(self: &Arc<Self>, pool: &AnyPool, id: &str) -> Result<Login, Ticket> {
-        self.get(pool, |st| &st.logins, id)
+        self.start(pool);
+        self.get(|st| &st.logins, id)
     }
 
     pub(super) fn put_login(&self, ticket: Ticket, id: &str, login: &Login) {
         self.put(ticket, |st| &mut st.logins, id, login);
     }
 
-    fn get<V: Clone>(
-        self: &Arc<Self>,
-        pool: &AnyPool,
-        map: fn(&State) -> &HashMap<String, V>,
-        id: &str,
-    ) -> Result<V, Ticket> {
-        self.start(pool);
+    /// The entry of `id` in `map`, served only while the version is fresh;
+    /// counted as a hit or a miss.
+    fn get<V: Clone>(&self, map: fn(&State) -> &HashMap<String, V>, id: &str) -> Result<V, Ticket> {
         let st = self.lock();
         let found = match map(&st).get(id) {
             Some(v) if st.fresh() => Ok(v.clone()),
             _ => Err(Ticket(st.generation)),
         };
-        let source = if found.is_ok() { "cache" } else { "store" };
-        self.lookups.with_label_values(&[source]).inc();
+        match found {
+            Ok(_) => self.hits.inc(),
+            Err(_) => self.misses.inc(),
+        }
         found
     }
 
@@ -190,11 +192,11 @@ impl KeyCache {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// One read of the version, begun at `began`: `Some(v)`, or `None` when
-    /// it failed (entries stop being served once [`FRESH`] passes).
-    fn observe(&self, began: Instant, read: Option<i64>) {
+    /// One successful read of the version `v`, begun at `began`. A failed
+    /// read changes nothing: the entries stop being served once [`FRESH`]
+    /// has passed since the last good one began.
+    fn observe(&self, began: Instant, v: i64) {
         let mut st = self.lock();
-        let Some(v) = read else { return };
         if st.version != Some(v) {
             st.clear();
             st.version = Some(v);
@@ -220,15 +222,14 @@ async fn poll(cache: Weak<KeyCache>, pool: AnyPool, url: String) {
         let read = tokio::time::timeout(FRESH, version(&mut conn, &url)).await;
         let Some(cache) = cache.upgrade() else { break };
         match read {
-            Ok(Ok(v)) => cache.observe(began, Some(v)),
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "could not read credentials_version; cached credentials are not used");
+            Ok(Ok(v)) => cache.observe(began, v),
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {FRESH:?}"),
+                };
+                tracing::debug!(%error, "could not read credentials_version; cached credentials are not used");
                 conn = None;
-                cache.observe(began, None);
-            }
-            Err(_) => {
-                conn = None;
-                cache.observe(began, None);
             }
         }
     }
@@ -262,27 +263,42 @@ mod tests {
         }
     }
 
+    fn served(cache: &KeyCache, key_hash: &str) -> Option<Partner> {
+        cache.get(|st| &st.keys, key_hash).ok()
+    }
+
     #[test]
     fn entries_are_served_only_while_the_version_is_fresh() {
         let cache = KeyCache::new("");
-        cache.observe(Instant::now(), Some(1));
+        cache.observe(Instant::now(), 1);
         let t = Ticket(cache.lock().generation);
         cache.put_key(t, "h", &partner("a"));
-        assert!(cache.lock().keys.contains_key("h") && cache.lock().fresh());
-        // The last good read began longer ago than FRESH: not served.
+        assert_eq!(served(&cache, "h").map(|p| p.name).as_deref(), Some("a"));
+        assert_eq!(
+            served(&cache, "other"),
+            None,
+            "unknown keys are read from the store"
+        );
+        // The last good read began longer ago than FRESH (the polls since
+        // failed): the entry is kept but not served.
         cache.lock().checked = Instant::now().checked_sub(FRESH + Duration::from_millis(1));
-        assert!(!cache.lock().fresh());
+        assert!(cache.lock().keys.contains_key("h"));
+        assert_eq!(served(&cache, "h"), None);
+        // A good read again: served again.
+        cache.observe(Instant::now(), 1);
+        assert!(served(&cache, "h").is_some());
+        assert_eq!((cache.hits.get(), cache.misses.get()), (2, 2));
     }
 
     #[test]
     fn a_moved_version_drops_everything_and_a_racing_read_is_not_kept() {
         let cache = KeyCache::new("");
-        cache.observe(Instant::now(), Some(1));
+        cache.observe(Instant::now(), 1);
         let before = Ticket(cache.lock().generation);
         cache.put_key(before, "h", &partner("a"));
-        cache.observe(Instant::now(), Some(1));
+        cache.observe(Instant::now(), 1);
         assert_eq!(cache.lock().keys.len(), 1, "same version: kept");
-        cache.observe(Instant::now(), Some(2));
+        cache.observe(Instant::now(), 2);
         assert!(cache.lock().keys.is_empty(), "moved version: dropped");
         // A read that began before the move answers after it: not cached.
         cache.put_key(before, "h", &partner("stale"));
@@ -296,12 +312,11 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_read_is_not_a_fresh_one() {
+    fn nothing_is_kept_or_served_before_a_good_read() {
         let cache = KeyCache::new("");
-        cache.observe(Instant::now(), None);
-        assert!(!cache.lock().fresh(), "never read: nothing served");
         let t = Ticket(cache.lock().generation);
         cache.put_key(t, "h", &partner("a"));
         assert!(cache.lock().keys.is_empty(), "not stored while not fresh");
+        assert_eq!(served(&cache, "h"), None);
     }
 }

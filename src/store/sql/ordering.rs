@@ -114,20 +114,14 @@ async fn try_unpark_freed(
     // A dead letter holds only events that block on it: it is read as
     // possibly gone, and the release's own check decides.
     let holders: Vec<&String> = parked.values().collect::<HashSet<_>>().into_iter().collect();
-    let mut open = HashSet::new();
-    for chunk in holders.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "SELECT id FROM events WHERE id IN ({}) AND status IN ('received', 'retrying', 'processing')",
-            placeholders(1, chunk.len())
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for id in chunk {
-            q = q.bind(id.as_str());
-        }
-        for row in q.fetch_all(pool).await? {
-            open.insert(row.try_get::<String, _>("id")?);
-        }
-    }
+    let open: HashSet<String> = read_in(
+        pool,
+        "SELECT id AS v FROM events WHERE id IN (#) AND status IN ('received', 'retrying', 'processing')",
+        &holders,
+    )
+    .await?
+    .into_iter()
+    .collect();
     let ids: Vec<&String> = parked
         .iter()
         .filter(|(_, holder)| !open.contains(*holder))
@@ -272,18 +266,25 @@ pub(super) async fn release_keys(
 /// index (`events_blocked_key`), without the holder check that makes a
 /// release cost more to plan than to run.
 pub(super) async fn keys_with_parked(pool: &AnyPool, keys: &[&String]) -> StoreResult<Vec<String>> {
+    read_in(
+        pool,
+        "SELECT DISTINCT order_key AS v FROM events WHERE blocked_by IS NOT NULL AND order_key IN (#)",
+        keys,
+    )
+    .await
+}
+
+/// The column `v` of what `sql` reads, whose `#` is the list of `values`
+/// (a hundred to a statement).
+async fn read_in(pool: &AnyPool, sql: &str, values: &[&String]) -> StoreResult<Vec<String>> {
     let mut out = Vec::new();
-    for chunk in keys.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "SELECT DISTINCT order_key FROM events WHERE blocked_by IS NOT NULL AND order_key IN ({})",
-            placeholders(1, chunk.len())
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for k in chunk {
-            q = q.bind(k.as_str());
+    for chunk in values.chunks(ROWS_PER_STATEMENT) {
+        let mut q = sqlx::query(AssertSqlSafe(sql.replace('#', &placeholders(1, chunk.len()))));
+        for v in chunk {
+            q = q.bind(v.as_str());
         }
         for row in q.fetch_all(pool).await? {
-            out.push(row.try_get("order_key")?);
+            out.push(row.try_get("v")?);
         }
     }
     Ok(out)

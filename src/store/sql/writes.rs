@@ -146,9 +146,9 @@ async fn take_keys(conn: &mut sqlx::AnyConnection, rows: &[&NewEvent]) -> StoreR
 /// is inserted (`queued_at` -1, `blocked_by` its holder, no task): an
 /// earlier event of its key in the database (see
 /// [`key_holders`]), or else an earlier one of this statement, which the
-/// statement's own check cannot see. Rows without a key take a statement
-/// without the check, whose subquery over every partition costs more to
-/// plan than the insert does to run.
+/// statement's own check cannot see. A statement none of whose rows has
+/// a key is a plain `INSERT` without the check, whose subquery over every
+/// partition costs more to plan than the insert does to run.
 async fn insert_rows(
     conn: &mut sqlx::AnyConnection,
     rows: &[&NewEvent],
@@ -776,12 +776,12 @@ async fn finish_batch(pool: &AnyPool, items: &[FinishRow]) -> StoreResult<Vec<Fi
         .filter(|k| !freed.contains(k.as_str()))
         .collect();
     if postgres && !again.is_empty() {
-        // In a transaction of its own: a release is a read and then one
-        // update per hundred events, and a failure half-way must not leave
-        // events woken that nobody queues.
         // Only the keys with a parked event at all: as a rule a key that
         // released nothing has none (the end of its chain), and the probe
-        // costs a fraction of a release to plan.
+        // costs a fraction of a release to plan. The release in a
+        // transaction of its own: it is a read and then one update per
+        // hundred events, and a failure half-way must not leave events
+        // woken that nobody queues.
         let released = async {
             let parked = keys_with_parked(pool, &again).await?;
             if parked.is_empty() {
