@@ -836,7 +836,63 @@ async fn dead_letters_go_from_live_partitions(backend: Backend) {
     }
 }
 
+/// PostgreSQL: an event of a due partition that was processed after the
+/// cut-off (it finished late) stays, moved to the default partition; one
+/// processed before it goes with the partition.
+async fn late_finishers_outlive_their_partition(backend: Backend) {
+    let (store, iso, _dir) = test_store(&backend).await;
+    let minute = chrono::Duration::minutes(1);
+    let t0 = Utc::now() - minute * 10;
+    store
+        .prepare(t0, Duration::from_secs(60), Duration::ZERO)
+        .await
+        .expect("prepare");
+    let received = t0 + chrono::Duration::seconds(30);
+    let ids: Vec<String> = (0..2)
+        .map(|i| ulid::Ulid::from_datetime((received + chrono::Duration::milliseconds(i)).into()).to_string())
+        .collect();
+    for id in &ids {
+        store
+            .insert_event(at(id, "T", "p", received, None))
+            .await
+            .expect("insert");
+    }
+    run(&store, &ids[0], Status::Processed).await;
+    // The cut-off falls between the two finishes.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let cut = Utc::now();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    run(&store, &ids[1], Status::Processed).await;
+    let expiry = Expiry {
+        processed_before: cut,
+        dead_lettered_before: cut,
+    };
+    let purged = store.purge_expired(&expiry, 500).await.expect("purge");
+    assert_eq!((purged.processed, purged.partitions), (1, 1), "{purged:?}");
+    assert!(store.get_event(&ids[0]).await.expect("get").is_none());
+    let late = store
+        .get_event(&ids[1])
+        .await
+        .expect("get")
+        .expect("the late one stays");
+    assert_eq!(late.status, Status::Processed);
+    let kept: i64 = sqlx::query("SELECT COUNT(*) AS n FROM events_kept WHERE id = $1")
+        .bind(&ids[1])
+        .fetch_one(store.pool())
+        .await
+        .expect("count")
+        .try_get("n")
+        .expect("n");
+    assert_eq!(kept, 1, "moved to the default partition");
+    assert_eq!(total(&store, StatsQuery::default()).await.0, 1);
+    store.close().await;
+    if let Some(i) = iso {
+        i.remove().await;
+    }
+}
+
 production_only!(
+    late_finishers_outlive_their_partition,
     partitions_go_whole_and_keep_what_must_stay,
     dead_letters_go_from_live_partitions,
     partitions_start_after_ids_already_kept,

@@ -2,6 +2,7 @@
 //! one-time setup, the pool and its per-connection settings, and the
 //! migrations and liveness check of [`Store`].
 
+use std::borrow::Cow;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,7 +77,7 @@ impl SqlStore {
                     Ok(())
                 })
             })
-            .connect(url)
+            .connect(&pool_url(url, backend))
             .await?;
         let batch_sizes = batch_size_histogram();
         let writes = Arc::new(Writes::start(&pool, &batch_sizes));
@@ -88,6 +89,22 @@ impl SqlStore {
             batch_sizes,
         })
     }
+}
+
+/// Prepared statements each PostgreSQL connection keeps (sqlx's default is
+/// 100). A multi-row statement has a text per row count: a 30,000-event run
+/// prepared some 560 texts, so with 100 each connection kept evicting and
+/// preparing them again (measured: PostgreSQL 5–13% less CPU with room for
+/// all). A `statement-cache-capacity` in `DATABASE_URL` wins.
+const STATEMENT_CACHE: usize = 1024;
+
+/// `url` with [`STATEMENT_CACHE`] for a PostgreSQL pool.
+fn pool_url(url: &str, backend: Backend) -> Cow<'_, str> {
+    if backend != Backend::Postgres || url.contains("statement-cache-capacity=") {
+        return Cow::Borrowed(url);
+    }
+    let sep = if url.contains('?') { '&' } else { '?' };
+    Cow::Owned(format!("{url}{sep}statement-cache-capacity={STATEMENT_CACHE}"))
 }
 
 /// The size (bytes) a reset WAL is truncated to, on every SQLite
