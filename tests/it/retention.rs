@@ -843,10 +843,11 @@ async fn late_finishers_outlive_their_partition(backend: Backend) {
     let (store, iso, _dir) = test_store(&backend).await;
     let minute = chrono::Duration::minutes(1);
     let t0 = Utc::now() - minute * 10;
-    store
+    let made = store
         .prepare(t0, Duration::from_secs(60), Duration::ZERO)
         .await
         .expect("prepare");
+    assert_eq!(made, 1, "one partition, due at the cut-off");
     let received = t0 + chrono::Duration::seconds(30);
     let ids: Vec<String> = (0..2)
         .map(|i| ulid::Ulid::from_datetime((received + chrono::Duration::milliseconds(i)).into()).to_string())
@@ -876,14 +877,18 @@ async fn late_finishers_outlive_their_partition(backend: Backend) {
         .expect("get")
         .expect("the late one stays");
     assert_eq!(late.status, Status::Processed);
-    let kept: i64 = sqlx::query("SELECT COUNT(*) AS n FROM events_kept WHERE id = $1")
+    for (table, column) in [("events_kept", "id"), ("attempts_kept", "event_id")] {
+        let kept: i64 = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT COUNT(*) AS n FROM {table} WHERE {column} = $1"
+        )))
         .bind(&ids[1])
         .fetch_one(store.pool())
         .await
         .expect("count")
         .try_get("n")
         .expect("n");
-    assert_eq!(kept, 1, "moved to the default partition");
+        assert_eq!(kept, 1, "moved to {table}");
+    }
     assert_eq!(total(&store, StatsQuery::default()).await.0, 1);
     store.close().await;
     if let Some(i) = iso {
