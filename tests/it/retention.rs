@@ -44,17 +44,22 @@ async fn count_rows(store: &SqlStore, condition: &str) -> i64 {
         .expect("n")
 }
 
+/// Rows of `table` whose `column` is `id`.
+async fn rows_of(store: &SqlStore, table: &str, column: &str, id: &str) -> i64 {
+    let sql = format!("SELECT COUNT(*) AS n FROM {table} WHERE {column} = $1");
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_one(store.pool())
+        .await
+        .expect("count")
+        .try_get("n")
+        .expect("n")
+}
+
 async fn owned_rows(store: &SqlStore, id: &str) -> i64 {
     let mut n = 0;
     for table in ["attempts", "deliveries", "idempotency_keys"] {
-        let sql = format!("SELECT COUNT(*) AS n FROM {table} WHERE event_id = $1");
-        n += sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(id)
-            .fetch_one(store.pool())
-            .await
-            .expect("count")
-            .try_get::<i64, _>("n")
-            .expect("n");
+        n += rows_of(store, table, "event_id", id).await;
     }
     n
 }
@@ -513,18 +518,6 @@ async fn partitions_go_whole_and_keep_what_must_stay(backend: Backend) {
             .expect("prepare"),
         4
     );
-    let count = |sql: &'static str, id: String| {
-        let pool = store.pool().clone();
-        async move {
-            sqlx::query(sql)
-                .bind(id)
-                .fetch_one(&pool)
-                .await
-                .expect("count")
-                .try_get::<i64, _>("n")
-                .expect("n")
-        }
-    };
     let partitions = || async {
         sqlx::query("SELECT COUNT(*) AS n FROM event_partitions")
             .fetch_one(store.pool())
@@ -546,9 +539,8 @@ async fn partitions_go_whole_and_keep_what_must_stay(backend: Backend) {
         };
         store.insert_event(ev).await.expect("insert");
     }
-    let in_kept = "SELECT COUNT(*) AS n FROM events_kept WHERE id = $1";
     assert_eq!(
-        count(in_kept, ids[0].clone()).await,
+        rows_of(&store, "events_kept", "id", &ids[0]).await,
         0,
         "stored in its time partition"
     );
@@ -585,14 +577,13 @@ async fn partitions_go_whole_and_keep_what_must_stay(backend: Backend) {
     for id in &ids[2..] {
         assert!(store.get_event(id).await.expect("get").is_some(), "{id} kept");
         assert_eq!(
-            count(in_kept, id.clone()).await,
+            rows_of(&store, "events_kept", "id", id).await,
             1,
             "{id} moved to the default partition"
         );
     }
-    let attempts_kept = "SELECT COUNT(*) AS n FROM attempts_kept WHERE event_id = $1";
     assert_eq!(
-        count(attempts_kept, ids[2].clone()).await,
+        rows_of(&store, "attempts_kept", "event_id", &ids[2]).await,
         1,
         "its attempt moved too"
     );
@@ -878,16 +869,11 @@ async fn late_finishers_outlive_their_partition(backend: Backend) {
         .expect("the late one stays");
     assert_eq!(late.status, Status::Processed);
     for (table, column) in [("events_kept", "id"), ("attempts_kept", "event_id")] {
-        let kept: i64 = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT COUNT(*) AS n FROM {table} WHERE {column} = $1"
-        )))
-        .bind(&ids[1])
-        .fetch_one(store.pool())
-        .await
-        .expect("count")
-        .try_get("n")
-        .expect("n");
-        assert_eq!(kept, 1, "moved to {table}");
+        assert_eq!(
+            rows_of(&store, table, column, &ids[1]).await,
+            1,
+            "moved to {table}"
+        );
     }
     assert_eq!(total(&store, StatsQuery::default()).await.0, 1);
     store.close().await;

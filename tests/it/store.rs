@@ -394,17 +394,18 @@ async fn a_finish_claims_the_next_event_of_its_key(backend: Backend) {
             .expect("claim")
             .is_some()
     );
-    let finished = store
-        .finish_attempt(
-            "01NXT0001",
-            1,
-            &orchestrator::store::AttemptFinish {
+    // A finish of the first attempt of `id` that asks for the key's next event.
+    let finish_claiming = |id: &'static str, status: Status| {
+        let store = &store;
+        async move {
+            let f = orchestrator::store::AttemptFinish {
                 claim_next: Some(lease),
-                ..finish(Status::Processed)
-            },
-        )
-        .await
-        .expect("finish");
+                ..finish(status)
+            };
+            store.finish_attempt(id, 1, &f).await.expect("finish")
+        }
+    };
+    let finished = finish_claiming("01NXT0001", Status::Processed).await;
     assert!(finished.recorded);
     assert!(finished.released.is_empty(), "{:?}", finished.released);
     let next = finished.next.expect("the next event of the key, claimed");
@@ -435,17 +436,7 @@ async fn a_finish_claims_the_next_event_of_its_key(backend: Backend) {
     assert_eq!(counts.get("received").copied(), Some(2), "{counts:?}");
 
     // Dead-lettered (the store's default is `skip`): the next one goes.
-    let finished = store
-        .finish_attempt(
-            "01NXT0002",
-            1,
-            &orchestrator::store::AttemptFinish {
-                claim_next: Some(lease),
-                ..finish(Status::DeadLettered)
-            },
-        )
-        .await
-        .expect("finish");
+    let finished = finish_claiming("01NXT0002", Status::DeadLettered).await;
     assert_eq!(finished.next.map(|e| e.id).as_deref(), Some("01NXT0003"));
     // Without the ask, the next one is woken for a task, not claimed.
     let finished = store
